@@ -1,0 +1,57 @@
+# Two entry points: `make demo` (the system end to end) and `make test` (the whole suite).
+# Both create the virtual environment at .venv (reused when present) and install what they need.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STREAMREC := $(VENV)/bin/streamrec
+
+.PHONY: demo test lint typecheck check train bench-state bench-e2e kafka-up kafka-down clean
+
+demo: $(VENV)/.runtime
+	$(STREAMREC) demo
+
+test: $(VENV)/.dev
+	$(PY) -m pytest
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+
+typecheck: $(VENV)/.dev
+	$(VENV)/bin/mypy streamrec flows state model tools
+
+check: lint typecheck test
+
+train: $(VENV)/.dev
+	$(STREAMREC) train
+
+bench-state: $(VENV)/.runtime
+	$(STREAMREC) bench state --json run/bench-state.json
+
+bench-e2e: $(VENV)/.runtime
+	$(STREAMREC) bench e2e --json run/bench-e2e.json
+
+kafka-up: $(VENV)/.runtime
+	$(STREAMREC) kafka up
+
+kafka-down: $(VENV)/.runtime
+	$(STREAMREC) kafka down
+
+$(VENV)/bin/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "streamrec needs Python 3.11+"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# The runtime alone (no torch): what the flow and the tools need.
+$(VENV)/.runtime: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# Tests also train a tiny model end to end, so they need the train extra (torch).
+$(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e '.[dev,train]'
+	touch $@ $(VENV)/.runtime
+
+clean:
+	-$(STREAMREC) kafka down
+	rm -rf run .pytest_cache .mypy_cache .ruff_cache

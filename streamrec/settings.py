@@ -1,0 +1,136 @@
+"""Every setting of streamrec: one name, one default, one sentence of meaning.
+
+Each field can be overridden from the environment as ``STREAMREC_<NAME>``
+(``STREAMREC_BROKERS=host:9092``).  Nothing else in the code base reads the
+environment; command-line options override these values in turn.
+
+>>> Settings.from_env({"STREAMREC_TOP_K": "5"}).top_k
+5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "STREAMREC_"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setting(default: Any, meaning: str) -> Any:
+    return field(default=default, metadata={"help": meaning})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Kafka connection and topics (the data contracts live in streamrec.contracts).
+    brokers: str = _setting("127.0.0.1:9092", "Kafka bootstrap servers, comma separated.")
+    events_topic: str = _setting("events", "Topic of user events, keyed by user id.")
+    recommendations_topic: str = _setting(
+        "recommendations", "Topic the flow writes one recommendation per valid event to."
+    )
+    dlq_topic: str = _setting("events.dlq", "Dead letters: events that failed validation.")
+    events_partitions: int = _setting(4, "Partitions of the events topic when created.")
+    kafka_linger_ms: float = _setting(
+        1.0, "Producer linger: how long a record may wait to share a request (latency vs load)."
+    )
+
+    # The local broker started by `streamrec kafka up`.
+    kafka_version: str = _setting("4.3.1", "Apache Kafka version whose jars Maven resolves.")
+    log4j_version: str = _setting("2.24.3", "log4j2 version used for the broker's logging.")
+    kafka_port: int = _setting(9092, "Port of the local broker's PLAINTEXT listener.")
+    kafka_controller_port: int = _setting(9093, "Port of the local broker's KRaft controller.")
+    kafka_dir: Path = _setting(
+        REPO_ROOT / "run" / "kafka", "Data, logs and pid file of the local broker."
+    )
+    kafka_jars_dir: Path = _setting(
+        Path.home() / ".cache" / "streamrec" / "kafka-jars",
+        "Cache of the broker's jars, shared by every checkout (reused, never re-downloaded).",
+    )
+    kafka_heap: str = _setting(
+        "-Xms256m -Xmx1g", "JVM heap flags of the local broker (sized for a 2-core/24 GiB host)."
+    )
+    kafka_start_timeout_s: float = _setting(90.0, "How long `kafka up` waits for the broker.")
+
+    # Data contracts.
+    max_event_bytes: int = _setting(4096, "Largest accepted event payload in bytes.")
+
+    # Data.
+    data_dir: Path = _setting(
+        REPO_ROOT / "data" / "ml-latest-small", "Default interaction dataset (MovieLens format)."
+    )
+
+    # Session state.
+    state_dir: Path = _setting(
+        REPO_ROOT / "run" / "state", "RocksDB session stores, one per worker."
+    )
+    session_length: int = _setting(50, "Interactions kept per user session (the last L).")
+    session_ttl_s: float = _setting(
+        30 * 24 * 3600.0, "Idle time (event time) after which a session is treated as absent."
+    )
+
+    # Model and scoring.
+    model_dir: Path = _setting(
+        REPO_ROOT / "model" / "artifacts", "Trained model artifacts served by the flow."
+    )
+    top_k: int = _setting(10, "Items per recommendation.")
+    candidates: int = _setting(200, "Candidate items scored per event.")
+    scoring_threads: int = _setting(1, "onnxruntime intra-op threads per scoring session.")
+
+    # The dataflow.
+    workers: int = _setting(1, "Bytewax worker threads per process.")
+    recovery_dir: Path = _setting(
+        REPO_ROOT / "run" / "recovery", "Bytewax recovery store (snapshots and resume offsets)."
+    )
+    epoch_interval_s: float = _setting(
+        1.0, "Bytewax epoch: snapshot interval, and the bound on work in flight (backpressure)."
+    )
+    batch_max_events: int = _setting(32, "Most events scored in one micro-batch.")
+    batch_budget_ms: float = _setting(2.0, "Longest an event waits for its micro-batch to fill.")
+    metrics_port: int = _setting(9464, "Port of the flow's Prometheus metrics endpoint (0: off).")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, overridden by ``STREAMREC_*`` variables, overridden by ``overrides``."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _convert(f.name, f.default, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied; ``None`` values are ignored."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def kafka_bootstrap_local(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+
+def _convert(name: str, default: Any, raw: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            return raw.strip().lower() in {"1", "true", "yes", "on"}
+        if isinstance(default, Path):
+            return Path(raw).expanduser()
+        return type(default)(raw)
+    except ValueError as err:
+        raise ValueError(
+            f"environment variable {ENV_PREFIX}{name.upper()}={raw!r} is not a valid "
+            f"{type(default).__name__}: {err}"
+        ) from err
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(environment variable, default, meaning) for every setting, for `streamrec config`."""
+    return [
+        (ENV_PREFIX + f.name.upper(), str(f.default), f.metadata["help"])
+        for f in dataclasses.fields(Settings)
+    ]

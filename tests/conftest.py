@@ -1,0 +1,53 @@
+"""Shared fixtures: a real Kafka broker for the session, fresh topics per test."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streamrec.settings import Settings
+from tools.kafka_local import LocalKafka
+from tools.topics import create_topics, delete_topics, wanted_topics
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    """One real broker for the whole test session, on free ports, torn down at the end."""
+    settings = Settings.from_env(
+        kafka_port=free_port(),
+        kafka_controller_port=free_port(),
+        kafka_dir=tmp_path_factory.mktemp("kafka"),
+    )
+    broker = LocalKafka(settings, log=lambda _: None)
+    broker.up()
+    yield broker
+    broker.down()
+
+
+@pytest.fixture
+def kafka_settings(kafka: LocalKafka, tmp_path: Path) -> Iterator[Settings]:
+    """Settings pointing at the test broker, with this test's own fresh topics and state."""
+    suffix = uuid.uuid4().hex[:8]
+    settings = kafka.settings.replace(
+        brokers=kafka.bootstrap,
+        events_topic=f"events-{suffix}",
+        recommendations_topic=f"recommendations-{suffix}",
+        dlq_topic=f"events.dlq-{suffix}",
+        events_partitions=2,
+        state_dir=tmp_path / "state",
+        recovery_dir=tmp_path / "recovery",
+        metrics_port=0,
+    )
+    create_topics(settings)
+    yield settings
+    delete_topics(settings, list(wanted_topics(settings)))

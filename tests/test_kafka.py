@@ -1,0 +1,113 @@
+"""The local broker is a real Apache Kafka: typed events survive a round trip through it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from streamrec.contracts import Event, parse_event
+from streamrec.settings import Settings
+from tests.conftest import free_port
+from tools.kafka_local import MAIN_CLASS, KafkaLauncherError, LocalKafka, ensure_jars
+from tools.topics import create_topics, wanted_topics
+
+pytestmark = pytest.mark.kafka
+
+
+def our_brokers(kafka_dir: Path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if MAIN_CLASS in cmdline and any(str(kafka_dir) in part for part in cmdline):
+            found.append(process)
+    return found
+
+
+def test_typed_events_round_trip_through_the_broker_keyed_by_user(
+    kafka_settings: Settings,
+) -> None:
+    sent = [Event(f"e{i}", f"u{i % 5}", f"i{i}", "view", 1_700_000_000_000 + i) for i in range(50)]
+    producer = Producer({"bootstrap.servers": kafka_settings.brokers})
+    for event in sent:
+        producer.produce(kafka_settings.events_topic, event.to_json(), key=event.key)
+    assert producer.flush(10) == 0
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": kafka_settings.brokers,
+            "group.id": "round-trip",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([kafka_settings.events_topic])
+    received: list[Event] = []
+    partitions_of_user: dict[str, set[int]] = {}
+    deadline = time.monotonic() + 30
+    while len(received) < len(sent) and time.monotonic() < deadline:
+        message = consumer.poll(0.5)
+        if message is None or message.error():
+            continue
+        event = parse_event(message.value(), message.key())
+        received.append(event)
+        partitions_of_user.setdefault(event.user_id, set()).add(message.partition())
+    consumer.close()
+
+    assert sorted(received, key=lambda e: e.event_id) == sorted(sent, key=lambda e: e.event_id)
+    # Keyed by user: each user's events sit in one partition, hence stay in order.
+    assert all(len(p) == 1 for p in partitions_of_user.values())
+    for user in partitions_of_user:
+        mine = [e.ts for e in received if e.user_id == user]
+        assert mine == sorted(mine)
+
+
+def test_creating_topics_twice_is_harmless(kafka_settings: Settings) -> None:
+    again = create_topics(kafka_settings)
+    assert [r.created for r in again] == [False] * len(again)
+    assert {r.name: r.partitions for r in again} == wanted_topics(kafka_settings)
+
+
+def test_up_twice_is_harmless_and_down_leaves_no_broker_behind(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        kafka_port=free_port(), kafka_controller_port=free_port(), kafka_dir=tmp_path / "k"
+    )
+    broker = LocalKafka(settings, log=lambda _: None)
+    first = broker.up()
+    second = broker.up()
+    assert first.running and second.running and first.pid == second.pid
+    assert len(our_brokers(settings.kafka_dir)) == 1
+
+    assert broker.down() is True
+    assert our_brokers(settings.kafka_dir) == []
+    assert not broker.status().running
+    assert broker.down() is False
+
+
+def test_a_taken_port_is_reported_before_starting(kafka: LocalKafka, tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        kafka_port=kafka.settings.kafka_port,
+        kafka_controller_port=free_port(),
+        kafka_dir=tmp_path / "other",
+    )
+    with pytest.raises(KafkaLauncherError, match=f"port {kafka.settings.kafka_port}"):
+        LocalKafka(settings, log=lambda _: None).up()
+
+
+def test_a_missing_maven_is_reported_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tools import kafka_local
+
+    monkeypatch.setattr(kafka_local.shutil, "which", lambda _: None)
+    settings = Settings.from_env(kafka_jars_dir=tmp_path / "empty-cache")
+    with pytest.raises(KafkaLauncherError, match="Maven"):
+        kafka_local.ensure_jars(settings, log=lambda _: None)
+
+
+def test_an_unknown_kafka_version_fails_with_mavens_reason(tmp_path: Path) -> None:
+    settings = Settings.from_env(kafka_jars_dir=tmp_path / "cache", kafka_version="0.0.0-nope")
+    with pytest.raises(KafkaLauncherError, match="could not resolve"):
+        ensure_jars(settings, log=lambda _: None)

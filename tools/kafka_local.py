@@ -1,0 +1,398 @@
+"""A real single-node Apache Kafka broker on this machine, without Docker.
+
+``LocalKafka`` resolves the broker's jars from Maven Central once (cached
+outside the checkout), formats KRaft storage, and runs one combined
+broker+controller on 127.0.0.1 with the machine's Java 17.  It owns the
+broker's process: ``up`` is idempotent, ``down`` leaves nothing behind.
+
+>>> kafka = LocalKafka(Settings())          # doctest: +SKIP
+>>> kafka.up(); kafka.status().running      # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from streamrec.settings import Settings
+
+MAIN_CLASS = "kafka.Kafka"
+STORAGE_TOOL = "kafka.tools.StorageTool"
+NODE_ID = 1
+
+
+class KafkaLauncherError(RuntimeError):
+    """The local broker could not be prepared, started or stopped; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStatus:
+    running: bool
+    pid: int | None
+    bootstrap: str
+    controller_port: int
+    data_dir: Path
+    log_file: Path
+
+    def describe(self) -> str:
+        state = f"running (pid {self.pid})" if self.running else "not running"
+        return (
+            f"kafka: {state}\n"
+            f"  bootstrap:  {self.bootstrap}\n"
+            f"  controller: 127.0.0.1:{self.controller_port}\n"
+            f"  data:       {self.data_dir}\n"
+            f"  log:        {self.log_file}"
+        )
+
+
+class LocalKafka:
+    """Prepares, starts, inspects and stops the broker whose files are in ``settings.kafka_dir``."""
+
+    def __init__(self, settings: Settings, log: Callable[[str], None] = print) -> None:
+        self.settings = settings
+        self.log = log
+        self.home = settings.kafka_dir
+        self.data_dir = self.home / "data"
+        self.logs_dir = self.home / "logs"
+        self.pid_file = self.home / "broker.pid"
+        self.properties_file = self.home / "server.properties"
+        self.log4j_file = self.home / "log4j2.properties"
+        self.stdout_file = self.logs_dir / "stdout.log"
+        self.log_file = self.logs_dir / "server.log"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.settings.kafka_port}"
+
+    def status(self) -> BrokerStatus:
+        pid = self._running_pid()
+        return BrokerStatus(
+            running=pid is not None,
+            pid=pid,
+            bootstrap=self.bootstrap,
+            controller_port=self.settings.kafka_controller_port,
+            data_dir=self.data_dir,
+            log_file=self.log_file,
+        )
+
+    def up(self) -> BrokerStatus:
+        """Start the broker and wait until it serves requests; a no-op when it already runs."""
+        if (pid := self._running_pid()) is not None:
+            self.log(f"kafka: already running (pid {pid}) at {self.bootstrap}")
+            return self.status()
+        java = find_java()
+        for port in (self.settings.kafka_port, self.settings.kafka_controller_port):
+            if _port_in_use(port):
+                raise KafkaLauncherError(
+                    f"port {port} on 127.0.0.1 is already taken by another process; stop it or "
+                    "choose other ports (STREAMREC_KAFKA_PORT / STREAMREC_KAFKA_CONTROLLER_PORT "
+                    "or --port / --controller-port)"
+                )
+        jars = ensure_jars(self.settings, self.log)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        self._format_storage(java, jars)
+        self.log(f"kafka: starting {self.settings.kafka_version} at {self.bootstrap}")
+        with self.stdout_file.open("ab") as out:
+            process = subprocess.Popen(
+                [
+                    java,
+                    *self.settings.kafka_heap.split(),
+                    "-XX:+UseG1GC",
+                    "-XX:MaxGCPauseMillis=20",
+                    "-Djava.awt.headless=true",
+                    f"-Dlog4j2.configurationFile={self.log4j_file}",
+                    f"-Dkafka.logs.dir={self.logs_dir}",
+                    "-cp",
+                    str(jars / "*"),
+                    MAIN_CLASS,
+                    str(self.properties_file),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # survives the CLI; `down` signals its process group
+            )
+        self.pid_file.write_text(str(process.pid))
+        self._wait_until_serving(process)
+        self.log(f"kafka: up (pid {process.pid}), logs in {self.log_file}")
+        return self.status()
+
+    def down(self, timeout_s: float = 30.0) -> bool:
+        """Stop the broker: SIGTERM, wait for a clean shutdown, then SIGKILL. True if one ran."""
+        pid = self._running_pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            self.log("kafka: not running")
+            return False
+        self.log(f"kafka: stopping pid {pid}")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        if not _wait_gone(pid, timeout_s):
+            self.log(f"kafka: no clean shutdown within {timeout_s:.0f} s, killing")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            _wait_gone(pid, 10.0)
+        self.pid_file.unlink(missing_ok=True)
+        self.log("kafka: stopped")
+        return True
+
+    def _running_pid(self) -> int | None:
+        """The pid in our pid file if that process is alive and is our broker (not a reused pid)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            process = psutil.Process(pid)
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return None
+            cmdline = process.cmdline()
+        except (FileNotFoundError, ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
+        if MAIN_CLASS in cmdline and str(self.properties_file) in cmdline:
+            return pid
+        return None
+
+    def _write_config(self) -> None:
+        s = self.settings
+        self.properties_file.write_text(
+            "\n".join(
+                [
+                    "process.roles=broker,controller",
+                    f"node.id={NODE_ID}",
+                    f"controller.quorum.voters={NODE_ID}@127.0.0.1:{s.kafka_controller_port}",
+                    f"listeners=PLAINTEXT://127.0.0.1:{s.kafka_port},"
+                    f"CONTROLLER://127.0.0.1:{s.kafka_controller_port}",
+                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{s.kafka_port}",
+                    "controller.listener.names=CONTROLLER",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    f"log.dirs={self.data_dir}",
+                    # One node: every internal topic must fit a replication factor of 1.
+                    "offsets.topic.replication.factor=1",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "share.coordinator.state.topic.replication.factor=1",
+                    "share.coordinator.state.topic.min.isr=1",
+                    "default.replication.factor=1",
+                    "group.initial.rebalance.delay.ms=0",
+                    # Topics are created on purpose (`streamrec topics create`), never by typo.
+                    "auto.create.topics.enable=false",
+                    "num.partitions=1",
+                    # Two cores are shared with the dataflow: few broker threads.
+                    "num.network.threads=2",
+                    "num.io.threads=4",
+                    "log.retention.hours=168",
+                    "",
+                ]
+            )
+        )
+        self.log4j_file.write_text(
+            "\n".join(
+                [
+                    "status = warn",
+                    "appender.file.type = RollingFile",
+                    "appender.file.name = file",
+                    f"appender.file.fileName = {self.log_file}",
+                    f"appender.file.filePattern = {self.log_file}.%i",
+                    "appender.file.layout.type = PatternLayout",
+                    "appender.file.layout.pattern = [%d] %p %m (%c)%n",
+                    "appender.file.policies.type = Policies",
+                    "appender.file.policies.size.type = SizeBasedTriggeringPolicy",
+                    "appender.file.policies.size.size = 50MB",
+                    "appender.file.strategy.type = DefaultRolloverStrategy",
+                    "appender.file.strategy.max = 3",
+                    "rootLogger.level = INFO",
+                    "rootLogger.appenderRef.file.ref = file",
+                    "",
+                ]
+            )
+        )
+
+    def _format_storage(self, java: str, jars: Path) -> None:
+        if (self.data_dir / "meta.properties").exists():
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        classpath = str(jars / "*")
+        cluster_id = (
+            _run([java, "-cp", classpath, STORAGE_TOOL, "random-uuid"], "generate a cluster id")
+            .strip()
+            .splitlines()[-1]
+        )
+        _run(
+            [
+                java,
+                "-cp",
+                classpath,
+                STORAGE_TOOL,
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(self.properties_file),
+                "--ignore-formatted",
+            ],
+            "format KRaft storage",
+        )
+
+    def _wait_until_serving(self, process: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + self.settings.kafka_start_timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise KafkaLauncherError(
+                    f"the broker exited with code {process.returncode} while starting.\n"
+                    f"--- last lines of {self.log_file} ---\n{self._log_tail()}"
+                )
+            if _broker_answers(self.bootstrap):
+                return
+            time.sleep(0.3)
+        self.down()
+        raise KafkaLauncherError(
+            f"the broker did not answer on {self.bootstrap} within "
+            f"{self.settings.kafka_start_timeout_s:.0f} s; it was stopped.\n"
+            f"--- last lines of {self.log_file} ---\n{self._log_tail()}"
+        )
+
+    def _log_tail(self, lines: int = 30) -> str:
+        chunks = []
+        for path in (self.stdout_file, self.log_file):
+            if path.exists():
+                chunks.extend(path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(chunks) or "(no log written)"
+
+
+def find_java() -> str:
+    """The ``java`` to run the broker with (``JAVA_HOME`` first); Kafka 4 needs 17 or newer."""
+    java_home = os.environ.get("JAVA_HOME")
+    candidate = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
+    if not candidate or not Path(candidate).exists():
+        raise KafkaLauncherError(
+            "Java was not found: install a JDK 17+ "
+            "(e.g. `apt-get install openjdk-17-jre-headless`) or set JAVA_HOME"
+        )
+    version_text = subprocess.run(
+        [candidate, "-version"], capture_output=True, text=True, check=False
+    ).stderr
+    match = re.search(r'version "(\d+)', version_text)
+    if match is None or int(match.group(1)) < 17:
+        raise KafkaLauncherError(
+            f"Kafka 4 needs Java 17 or newer; {candidate} reports: {version_text.strip()[:200]}"
+        )
+    return candidate
+
+
+def ensure_jars(settings: Settings, log: Callable[[str], None] = print) -> Path:
+    """The folder of the broker's jars, resolved with Maven on first use and cached after."""
+    target = settings.kafka_jars_dir / f"kafka-{settings.kafka_version}"
+    marker = target / ".complete"
+    if marker.exists():
+        return target
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise KafkaLauncherError(
+            "Maven (`mvn`) was not found; it resolves the Kafka broker's jars from Maven Central. "
+            "Install it (e.g. `apt-get install maven`)"
+        )
+    log(f"kafka: resolving Apache Kafka {settings.kafka_version} jars with Maven (once) ...")
+    settings.kafka_jars_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.kafka_jars_dir) as work:
+        pom = Path(work) / "pom.xml"
+        pom.write_text(_broker_pom(settings.kafka_version, settings.log4j_version))
+        staging = Path(work) / "jars"
+        result = subprocess.run(
+            [
+                mvn,
+                "-B",
+                "-q",
+                "-f",
+                str(pom),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={staging}",
+                "-DincludeScope=runtime",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
+            tail = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
+            raise KafkaLauncherError(
+                f"Maven could not resolve org.apache.kafka:kafka_2.13:{settings.kafka_version} "
+                f"(is Maven Central reachable? is the version right?)\n{tail}"
+            )
+        (staging / ".complete").write_text(settings.kafka_version)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target
+
+
+def _broker_pom(kafka_version: str, log4j_version: str) -> str:
+    # The broker POM brings raft, metadata, storage, coordinators and Scala; the
+    # logging runtime is ours to add.  The SLF4J 1.7 binding (log4j-slf4j-impl)
+    # matches the slf4j-api the broker is built against; the SLF4J 2 one logs nothing.
+    deps = [
+        ("org.apache.kafka", "kafka_2.13", kafka_version),
+        ("org.apache.logging.log4j", "log4j-core", log4j_version),
+        ("org.apache.logging.log4j", "log4j-slf4j-impl", log4j_version),
+    ]
+    body = "".join(
+        f"<dependency><groupId>{g}</groupId><artifactId>{a}</artifactId>"
+        f"<version>{v}</version></dependency>"
+        for g, a, v in deps
+    )
+    return (
+        '<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>'
+        "<groupId>streamrec</groupId><artifactId>local-kafka</artifactId><version>1</version>"
+        f"<packaging>pom</packaging><dependencies>{body}</dependencies></project>"
+    )
+
+
+def _run(command: list[str], what: str) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise KafkaLauncherError(f"could not {what}:\n{(result.stdout + result.stderr)[-2000:]}")
+    return result.stdout
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _broker_answers(bootstrap: str) -> bool:
+    # An open port is not enough: the broker must have joined the KRaft quorum
+    # and answer metadata requests before clients can use it.
+    from confluent_kafka.admin import AdminClient
+
+    host, port = bootstrap.rsplit(":", 1)
+    if not _port_in_use(int(port)):
+        return False
+    try:
+        metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=2)
+    except Exception:  # noqa: BLE001 - any failure just means "not ready yet"
+        return False
+    return bool(metadata.brokers)
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    try:
+        psutil.Process(pid).wait(timeout=timeout_s)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        return False
+    return True
