@@ -1,0 +1,34 @@
+"""What the flow knows about each user: sessions in RocksDB, one DB per Bytewax worker.
+
+Read in this order: ``session`` (the record and its encoding), ``store`` (apply,
+expiry, erasure: the hot path), ``layout`` and ``keys`` (where things live on
+disk), ``rocks`` (RocksDB options and scans), ``view`` (read-only access for the
+command line), ``errors``; ``cli`` and ``bench`` are the front door.
+"""
+
+from state.errors import (
+    CorruptSessionError,
+    IncompatibleStateError,
+    StateError,
+    StateLockedError,
+    StateNotFoundError,
+    UnknownSessionFormatError,
+)
+from state.session import Session
+from state.store import ApplyResult, SessionStore, StoreCounters
+from state.view import StateView, open_state_view
+
+__all__ = [
+    "ApplyResult",
+    "CorruptSessionError",
+    "IncompatibleStateError",
+    "Session",
+    "SessionStore",
+    "StateError",
+    "StateLockedError",
+    "StateNotFoundError",
+    "StateView",
+    "StoreCounters",
+    "UnknownSessionFormatError",
+    "open_state_view",
+]

@@ -80,6 +80,11 @@ class Settings:
     top_k: int = _setting(10, "Items per recommendation.")
     candidates: int = _setting(200, "Candidate items scored per event.")
     scoring_threads: int = _setting(1, "onnxruntime intra-op threads per scoring session.")
+    train_threads: int = _setting(2, "torch and onnxruntime threads of `streamrec train`.")
+    online_candidates: bool = _setting(
+        True,
+        "Update co-visitation and popularity counts from live events (per worker, in memory).",
+    )
 
     # The dataflow.
     workers: int = _setting(1, "Bytewax worker threads per process.")
@@ -109,9 +114,12 @@ class Settings:
         """A copy with ``changes`` applied; ``None`` values are ignored."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    @property
-    def kafka_bootstrap_local(self) -> str:
-        return f"127.0.0.1:{self.kafka_port}"
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``STREAMREC_*`` variables, for a child process (flow, benchmark)."""
+        return {
+            ENV_PREFIX + f.name.upper(): str(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+        }
 
 
 def _convert(name: str, default: Any, raw: str) -> Any:

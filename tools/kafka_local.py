@@ -32,6 +32,23 @@ from streamrec.settings import Settings
 MAIN_CLASS = "kafka.Kafka"
 STORAGE_TOOL = "kafka.tools.StorageTool"
 NODE_ID = 1
+# Shared by the local launcher and docker-compose.yml (tests/test_compose.py checks).
+SINGLE_NODE_PROPERTIES: dict[str, str] = {
+    "offsets.topic.replication.factor": "1",
+    "transaction.state.log.replication.factor": "1",
+    "transaction.state.log.min.isr": "1",
+    "share.coordinator.state.topic.replication.factor": "1",
+    "share.coordinator.state.topic.min.isr": "1",
+    "default.replication.factor": "1",
+    "group.initial.rebalance.delay.ms": "0",
+    # Topics are created on purpose (`streamrec topics create`), never by a typo.
+    "auto.create.topics.enable": "false",
+    "num.partitions": "1",
+    # Two cores are shared with the dataflow: few broker threads.
+    "num.network.threads": "2",
+    "num.io.threads": "4",
+    "log.retention.hours": "168",
+}
 
 
 class KafkaLauncherError(RuntimeError):
@@ -164,39 +181,27 @@ class LocalKafka:
             return pid
         return None
 
-    def _write_config(self) -> None:
+    def broker_properties(self) -> dict[str, str]:
+        """The broker's server.properties; docker-compose.yml sets the same (a test checks)."""
         s = self.settings
+        return {
+            "process.roles": "broker,controller",
+            "node.id": str(NODE_ID),
+            "controller.quorum.voters": f"{NODE_ID}@127.0.0.1:{s.kafka_controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{s.kafka_port},"
+            f"CONTROLLER://127.0.0.1:{s.kafka_controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{s.kafka_port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            # One node: every internal topic must fit a replication factor of 1.
+            **SINGLE_NODE_PROPERTIES,
+        }
+
+    def _write_config(self) -> None:
         self.properties_file.write_text(
-            "\n".join(
-                [
-                    "process.roles=broker,controller",
-                    f"node.id={NODE_ID}",
-                    f"controller.quorum.voters={NODE_ID}@127.0.0.1:{s.kafka_controller_port}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{s.kafka_port},"
-                    f"CONTROLLER://127.0.0.1:{s.kafka_controller_port}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{s.kafka_port}",
-                    "controller.listener.names=CONTROLLER",
-                    "inter.broker.listener.name=PLAINTEXT",
-                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-                    f"log.dirs={self.data_dir}",
-                    # One node: every internal topic must fit a replication factor of 1.
-                    "offsets.topic.replication.factor=1",
-                    "transaction.state.log.replication.factor=1",
-                    "transaction.state.log.min.isr=1",
-                    "share.coordinator.state.topic.replication.factor=1",
-                    "share.coordinator.state.topic.min.isr=1",
-                    "default.replication.factor=1",
-                    "group.initial.rebalance.delay.ms=0",
-                    # Topics are created on purpose (`streamrec topics create`), never by typo.
-                    "auto.create.topics.enable=false",
-                    "num.partitions=1",
-                    # Two cores are shared with the dataflow: few broker threads.
-                    "num.network.threads=2",
-                    "num.io.threads=4",
-                    "log.retention.hours=168",
-                    "",
-                ]
-            )
+            "".join(f"{k}={v}\n" for k, v in self.broker_properties().items())
         )
         self.log4j_file.write_text(
             "\n".join(

@@ -7,7 +7,9 @@ keyed by user), the dead-letter topic needs one partition.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -70,8 +72,21 @@ def create_topics(
                 # Another client may have created it between our listing and our request.
                 if "TOPIC_ALREADY_EXISTS" not in str(err):
                     raise TopicError(f"could not create topic {name!r}: {err}") from None
-        existing = admin.list_topics(timeout=timeout_s).topics
+        existing = _wait_until_listed(admin, list(wanted), timeout_s)
     return [TopicReport(name, len(existing[name].partitions), name in created) for name in wanted]
+
+
+def _wait_until_listed(admin: AdminClient, names: list[str], timeout_s: float) -> dict[str, Any]:
+    # A created topic reaches the metadata a moment after its creation is acknowledged.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        topics = admin.list_topics(timeout=timeout_s).topics
+        if all(n in topics and topics[n].partitions for n in names):
+            return dict(topics)
+        if time.monotonic() > deadline:
+            missing = [n for n in names if n not in topics]
+            raise TopicError(f"topics {missing} were created but the broker does not list them")
+        time.sleep(0.1)
 
 
 def delete_topics(settings: Settings, names: list[str], timeout_s: float = 30.0) -> None:

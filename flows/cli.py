@@ -1,0 +1,246 @@
+"""`streamrec run`: the dataflow, alone or as one process of a Bytewax cluster."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from streamrec.settings import Settings
+
+
+def ensure_recovery_store(recovery_dir: Path, partitions: int) -> None:
+    """Create Bytewax's recovery partitions once; every process of a cluster may race to."""
+    from bytewax.recovery import init_db_dir
+
+    recovery_dir.mkdir(parents=True, exist_ok=True)
+    with (recovery_dir / ".init.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not any(recovery_dir.glob("part-*.sqlite3")):
+            init_db_dir(recovery_dir, partitions)
+
+
+def _stop_gracefully_on_signals() -> None:
+    """First SIGTERM/SIGINT: stop reading and let the flow drain; a second one aborts."""
+    from flows.kafka_io import STOP_READING
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if STOP_READING.is_set():
+            raise KeyboardInterrupt
+        click.echo(f"flow: {signal.Signals(signum).name}: finishing work in flight", err=True)
+        STOP_READING.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def _is_interrupt(err: BaseException) -> bool:
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        cause = cause.__cause__
+    return "signal received" in str(err)
+
+
+@click.command("run")
+@click.option("--brokers", default=None, help="Kafka bootstrap servers [default: 127.0.0.1:9092].")
+@click.option(
+    "--variant",
+    default=None,
+    help="Model variant to serve, a name from the model card [default: the card's chosen one].",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Trained artifacts [default: model/artifacts].",
+)
+@click.option(
+    "-w",
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker threads in this process [default: 1]. Threads share the GIL: "
+    "scale out with processes (-i/-a).",
+)
+@click.option(
+    "-i",
+    "--process-id",
+    type=click.IntRange(min=0),
+    default=None,
+    help="This process's index in a cluster (with -a).",
+)
+@click.option(
+    "-a",
+    "--addresses",
+    default=None,
+    help="host:port of every process of the cluster, ';'-separated, in process-id "
+    "order (Bytewax cluster mode).",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="RocksDB session stores, one per events partition [default: run/state].",
+)
+@click.option(
+    "--recovery-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Bytewax recovery store: where the source resumes [default: run/recovery].",
+)
+@click.option(
+    "--no-recovery",
+    is_flag=True,
+    help="Start from the beginning of the topic each time (no resume). Sessions still "
+    "skip events already applied.",
+)
+@click.option(
+    "--epoch-interval",
+    type=float,
+    default=None,
+    help="Seconds per Bytewax epoch: snapshot interval and backpressure [default: 1].",
+)
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Items per recommendation.")
+@click.option(
+    "--candidates",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Candidate items scored per event [default: 200].",
+)
+@click.option(
+    "--batch-max",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most records read from a partition per micro-batch [default: 32].",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Prometheus /metrics port, plus the process id [default: 9464; 0: off].",
+)
+def run_command(
+    brokers: str | None,
+    variant: str | None,
+    model_dir: Path | None,
+    workers: int | None,
+    process_id: int | None,
+    addresses: str | None,
+    state_dir: Path | None,
+    recovery_dir: Path | None,
+    no_recovery: bool,
+    epoch_interval: float | None,
+    top_k: int | None,
+    candidates: int | None,
+    batch_max: int | None,
+    metrics_port: int | None,
+) -> None:
+    """Run the dataflow: every event in, one top-K recommendation out.
+
+    Reads the events topic, applies each event to its user's session in
+    RocksDB (once: replays are recognised by their offset), scores candidate
+    items with the served ONNX model and writes a recommendation keyed by
+    user; invalid records go to the dead-letter topic with the reason.
+    A record {"type": "forget", "user_id": ..., "event_id": ..., "ts": ...}
+    on the events topic erases that user's session.
+
+    \b
+    One process, two worker threads:
+      streamrec run -w 2
+    A cluster of two processes (run each, e.g. on two terminals):
+      streamrec run -i 0 -a "127.0.0.1:2101;127.0.0.1:2102"
+      streamrec run -i 1 -a "127.0.0.1:2101;127.0.0.1:2102"
+    """
+    settings = Settings.from_env(
+        brokers=brokers,
+        model_dir=model_dir,
+        workers=workers,
+        state_dir=state_dir,
+        recovery_dir=recovery_dir,
+        epoch_interval_s=epoch_interval,
+        top_k=top_k,
+        candidates=candidates,
+        batch_max_events=batch_max,
+        metrics_port=metrics_port,
+    )
+    cluster = [a for a in (addresses or "").split(";") if a]
+    if cluster and process_id is None:
+        raise click.UsageError("-a/--addresses needs -i/--process-id")
+    if process_id is not None and process_id >= max(len(cluster), 1):
+        raise click.UsageError(f"-i {process_id} is not an index of the {len(cluster)} addresses")
+    card = settings.model_dir / "card.json"
+    if not card.exists():
+        raise click.ClickException(
+            f"no trained model at {settings.model_dir} (card.json missing); "
+            "train one with `streamrec train --out DIR` or pass --model-dir"
+        )
+
+    from bytewax.errors import BytewaxRuntimeError
+    from bytewax.recovery import RecoveryConfig
+    from bytewax.run import cli_main
+
+    from flows.dataflow import build_dataflow
+    from flows.processor import PartitionStores
+    from tools.kafka_clients import KafkaUnavailable, topic_partitions
+
+    try:
+        partitions = len(topic_partitions(settings, settings.events_topic))
+    except KafkaUnavailable as err:
+        raise click.ClickException(str(err)) from None
+    processes = max(len(cluster), 1)
+    from state.errors import StateError
+    from state.layout import ensure_layout
+
+    try:
+        # Sessions live with the events partition they arrive on, so the state
+        # is laid out for the topic's partition count, not for the worker count.
+        ensure_layout(settings.state_dir, partitions)
+    except StateError as err:
+        raise click.ClickException(str(err)) from None
+    recovery = None
+    if not no_recovery:
+        ensure_recovery_store(settings.recovery_dir, partitions)
+        recovery = RecoveryConfig(str(settings.recovery_dir))
+    if settings.metrics_port:
+        port = settings.metrics_port + (process_id or 0)
+        os.environ["BYTEWAX_DATAFLOW_API_ENABLED"] = "true"
+        os.environ["BYTEWAX_DATAFLOW_API_PORT"] = str(port)
+        metrics_note = f", metrics on :{port}/metrics"
+    else:
+        metrics_note = ""
+
+    stores = PartitionStores(settings, partitions)
+    flow = build_dataflow(settings, stores, variant)
+    click.echo(
+        f"flow: {settings.events_topic} ({partitions} partitions) -> "
+        f"{settings.recommendations_topic}; process {process_id or 0}/{processes}, "
+        f"{settings.workers} worker(s), epoch {settings.epoch_interval_s:g} s{metrics_note}",
+        err=True,
+    )
+    _stop_gracefully_on_signals()
+    try:
+        cli_main(
+            flow,
+            workers_per_process=settings.workers,
+            process_id=process_id,
+            addresses=cluster or None,
+            epoch_interval=timedelta(seconds=settings.epoch_interval_s),
+            recovery_config=recovery,
+        )
+    except KeyboardInterrupt:
+        click.echo("flow: aborted", err=True)
+    except BytewaxRuntimeError as err:
+        # Bytewax reports the interrupt it stopped on as its own error.
+        if not _is_interrupt(err):
+            raise
+        click.echo("flow: aborted", err=True)
+    finally:
+        stores.close()
+        click.echo("flow: stopped; session stores closed", err=True)

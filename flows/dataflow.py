@@ -1,0 +1,26 @@
+"""The dataflow: events topic → micro-batches → recommendations and dead letters.
+
+>>> flow = build_dataflow(Settings(), PartitionStores(Settings(), 4), None)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+
+from flows.kafka_io import EventSource, OutputSink
+from flows.processor import PartitionStores, processor_factory
+from streamrec.settings import Settings
+
+
+def build_dataflow(settings: Settings, stores: PartitionStores, variant: str | None) -> Dataflow:
+    """Wire source, per-batch processing and sink; ``variant`` picks the served model."""
+    flow = Dataflow("streamrec")
+    records = op.input("events", flow, EventSource(settings, batch=settings.batch_max_events))
+    # flat_map_batch sees the records that arrived together: they are scored
+    # as one micro-batch, with no waiting added to fill it.
+    outputs = op.flat_map_batch(
+        "recommend", records, processor_factory(settings, stores, settings.model_dir, variant)
+    )
+    op.output("kafka-out", outputs, OutputSink(settings))
+    return flow

@@ -1,0 +1,54 @@
+"""The flow's own Prometheus metrics, served beside Bytewax's on its dataflow API endpoint.
+
+Bytewax's API server (``BYTEWAX_DATAFLOW_API_ENABLED``) exports the Python
+default registry together with its per-step timings and Kafka consumer lag,
+so registering here is enough for one ``/metrics`` page to show everything.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+# Stage durations are sub-millisecond to tens of milliseconds.
+_STAGE_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
+
+EVENTS = Counter("streamrec_events_total", "Valid events processed (duplicates included).")
+DUPLICATES = Counter(
+    "streamrec_duplicates_skipped_total",
+    "Events already applied to their session (replay after a restart); not applied again.",
+)
+DEAD_LETTERS = Counter(
+    "streamrec_dead_letters_total", "Records sent to the dead-letter topic, by reason.", ["code"]
+)
+FORGOTTEN = Counter("streamrec_users_forgotten_total", "Sessions erased on request.")
+EXPIRED = Counter("streamrec_sessions_expired_total", "Idle sessions removed by the sweep.")
+RECOMMENDATIONS = Counter("streamrec_recommendations_total", "Recommendations emitted.")
+BATCH_SIZE = Histogram(
+    "streamrec_batch_events",
+    "Events scored together in one micro-batch.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+STAGE_SECONDS = Histogram(
+    "streamrec_stage_seconds",
+    "Processing time per micro-batch and stage (parse, state, score, emit).",
+    ["stage"],
+    buckets=_STAGE_BUCKETS,
+)
+PARSE_SECONDS = STAGE_SECONDS.labels("parse")
+STATE_SECONDS = STAGE_SECONDS.labels("state")
+SCORE_SECONDS = STAGE_SECONDS.labels("score")
+EMIT_SECONDS = STAGE_SECONDS.labels("emit")

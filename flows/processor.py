@@ -1,0 +1,200 @@
+"""The work done on every event: parse → state → candidates and score → emit.
+
+One ``EventProcessor`` per Bytewax worker thread turns a micro-batch of Kafka
+records (whatever arrived together) into output records: a recommendation per
+valid event, a dead letter per invalid one.  Sessions are kept per Kafka
+partition: producers key events by user, so one user's events arrive, in
+order, on one partition, which Bytewax reads on exactly one worker.  The
+session store of a partition therefore needs no exchange between workers and
+moves with its partition when the number of workers or processes changes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from confluent_kafka import Message
+
+from flows import metrics
+from flows.kafka_io import OutputRecord
+from model.serving import Recommender
+from state.store import SessionStore
+from streamrec.contracts import (
+    ContractError,
+    DeadLetter,
+    Event,
+    ForgetRequest,
+    Recommendation,
+    ScoredItem,
+    parse_message,
+)
+from streamrec.settings import Settings
+
+# Expired sessions are swept a few hundred keys at a time, once per interval of
+# wall time, so the sweep never holds up the events behind it.
+SWEEP_INTERVAL_S = 5.0
+SWEEP_MAX_KEYS = 256
+
+
+class PartitionStores:
+    """The open session store of each Kafka partition this process reads; closed together."""
+
+    def __init__(self, settings: Settings, partitions: int) -> None:
+        self._settings = settings
+        self._partitions = partitions
+        self._stores: dict[int, SessionStore] = {}
+        self._lock = threading.Lock()
+
+    def get(self, partition: int) -> SessionStore:
+        store = self._stores.get(partition)
+        if store is None:
+            with self._lock:
+                store = self._stores.get(partition)
+                if store is None:
+                    store = SessionStore.open(
+                        self._settings.state_dir, partition, self._partitions, self._settings
+                    )
+                    self._stores[partition] = store
+        return store
+
+    def opened(self) -> list[SessionStore]:
+        return list(self._stores.values())
+
+    def close(self) -> None:
+        with self._lock:
+            for store in self._stores.values():
+                store.close()
+            self._stores.clear()
+
+
+class EventProcessor:
+    """Turns one worker's micro-batches of records into recommendations and dead letters."""
+
+    def __init__(self, settings: Settings, stores: PartitionStores, recommender: Recommender):
+        self._settings = settings
+        self._stores = stores
+        self._recommender = recommender
+        self._events_topic = settings.events_topic
+        self._recommendations_topic = settings.recommendations_topic
+        self._dlq_topic = settings.dlq_topic
+        self._max_bytes = settings.max_event_bytes
+        self._top_k = settings.top_k
+        self._learn_online = settings.online_candidates
+        self._stream_time_ms = 0
+        self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+
+    def process(self, records: list[Message]) -> list[OutputRecord]:
+        """All outputs for one micro-batch, in input order per partition."""
+        received_ms = time.time() * 1000.0
+        started = time.perf_counter()
+        out: list[OutputRecord] = []
+        events: list[Event] = []
+        keys: list[bytes | None] = []
+        histories: list[list[str]] = []
+        parse_s = 0.0
+        for record in records:
+            t0 = time.perf_counter()
+            key = record.key()
+            try:
+                parsed = parse_message(record.value(), key, self._max_bytes)
+            except ContractError as err:
+                out.append(self._dead_letter(record, err))
+                continue
+            finally:
+                parse_s += time.perf_counter() - t0
+            store = self._stores.get(record.partition())
+            if isinstance(parsed, ForgetRequest):
+                if store.forget(parsed.user_id):
+                    metrics.FORGOTTEN.inc()
+                continue
+            result = store.apply(parsed, record.partition(), record.offset())
+            session = result.session
+            if not result.applied:
+                metrics.DUPLICATES.inc()
+            elif self._learn_online:
+                previous = session.item_ids[-2] if len(session.item_ids) > 1 else None
+                self._recommender.observe(previous, parsed.item_id)
+            if parsed.ts > self._stream_time_ms:
+                self._stream_time_ms = parsed.ts
+            events.append(parsed)
+            keys.append(key)
+            # Sessions are immutable: a later event of the same user in this
+            # batch makes a new one, so no copy is needed.
+            histories.append(session.item_ids)
+        state_done = time.perf_counter()
+        if events:
+            ranked = self._recommender.recommend(histories, self._top_k)
+            scored = time.perf_counter()
+            emitted_ms = time.time() * 1000.0
+            model = self._recommender.version
+            for event, key, items in zip(events, keys, ranked, strict=True):
+                recommendation = Recommendation(
+                    event_id=event.event_id,
+                    user_id=event.user_id,
+                    items=[ScoredItem(item, score) for item, score in items],
+                    model=model,
+                    event_ts=event.ts,
+                    received_ms=received_ms,
+                    emitted_ms=emitted_ms,
+                )
+                out.append((self._recommendations_topic, key, recommendation.to_json(), None))
+            metrics.EVENTS.inc(len(events))
+            metrics.RECOMMENDATIONS.inc(len(events))
+            metrics.BATCH_SIZE.observe(len(events))
+            metrics.SCORE_SECONDS.observe(scored - state_done)
+            metrics.EMIT_SECONDS.observe(time.perf_counter() - scored)
+        metrics.PARSE_SECONDS.observe(parse_s)
+        metrics.STATE_SECONDS.observe(state_done - started - parse_s)
+        if time.monotonic() >= self._next_sweep:
+            self._sweep()
+        return out
+
+    def _dead_letter(self, record: Message, err: ContractError) -> OutputRecord:
+        metrics.DEAD_LETTERS.labels(err.code).inc()
+        letter = DeadLetter(
+            key=record.key(),
+            raw=record.value(),
+            code=err.code,
+            message=str(err),
+            topic=record.topic() or self._events_topic,
+            partition=record.partition(),
+            offset=record.offset(),
+        )
+        return (self._dlq_topic, letter.key, letter.raw, letter.headers())
+
+    def _sweep(self) -> None:
+        self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+        if self._stream_time_ms == 0:
+            return
+        for store in self._stores.opened():
+            removed = store.sweep_expired(self._stream_time_ms, SWEEP_MAX_KEYS)
+            if removed:
+                metrics.EXPIRED.inc(removed)
+
+
+def processor_factory(
+    settings: Settings, stores: PartitionStores, model_dir: Path, variant: str | None
+) -> Callable[[list[Message]], list[OutputRecord]]:
+    """A batch function for ``flat_map_batch`` that gives each worker thread its own processor.
+
+    Each worker thread gets its own ``Recommender``: its input buffers are
+    reused between calls, so it must not be shared between threads.
+    """
+    local = threading.local()
+
+    def process(records: list[Message]) -> list[OutputRecord]:
+        processor = getattr(local, "processor", None)
+        if processor is None:
+            recommender = Recommender.load(
+                model_dir,
+                variant=variant,
+                threads=settings.scoring_threads,
+                candidates=settings.candidates,
+            )
+            processor = local.processor = EventProcessor(settings, stores, recommender)
+        return processor.process(records)
+
+    return process

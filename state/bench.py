@@ -1,0 +1,217 @@
+"""How fast ``SessionStore.apply`` is on a warm on-disk store, and how big a session is.
+
+The store is filled with full sessions (L interactions each) for ``users`` users,
+closed and reopened (so the sessions sit in table files, not only in the
+memtable), warmed up, and then ``applies`` events of random users are applied
+and timed one by one; then as many again in micro-batches (``apply_many``), as
+the flow may apply them.  Not a test: the figures go to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+from tqdm import tqdm
+
+from state.layout import shard_dir
+from state.rocks import disk_bytes
+from state.session import Session, decode_session
+from state.store import SessionStore
+from streamrec.contracts import Event
+from streamrec.settings import Settings
+
+START_MS: Final = 1_700_000_000_000
+PARTITIONS: Final = 4
+ITEMS: Final = 50_000
+# One user event every 10 ms of event time over the whole population: a live stream.
+STEP_MS: Final = 10
+TEMPLATES_PER_PARTITION: Final = 250
+# Event types as a shop sees them: mostly views.
+TYPE_WEIGHTS: Final = {"view": 70, "click": 15, "add_to_cart": 7, "purchase": 3, "rating": 5}
+
+
+@dataclass(frozen=True, slots=True)
+class StateBenchResult:
+    """The figures of one run of the state benchmark."""
+
+    users: int
+    session_length: int
+    applies: int
+    apply_us_p50: float
+    apply_us_p90: float
+    apply_us_p99: float
+    apply_us_mean: float
+    cpu_us_per_event: float
+    item_ids_us_p50: float
+    batch_size: int
+    apply_many_us_per_event_p50: float
+    bytes_per_session: float
+    disk_bytes_per_session: float
+    fill_s: float
+    machine: dict[str, Any]
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
+
+
+def run_state_bench(
+    users: int = 100_000,
+    applies: int = 100_000,
+    settings: Settings | None = None,
+    state_dir: Path | None = None,
+    progress: bool = True,
+    seed: int = 7,
+) -> StateBenchResult:
+    """Fill a store with ``users`` full sessions, then time ``applies`` applies on it."""
+    settings = Settings() if settings is None else settings
+    with tempfile.TemporaryDirectory(prefix="streamrec-bench-state-") as scratch:
+        where = Path(scratch) if state_dir is None else state_dir
+        return _bench(where, users, applies, settings, progress, random.Random(seed))
+
+
+def _bench(
+    state_dir: Path,
+    users: int,
+    applies: int,
+    settings: Settings,
+    progress: bool,
+    rng: random.Random,
+) -> StateBenchResult:
+    length = settings.session_length
+    started = time.perf_counter()
+    with SessionStore.open(state_dir, 0, 1, settings) as store:
+        filling = tqdm(
+            _full_sessions(users, length, rng),
+            total=users,
+            desc="filling the store",
+            unit="user",
+            disable=not progress,
+        )
+        store.load(filling)
+    fill_s = time.perf_counter() - started
+    # Reopening replays the write-ahead log into table files: the sessions are on disk now.
+    with SessionStore.open(state_dir, 0, 1, settings) as store:
+        stats = store.stats()
+        on_disk = disk_bytes(shard_dir(state_dir, 0))
+        clock = START_MS + length * 1000
+        warmup = _events(users, min(applies, 20_000), clock, rng, first_offset=1 << 40)
+        for event, partition, offset in warmup:
+            store.apply(event, partition, offset)
+        clock += len(warmup) * STEP_MS
+        measured = _events(users, applies, clock, rng, first_offset=1 << 41)
+        latencies_ns = [0] * applies
+        item_ids_ns = [0] * applies
+        clock_ns = time.perf_counter_ns
+        cpu_started = time.thread_time_ns()
+        for i, (event, partition, offset) in enumerate(measured):
+            t0 = clock_ns()
+            result = store.apply(event, partition, offset)
+            t1 = clock_ns()
+            _ = result.session.item_ids  # what the scorer reads next
+            latencies_ns[i] = t1 - t0
+            item_ids_ns[i] = clock_ns() - t1
+        cpu_ns = time.thread_time_ns() - cpu_started
+        clock += len(measured) * STEP_MS
+        batch_size = settings.batch_max_events
+        batched = _events(users, applies, clock, rng, first_offset=1 << 42)
+        batches = [batched[i : i + batch_size] for i in range(0, len(batched), batch_size)]
+        per_event_ns = []
+        for batch in batches:
+            t0 = clock_ns()
+            store.apply_many(batch)
+            per_event_ns.append((clock_ns() - t0) / len(batch))
+        if store.counters.duplicates or store.counters.restarted:
+            raise RuntimeError(f"the benchmark's events must all be new: {store.counters}")
+    latencies_ns.sort()
+    return StateBenchResult(
+        users=users,
+        session_length=length,
+        applies=applies,
+        apply_us_p50=_us(_quantile(latencies_ns, 0.50)),
+        apply_us_p90=_us(_quantile(latencies_ns, 0.90)),
+        apply_us_p99=_us(_quantile(latencies_ns, 0.99)),
+        apply_us_mean=_us(statistics.fmean(latencies_ns)),
+        # This thread's CPU time per event (apply, item_ids and the timers): on a busy
+        # machine, the part of the wall time that is work rather than waiting for a core.
+        cpu_us_per_event=_us(cpu_ns / applies),
+        item_ids_us_p50=_us(statistics.median(item_ids_ns)),
+        batch_size=batch_size,
+        apply_many_us_per_event_p50=_us(statistics.median(per_event_ns)),
+        bytes_per_session=round(stats.record_bytes / max(stats.sessions, 1), 1),
+        disk_bytes_per_session=round(on_disk / max(stats.sessions, 1), 1),
+        fill_s=round(fill_s, 1),
+        machine=_machine(),
+    )
+
+
+def _full_sessions(users: int, length: int, rng: random.Random) -> Iterator[Session]:
+    # Records do not hold the user id, so users can share a few hundred built sessions.
+    templates = [
+        [_full_session(length, partition, rng) for _ in range(TEMPLATES_PER_PARTITION)]
+        for partition in range(PARTITIONS)
+    ]
+    for user in range(users):
+        template = rng.choice(templates[user % PARTITIONS])
+        yield decode_session(_user_id(user), template.record)
+
+
+def _full_session(length: int, partition: int, rng: random.Random) -> Session:
+    types = list(TYPE_WEIGHTS)
+    session = Session.empty("template")
+    for n, kind in enumerate(rng.choices(types, list(TYPE_WEIGHTS.values()), k=length)):
+        value = float(rng.randint(1, 10)) / 2 if kind == "rating" else None
+        event = Event(f"f{n}", "template", _item(rng), kind, START_MS + n * 1000, value)
+        session = session.with_event(event, partition, n, length)
+    return session
+
+
+def _events(
+    users: int, count: int, start_ms: int, rng: random.Random, first_offset: int
+) -> list[tuple[Event, int, int]]:
+    types = list(TYPE_WEIGHTS)
+    kinds = rng.choices(types, list(TYPE_WEIGHTS.values()), k=count)
+    events = []
+    for i, kind in enumerate(kinds):
+        user = rng.randrange(users)
+        value = float(rng.randint(1, 10)) / 2 if kind == "rating" else None
+        event = Event(f"b{i}", _user_id(user), _item(rng), kind, start_ms + i * STEP_MS, value)
+        # Offsets only grow, so every event is new to its user's partition.
+        events.append((event, user % PARTITIONS, first_offset + i))
+    return events
+
+
+def _user_id(user: int) -> str:
+    return f"user-{user}"
+
+
+def _item(rng: random.Random) -> str:
+    # Skewed popularity, as in real catalogues: low ids are drawn far more often.
+    return str(int(ITEMS ** rng.random()))
+
+
+def _quantile(sorted_values: list[int], q: float) -> float:
+    return float(sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))])
+
+
+def _us(ns: float) -> float:
+    return round(ns / 1000, 2)
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "rocksdict": version("rocksdict"),
+    }

@@ -1,0 +1,208 @@
+"""The command line of session state: ``streamrec state show|stats`` and ``streamrec bench state``.
+
+``state_group`` and ``bench_state`` are mounted by ``streamrec.cli``; the work
+itself lives in ``state.view`` and ``state.bench``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+import orjson
+
+from state.bench import run_state_bench
+from state.errors import StateError
+from state.rocks import ShardStats
+from state.view import open_state_view
+from streamrec.settings import Settings
+
+state_dir_option = click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="State directory of the flow (default: STREAMREC_STATE_DIR, else run/state).",
+)
+
+
+@click.group("state")
+def state_group() -> None:
+    """Look into the per-user session state: one RocksDB per Bytewax worker.
+
+    Both commands open the worker DBs read-only, so they work while the flow runs
+    (they see the state as of the moment they start).
+    """
+
+
+@state_group.command("show")
+@click.argument("user_id")
+@state_dir_option
+@click.option(
+    "--now-ms",
+    type=int,
+    default=None,
+    help="Judge expiry at this event time, epoch ms (default: the latest event time applied).",
+)
+@click.option("--include-expired", is_flag=True, help="Print the session even if it expired.")
+def show(user_id: str, state_dir: Path | None, now_ms: int | None, include_expired: bool) -> None:
+    """Print one user's session as JSON.
+
+    USER_ID's last interactions (oldest first), counters by event type, first and
+    last event time, and the source partition and offset of the last event applied.
+    Exits with status 1 if the user has no session, or only an expired one (which
+    the flow treats as absent until the sweep removes it).
+    """
+    settings = Settings.from_env(state_dir=state_dir)
+    with _state_errors(), open_state_view(settings.state_dir, settings) as view:
+        found = view.find(user_id, now_ms)
+        searched = len(view.workers)
+    if found is None:
+        raise click.ClickException(
+            f"no session for user {user_id!r} in {settings.state_dir} ({searched} worker DBs "
+            "searched). Check the user id and --state-dir."
+        )
+    session = found.session
+    if found.expired and not include_expired:
+        raise click.ClickException(
+            f"the session of user {user_id!r} has expired: its last event was at "
+            f"{_when(session.last_seen_ms)}, more than the TTL "
+            f"({settings.session_ttl_s:g} s) before the store's latest event. The flow treats it "
+            "as absent; --include-expired prints it anyway."
+        )
+    with _state_errors():
+        document = {"worker": found.shard_index, "expired": found.expired, **session.to_dict()}
+    click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+
+
+@state_group.command("stats")
+@state_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def stats(state_dir: Path | None, as_json: bool) -> None:
+    """Print keys, expired sessions and bytes per worker DB.
+
+    Keys are sessions, one per user; expired ones await the sweep.  Record bytes
+    are the keys and encoded sessions; disk bytes are the DB's files (tables,
+    write-ahead log, manifest).  Counting is a full scan.
+    """
+    settings = Settings.from_env(state_dir=state_dir)
+    with _state_errors(), open_state_view(settings.state_dir, settings) as view:
+        workers = view.stats()
+        layout = view.layout
+        clock_ms = view.clock_ms
+        missing = view.missing_shards
+    if as_json:
+        document = {
+            "state_dir": str(settings.state_dir),
+            "format_version": layout.format_version,
+            "shard_count": layout.shard_count,
+            "clock_ms": clock_ms,
+            "workers": [_shard_doc(w) for w in workers],
+            "total": _shard_doc(_total(workers)),
+        }
+        click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        return
+    click.echo(f"state directory {settings.state_dir}: {layout.describe()}")
+    click.echo(f"latest event applied: {_when(clock_ms) if clock_ms is not None else 'none'}")
+    header = f"{'worker':>8} {'keys':>12} {'expired':>10} {'record bytes':>15} {'disk bytes':>15}"
+    click.echo(header)
+    for w in [*workers, _total(workers)]:
+        name = "total" if w.shard_index < 0 else str(w.shard_index)
+        click.echo(
+            f"{name:>8} {w.sessions:>12,} {w.expired:>10,} {w.record_bytes:>15,} "
+            f"{w.disk_bytes:>15,}"
+        )
+    if missing:
+        click.echo(f"workers without a DB yet (never started): {', '.join(map(str, missing))}")
+
+
+@click.command("state")
+@click.option(
+    "--users",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Users in the store, each with a full session.",
+)
+@click.option(
+    "--applies",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Events applied and timed, one by one, after a warm-up.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write the figures to this JSON file.",
+)
+def bench_state(users: int, applies: int, json_path: Path | None) -> None:
+    """Time SessionStore.apply on a warm on-disk store.
+
+    Fills a scratch RocksDB (removed afterwards) with --users full sessions of L
+    interactions, reopens it, warms it up, then reports the median and tail
+    microseconds per apply (one by one, then in micro-batches with apply_many) and
+    the bytes per session.  Quote medians on a shared machine.
+    """
+    result = run_state_bench(users=users, applies=applies, settings=Settings.from_env())
+    click.echo(
+        f"apply: median {result.apply_us_p50} us, p90 {result.apply_us_p90} us, "
+        f"p99 {result.apply_us_p99} us, mean {result.apply_us_mean} us over "
+        f"{result.applies:,} events"
+    )
+    click.echo(
+        f"apply_many in batches of {result.batch_size}: median {result.apply_many_us_per_event_p50}"
+        " us per event"
+    )
+    click.echo(
+        f"reading item_ids afterwards: median {result.item_ids_us_p50} us; CPU time per event "
+        f"(both, and the timers): {result.cpu_us_per_event} us; load average "
+        f"{result.machine['load_average_1m']} on {result.machine['cpus']} CPUs"
+    )
+    click.echo(
+        f"session of {result.session_length} interactions: {result.bytes_per_session} bytes "
+        f"encoded, {result.disk_bytes_per_session} bytes on disk; {result.users:,} users, "
+        f"filled in {result.fill_s} s"
+    )
+    if json_path is not None:
+        json_path.write_bytes(result.to_json())
+        click.echo(f"figures written to {json_path}")
+
+
+@contextmanager
+def _state_errors() -> Iterator[None]:
+    try:
+        yield
+    except StateError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _when(ms: int) -> str:
+    return f"{datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec='milliseconds')} ({ms})"
+
+
+def _total(workers: list[ShardStats]) -> ShardStats:
+    clocks = [w.clock_ms for w in workers if w.clock_ms is not None]
+    return ShardStats(
+        shard_index=-1,
+        sessions=sum(w.sessions for w in workers),
+        expired=sum(w.expired for w in workers),
+        record_bytes=sum(w.record_bytes for w in workers),
+        disk_bytes=sum(w.disk_bytes for w in workers),
+        clock_ms=max(clocks) if clocks else None,
+    )
+
+
+def _shard_doc(w: ShardStats) -> dict[str, int | None]:
+    return {
+        "worker": None if w.shard_index < 0 else w.shard_index,
+        "keys": w.sessions,
+        "expired": w.expired,
+        "record_bytes": w.record_bytes,
+        "disk_bytes": w.disk_bytes,
+        "clock_ms": w.clock_ms,
+    }

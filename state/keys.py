@@ -1,0 +1,31 @@
+"""The key space of one worker's RocksDB: session records and the store's own metadata.
+
+Sessions and metadata share one keyspace, told apart by a one-byte prefix, so a
+scan over sessions is a range scan that never meets a metadata key.
+
+>>> session_key("u1"), user_of(session_key("u1"))
+(b's:u1', 'u1')
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+SESSION_PREFIX: Final = b"s:"
+# The first key after every session key: the upper bound of session scans.
+SESSIONS_END: Final = b"s;"
+META_PREFIX: Final = b"m:"
+# Format version, worker index and worker count this DB was created for (JSON).
+SHAPE_KEY: Final = META_PREFIX + b"shape"
+# The latest event time this worker has applied: the store's event-time "now" (q, ms).
+CLOCK_KEY: Final = META_PREFIX + b"clock"
+
+
+def session_key(user_id: str) -> bytes:
+    """The RocksDB key of ``user_id``'s session."""
+    return SESSION_PREFIX + user_id.encode()
+
+
+def user_of(key: bytes) -> str:
+    """The user id of a session key."""
+    return key[len(SESSION_PREFIX) :].decode()

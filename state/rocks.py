@@ -1,0 +1,149 @@
+"""RocksDB through rocksdict, tuned for the store's workload: one point read and write per event.
+
+Everything rocksdict-specific that the store and the read-only view share lives
+here: the options, opening (with RocksDB's lock turned into a named error), and
+scans over the session keys.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from rocksdict import (
+    AccessType,
+    BlockBasedOptions,
+    Cache,
+    DataBlockIndexType,
+    DBCompressionType,
+    Options,
+    Rdict,
+    ReadOptions,
+    WriteOptions,
+)
+
+from state.errors import StateError, StateLockedError, StateNotFoundError
+from state.keys import CLOCK_KEY, SESSION_PREFIX, SESSIONS_END
+from state.session import last_seen_of
+
+# Block cache of each worker DB: the warm set of sessions should be served from memory.
+BLOCK_CACHE_BYTES: Final = 64 * 1024 * 1024
+BLOOM_BITS_PER_KEY: Final = 10
+LEVELS: Final = 7  # RocksDB's default number of levels
+UNCOMPRESSED_LEVELS: Final = 2
+CLOCK: Final = struct.Struct("<q")
+_PREFIX_LEN: Final = len(SESSION_PREFIX)
+
+
+def db_options() -> Options:
+    """Options for a worker DB: raw bytes keys, bloom filters and a hash index for point reads."""
+    options = Options(raw_mode=True)
+    options.create_if_missing(True)
+    table = BlockBasedOptions()
+    table.set_bloom_filter(BLOOM_BITS_PER_KEY, False)
+    table.set_block_cache(Cache(BLOCK_CACHE_BYTES))
+    # A hash index inside each data block turns the in-block binary search into one probe.
+    table.set_data_block_index_type(DataBlockIndexType.binary_and_hash())
+    table.set_data_block_hash_ratio(0.75)
+    options.set_block_based_table_factory(table)
+    options.set_memtable_whole_key_filtering(True)
+    options.set_memtable_prefix_bloom_ratio(0.02)
+    # Every event reads a session: the upper levels (recent sessions, and all of a small
+    # store) stay uncompressed so that a block-cache miss costs no decompression; the
+    # large lower levels are compressed.
+    options.set_compression_per_level(
+        [DBCompressionType.none()] * UNCOMPRESSED_LEVELS
+        + [DBCompressionType.lz4()] * (LEVELS - UNCOMPRESSED_LEVELS)
+    )
+    options.set_max_background_jobs(2)
+    options.set_keep_log_file_num(3)
+    return options
+
+
+def write_options() -> WriteOptions:
+    """WAL on, not synced per write: a killed process loses nothing, a power cut may."""
+    options = WriteOptions()
+    options.sync = False
+    return options
+
+
+def open_read_write(path: Path) -> Rdict:
+    """Open (creating) the worker DB at ``path`` for this process alone."""
+    try:
+        return Rdict(str(path), db_options())
+    except Exception as err:  # rocksdict raises plain Exception with RocksDB's status text
+        if "lock" in str(err).lower():
+            raise StateLockedError(
+                f"worker DB {path} is already open in another process (or twice in this "
+                "one): each worker DB has exactly one owner. Stop the other flow, or give this "
+                "one its own --state-dir."
+            ) from None
+        raise StateError(f"cannot open worker DB {path}: {err}") from None
+
+
+def open_read_only(path: Path) -> Rdict:
+    """Open the worker DB at ``path`` read-only: a point-in-time view, fine while a flow runs."""
+    if not path.is_dir():
+        raise StateNotFoundError(f"no worker DB at {path}")
+    options = Options(raw_mode=True)
+    try:
+        return Rdict(str(path), options, access_type=AccessType.read_only(False))
+    except Exception as err:
+        raise StateError(f"cannot open worker DB {path} read-only: {err}") from None
+
+
+def is_corruption(err: Exception) -> bool:
+    """Whether rocksdict's error is RocksDB's "Corruption" status (a checksum failed)."""
+    return str(err).startswith("Corruption")
+
+
+def read_clock(db: Rdict) -> int | None:
+    """The latest event time the DB has applied, if it has applied any."""
+    raw = db.get(CLOCK_KEY)
+    return None if raw is None else int(CLOCK.unpack(raw)[0])
+
+
+def session_bounds() -> ReadOptions:
+    """Read options that stop a scan at the last session key."""
+    bounds = ReadOptions()
+    bounds.set_iterate_upper_bound(SESSIONS_END)
+    return bounds
+
+
+def session_records(db: Rdict, start: bytes = SESSION_PREFIX) -> Iterator[tuple[bytes, bytes]]:
+    """(key, record) of every session from key ``start`` on, in key order."""
+    yield from db.items(from_key=start, read_opt=session_bounds())
+
+
+@dataclass(frozen=True, slots=True)
+class ShardStats:
+    """Size of one worker DB: its sessions, how many have expired, bytes stored and on disk."""
+
+    shard_index: int
+    sessions: int
+    expired: int
+    record_bytes: int
+    disk_bytes: int
+    clock_ms: int | None
+
+
+def scan_stats(
+    db: Rdict, path: Path, shard_index: int, now_ms: int | None, ttl_ms: int
+) -> ShardStats:
+    """Count the sessions of a worker DB by a full scan; expired ones by ``now_ms``."""
+    sessions = expired = record_bytes = 0
+    for key, record in session_records(db):
+        sessions += 1
+        record_bytes += len(key) + len(record)
+        if now_ms is not None and now_ms - last_seen_of(key[_PREFIX_LEN:], record) > ttl_ms:
+            expired += 1
+    clock = read_clock(db)
+    return ShardStats(shard_index, sessions, expired, record_bytes, disk_bytes(path), clock)
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of every file of the DB directory (tables, WAL, manifest)."""
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())

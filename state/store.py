@@ -1,0 +1,317 @@
+"""The session store of one Bytewax worker: every event reads and writes it.
+
+>>> import tempfile
+>>> from streamrec.contracts import Event
+>>> from streamrec.settings import Settings
+>>> store = SessionStore.open(Path(tempfile.mkdtemp()), 0, 1, Settings())
+>>> event = Event("e1", "u1", "i9", "view", 1_700_000_000_000)
+>>> store.apply(event, partition=0, offset=7).applied
+True
+>>> store.apply(event, partition=0, offset=7).applied  # replayed after a crash
+False
+>>> store.get("u1").item_ids, store.counters.duplicates
+(['i9'], 1)
+>>> store.close()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final, NamedTuple, cast
+
+from rocksdict import BottommostLevelCompaction, CompactOptions, Rdict, WriteBatch
+
+from state.errors import CorruptSessionError, StateError
+from state.keys import CLOCK_KEY, SESSION_PREFIX, SHAPE_KEY, session_key, user_of
+from state.layout import check_shard_record, ensure_layout, shard_dir, shard_record
+from state.rocks import (
+    CLOCK,
+    ShardStats,
+    is_corruption,
+    open_read_write,
+    read_clock,
+    scan_stats,
+    session_bounds,
+    write_options,
+)
+from state.session import Session, decode_session, encode_session, last_seen_of
+from streamrec.contracts import Event
+from streamrec.settings import Settings
+
+# Before any event: earlier than every event time, so nothing counts as expired.
+NO_CLOCK: Final = -(2**63)
+# The store's clock counts whole seconds: expiry is judged at most this late.
+CLOCK_RESOLUTION_MS: Final = 1000
+SWEEP_BATCH_DEFAULT: Final = 1000
+_PREFIX_LEN: Final = len(SESSION_PREFIX)
+
+
+class ApplyResult(NamedTuple):
+    """The session after ``apply``, and whether the event changed it (False: a duplicate)."""
+
+    session: Session
+    applied: bool
+
+
+@dataclass(slots=True)
+class StoreCounters:
+    """What a store has done since it was opened, for the flow's metrics."""
+
+    applied: int = 0
+    duplicates: int = 0
+    # Events that found their user's session expired and started a new one.
+    restarted: int = 0
+    swept: int = 0
+    forgotten: int = 0
+
+
+class SessionStore:
+    """The sessions of the users one worker owns, in that worker's own RocksDB.
+
+    Responsibilities: apply events to sessions exactly once per source offset (read,
+    update and write back in one atomic batch, the offset stamp inside the session
+    record; ``apply_many`` writes a whole micro-batch at once); treat sessions idle
+    for longer than the TTL, in event time, as absent, and remove them in bounded
+    sweeps; erase a user on request.  The latest event time applied, to the second,
+    is its "clock" (persisted): the default "now" of expiry.  One worker thread uses
+    a store; RocksDB's lock keeps any second opener out.  Open it with ``open``.
+    """
+
+    def __init__(
+        self, db: Rdict, path: Path, shard_index: int, session_length: int, ttl_ms: int
+    ) -> None:
+        self.shard_index = shard_index
+        self.path = path
+        self.session_length = session_length
+        self.ttl_ms = ttl_ms
+        self.counters = StoreCounters()
+        self._db = db
+        self._write_options = write_options()
+        clock = read_clock(db)
+        self._clock_ms = NO_CLOCK if clock is None else clock
+        self._next_tick_ms = NO_CLOCK if clock is None else clock + CLOCK_RESOLUTION_MS
+        self._sweep_from = SESSION_PREFIX
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls, state_dir: Path, shard_index: int, shard_count: int, settings: Settings
+    ) -> SessionStore:
+        """Open worker ``shard_index``'s DB in ``state_dir``, laid out for ``shard_count``."""
+        if shard_count < 1 or not 0 <= shard_index < shard_count:
+            raise ValueError(
+                f"worker index {shard_index} is not in [0, {shard_count}): the index is the "
+                "worker's global index across all processes, the count their total"
+            )
+        if settings.session_length < 1:
+            raise ValueError(f"session_length must be at least 1, got {settings.session_length}")
+        ensure_layout(state_dir, shard_count)
+        path = shard_dir(state_dir, shard_index)
+        db = open_read_write(path)
+        try:
+            record = db.get(SHAPE_KEY)
+            if record is None:
+                db.put(SHAPE_KEY, shard_record(shard_index, shard_count))
+            else:
+                check_shard_record(path, record, shard_index, shard_count)
+        except BaseException as err:
+            db.close()
+            if isinstance(err, Exception) and is_corruption(err):
+                raise StateError(
+                    f"worker DB {path} is damaged ({err}): restore it from a backup, or move "
+                    "it away and let the flow rebuild the sessions from the events"
+                ) from err
+            raise
+        ttl_ms = round(settings.session_ttl_s * 1000)
+        return cls(db, path, shard_index, settings.session_length, ttl_ms)
+
+    def apply(self, event: Event, partition: int, offset: int) -> ApplyResult:
+        """Apply ``event``, read at ``offset`` of source ``partition``, unless already applied."""
+        key = SESSION_PREFIX + event.user_id.encode()
+        result = self._next_session(self._stored(key, event.user_id), event, partition, offset)
+        if result.applied:
+            record = encode_session(result.session)
+            if event.ts < self._next_tick_ms:
+                # RocksDB's Put is a one-entry WriteBatch; the offset stamp is in the record.
+                self._db.put(key, record, self._write_options)
+            else:
+                batch = WriteBatch(raw_mode=True)
+                batch.put(key, record)
+                self._advance_clock(event.ts, batch)
+                self._db.write(batch, self._write_options)
+            self.counters.applied += 1
+        return result
+
+    def apply_many(self, records: Iterable[tuple[Event, int, int]]) -> list[ApplyResult]:
+        """Apply (event, partition, offset) records in order, with one atomic write for all.
+
+        Cheaper per event than ``apply`` (one write-ahead log append for the batch), and
+        the same sessions: a later event of a user builds on the earlier one.
+        """
+        batch = WriteBatch(raw_mode=True)
+        # Sessions changed earlier in this batch, not yet written, by key.
+        pending: dict[bytes, Session] = {}
+        results = []
+        for event, partition, offset in records:
+            key = SESSION_PREFIX + event.user_id.encode()
+            stored = pending[key] if key in pending else self._stored(key, event.user_id)
+            result = self._next_session(stored, event, partition, offset)
+            if result.applied:
+                pending[key] = result.session
+                batch.put(key, encode_session(result.session))
+                if event.ts >= self._next_tick_ms:
+                    self._advance_clock(event.ts, batch)
+            results.append(result)
+        if len(batch):
+            self._db.write(batch, self._write_options)
+            self.counters.applied += sum(result.applied for result in results)
+        return results
+
+    def _next_session(
+        self, stored: Session | None, event: Event, partition: int, offset: int
+    ) -> ApplyResult:
+        """The session after ``event``, or ``stored`` unchanged if the event is a duplicate."""
+        if stored is None:
+            session = Session.empty(event.user_id)
+        else:
+            applied = stored.offsets.get(partition)
+            if applied is not None and offset <= applied:
+                self.counters.duplicates += 1
+                return ApplyResult(stored, False)
+            session = stored
+            if event.ts - stored.last_seen_ms > self.ttl_ms:
+                # The offsets outlive the expired session, so a replay cannot revive it.
+                session = Session.empty(event.user_id, stored.offsets)
+                self.counters.restarted += 1
+        return ApplyResult(session.with_event(event, partition, offset, self.session_length), True)
+
+    def get(self, user_id: str, now_ms: int | None = None) -> Session | None:
+        """``user_id``'s session, or None if there is none or it expired by ``now_ms``."""
+        raw = self._read(session_key(user_id), user_id)
+        if raw is None:
+            return None
+        session = decode_session(user_id, raw)
+        now = self._clock_ms if now_ms is None else now_ms
+        return None if session.is_expired(now, self.ttl_ms) else session
+
+    def forget(self, user_id: str, purge: bool = True) -> bool:
+        """Erase ``user_id``'s session; True if there was one.  ``purge`` also scrubs the disk.
+
+        Purging flushes and compacts the user's key range, so that the old versions
+        leave the write-ahead log and table files at once (milliseconds: erasure is
+        rare).  RocksDB's manifest may still name the key, as a table boundary, until
+        the DB is next opened.  The offsets go too: a replay of the user's old events
+        would start a new session.
+        """
+        key = session_key(user_id)
+        if self._db.get(key) is None:  # a corrupt record can be erased too: no decoding
+            return False
+        batch = WriteBatch(raw_mode=True)
+        batch.delete(key)
+        self._db.write(batch, self._write_options)
+        if purge:
+            self._purge(key)
+        self.counters.forgotten += 1
+        return True
+
+    def sweep_expired(self, now_ms: int | None = None, max_keys: int = SWEEP_BATCH_DEFAULT) -> int:
+        """Look at up to ``max_keys`` sessions after the last sweep's; remove the expired ones."""
+        now = self._clock_ms if now_ms is None else now_ms
+        bounds = session_bounds()
+        cursor = self._db.iter(bounds)
+        cursor.seek(self._sweep_from)
+        batch = WriteBatch(raw_mode=True)
+        examined = 0
+        try:
+            while examined < max_keys and cursor.valid():
+                key = cursor.key()
+                # Resume after this key next time, even if its record turns out corrupt.
+                self._sweep_from = key + b"\x00"
+                if now - last_seen_of(key[_PREFIX_LEN:], cursor.value()) > self.ttl_ms:
+                    batch.delete(key)
+                examined += 1
+                cursor.next()
+            if not cursor.valid():
+                self._sweep_from = SESSION_PREFIX  # the end: start over next time
+        finally:
+            removed = len(batch)
+            if removed:
+                self._db.write(batch, self._write_options)
+                self.counters.swept += removed
+        return removed
+
+    def load(self, sessions: Iterable[Session], batch_size: int = 1000) -> int:
+        """Write ``sessions`` as they are (seeding, restoring); the clock does not move."""
+        written = 0
+        batch = WriteBatch(raw_mode=True)
+        for session in sessions:
+            batch.put(session_key(session.user_id), encode_session(session))
+            written += 1
+            if len(batch) >= batch_size:
+                self._db.write(batch, self._write_options)
+                batch = WriteBatch(raw_mode=True)
+        if len(batch):
+            self._db.write(batch, self._write_options)
+        return written
+
+    def user_ids(self) -> Iterator[str]:
+        """Every user with a stored session (expired ones included), in key order."""
+        for key in self._db.keys(from_key=SESSION_PREFIX, read_opt=session_bounds()):
+            yield user_of(cast(bytes, key))
+
+    @property
+    def clock_ms(self) -> int | None:
+        """The latest event time applied, in whole seconds, if any: the "now" of expiry."""
+        return None if self._clock_ms == NO_CLOCK else self._clock_ms
+
+    def stats(self) -> ShardStats:
+        """Sessions, expired sessions and bytes of this worker's DB (a full scan)."""
+        return scan_stats(self._db, self.path, self.shard_index, self.clock_ms, self.ttl_ms)
+
+    def close(self) -> None:
+        """Close the DB; the store cannot be used afterwards.  Closing twice is harmless."""
+        if not self._closed:
+            self._closed = True
+            self._db.close()
+
+    def __enter__(self) -> SessionStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _stored(self, key: bytes, user_id: str) -> Session | None:
+        raw = self._read(key, user_id)
+        return None if raw is None else decode_session(user_id, raw)
+
+    def _read(self, key: bytes, user_id: str) -> bytes | None:
+        try:
+            raw: bytes | None = self._db.get(key)
+        except Exception as err:  # rocksdict raises RocksDB's failures as plain Exception
+            if is_corruption(err):
+                raise CorruptSessionError(user_id, f"RocksDB: {err}") from err
+            raise
+        return raw
+
+    def _advance_clock(self, ts: int, batch: WriteBatch) -> None:
+        # Whole seconds: the clock is written with about one event per second, not with each.
+        tick = ts - ts % CLOCK_RESOLUTION_MS
+        self._clock_ms = tick
+        self._next_tick_ms = tick + CLOCK_RESOLUTION_MS
+        batch.put(CLOCK_KEY, CLOCK.pack(tick))
+
+    def _purge(self, key: bytes) -> None:
+        # A delete only hides older versions: flush the memtable (retiring the WAL that holds
+        # them) and compact the key's range down to the last level, where they are dropped.
+        self._db.flush()
+        options = CompactOptions()
+        options.set_bottommost_level_compaction(BottommostLevelCompaction.force_optimized())
+        self._db.compact_range(key, key + b"\x00", options)

@@ -1,0 +1,216 @@
+"""Drive the real flow (`streamrec run` in a child process) against the real broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+
+from state.store import SessionStore
+from streamrec.contracts import DeadLetter, Event, ForgetRequest, Recommendation, parse_message
+from streamrec.settings import Settings
+from tools.kafka_clients import topic_partitions
+
+
+class FlowProcess:
+    """One `streamrec run` process: stopped with SIGTERM, or killed with SIGKILL (a crash)."""
+
+    def __init__(self, settings: Settings, args: Sequence[str] = (), log: Path | None = None):
+        self.settings = settings
+        self.args = list(args)
+        self.log = log or settings.state_dir.parent / f"flow-{time.monotonic_ns()}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> FlowProcess:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.settings.to_env()}
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "streamrec", "run", *self.args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def stop_all(flows: Sequence[FlowProcess], timeout_s: float = 30.0) -> list[int]:
+    """Stop every process of a cluster: one cannot finish while the others still run."""
+    for flow in flows:
+        assert flow.process is not None
+        flow.process.send_signal(signal.SIGTERM)
+    return [flow.process.wait(timeout_s) for flow in flows if flow.process is not None]
+
+
+def produce(
+    settings: Settings, records: Iterable[Event | ForgetRequest | tuple[bytes | None, bytes | None]]
+) -> None:
+    """Send events (keyed by user) or raw (key, value) pairs, in order, and wait for the acks."""
+    producer = Producer({"bootstrap.servers": settings.brokers, "linger.ms": 5})
+    for record in records:
+        if isinstance(record, tuple):
+            key, value = record
+        else:
+            key, value = record.key, record.to_json()
+        producer.produce(settings.events_topic, value, key)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+@dataclass(frozen=True)
+class Read:
+    partition: int
+    offset: int
+    message: Message
+
+
+class TopicReader:
+    """Reads a whole topic from the beginning, remembering where it got to."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.brokers,
+                "group.id": "tests",
+                "enable.auto.commit": False,
+            }
+        )
+        self.consumer.assign(
+            [TopicPartition(topic, p, OFFSET_BEGINNING) for p in topic_partitions(settings, topic)]
+        )
+
+    def read(self, timeout_s: float = 1.0) -> list[Message]:
+        found: list[Message] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batch = self.consumer.consume(500, 0.2)
+            found.extend(m for m in batch if m.error() is None)
+            if not batch and found:
+                break
+        return found
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class RecommendationCollector:
+    """Every recommendation so far, by event id (a replay may deliver one twice)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.reader = TopicReader(settings, settings.recommendations_topic)
+        self.by_event: dict[str, list[Recommendation]] = {}
+
+    def poll(self) -> int:
+        for message in self.reader.read(0.5):
+            rec = Recommendation.from_json(message.value())
+            self.by_event.setdefault(rec.event_id, []).append(rec)
+        return len(self.by_event)
+
+    def wait_for(
+        self,
+        event_ids: set[str],
+        flow: FlowProcess | Sequence[FlowProcess],
+        timeout_s: float = 120.0,
+    ) -> None:
+        flows = [flow] if isinstance(flow, FlowProcess) else list(flow)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.poll()
+            if event_ids <= self.by_event.keys():
+                return
+            for f in flows:
+                if not f.alive():
+                    raise AssertionError(f"the flow exited early:\n{f.output()[-4000:]}")
+        missing = len(event_ids - self.by_event.keys())
+        raise AssertionError(
+            f"{missing} events without a recommendation after {timeout_s} s:\n"
+            + "\n".join(f.output()[-3000:] for f in flows)
+        )
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def dead_letters(settings: Settings, expected: int, timeout_s: float = 60.0) -> list[DeadLetter]:
+    reader = TopicReader(settings, settings.dlq_topic)
+    letters: list[DeadLetter] = []
+    deadline = time.monotonic() + timeout_s
+    while len(letters) < expected and time.monotonic() < deadline:
+        letters.extend(
+            DeadLetter.from_record(m.key(), m.value(), m.headers()) for m in reader.read(0.5)
+        )
+    reader.close()
+    return letters
+
+
+def sessions_applied_once(settings: Settings, scratch: Path) -> dict[str, dict]:
+    """The sessions that applying every record of the events topic exactly once produces."""
+    partitions = topic_partitions(settings, settings.events_topic)
+    reader = TopicReader(settings, settings.events_topic)
+    records = reader.read(5.0)
+    reader.close()
+    reference = settings.replace(state_dir=scratch)
+    stores = {p: SessionStore.open(scratch, p, len(partitions), reference) for p in partitions}
+    try:
+        for m in sorted(records, key=lambda m: (m.partition(), m.offset())):
+            try:
+                parsed = parse_message(m.value(), m.key(), settings.max_event_bytes)
+            except ValueError:
+                continue
+            store = stores[m.partition()]
+            if isinstance(parsed, ForgetRequest):
+                store.forget(parsed.user_id)
+            else:
+                store.apply(parsed, m.partition(), m.offset())
+        return stored_sessions(stores.values())
+    finally:
+        for store in stores.values():
+            store.close()
+
+
+def sessions_in(settings: Settings) -> dict[str, dict]:
+    """Every session the flow left in its state directory (the flow must be stopped)."""
+    partitions = topic_partitions(settings, settings.events_topic)
+    stores = [
+        SessionStore.open(settings.state_dir, p, len(partitions), settings) for p in partitions
+    ]
+    try:
+        return stored_sessions(stores)
+    finally:
+        for store in stores:
+            store.close()
+
+
+def stored_sessions(stores: Iterable[SessionStore]) -> dict[str, dict]:
+    # Expired sessions are left out: the sweep removes them at wall-clock moments
+    # that differ from run to run, while what counts as expired does not.
+    found = {}
+    for store in stores:
+        for user in store.user_ids():
+            session = store.get(user)
+            if session is not None:
+                found[user] = session.to_dict()
+    return found

@@ -1,0 +1,154 @@
+"""A session record: what it remembers of a user, and its compact versioned encoding."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from state.errors import CorruptSessionError, UnknownSessionFormatError
+from state.session import (
+    EVENT_TYPES,
+    SESSION_FORMAT_VERSION,
+    Interaction,
+    Session,
+    decode_session,
+    encode_session,
+    last_seen_of,
+)
+from streamrec.contracts import EVENT_TYPES as CONTRACT_EVENT_TYPES
+from streamrec.contracts import Event
+
+T0 = 1_700_000_000_000
+
+
+def event(item: str, ts: int = T0, kind: str = "view", value: float | None = None) -> Event:
+    return Event(f"e-{item}-{ts}", "u1", item, kind, ts, value)
+
+
+def session_of(*events: Event, max_items: int = 50, partition: int = 0) -> Session:
+    session = Session.empty("u1")
+    for offset, e in enumerate(events):
+        session = session.with_event(e, partition, offset, max_items)
+    return session
+
+
+def test_every_event_type_of_the_contract_has_a_code() -> None:
+    assert set(EVENT_TYPES) == set(CONTRACT_EVENT_TYPES)
+
+
+def test_a_session_keeps_the_last_interactions_oldest_first() -> None:
+    session = session_of(*(event(f"i{n}", T0 + n) for n in range(5)), max_items=3)
+    assert session.item_ids == ["i2", "i3", "i4"]
+    assert session.times_ms == [T0 + 2, T0 + 3, T0 + 4]
+
+
+def test_counters_cover_every_event_not_only_the_remembered_ones() -> None:
+    session = session_of(
+        event("a", kind="view"), event("b", kind="view"), event("c", kind="purchase"), max_items=1
+    )
+    assert (session.count("view"), session.count("purchase"), len(session)) == (2, 1, 1)
+
+
+def test_out_of_order_event_times_keep_arrival_order_and_widen_first_and_last_seen() -> None:
+    session = session_of(event("a", T0 + 50), event("b", T0), event("c", T0 + 100))
+    assert session.item_ids == ["a", "b", "c"]
+    assert (session.first_seen_ms, session.last_seen_ms) == (T0, T0 + 100)
+
+
+def test_an_interaction_remembers_type_and_value_and_none_for_no_value() -> None:
+    session = session_of(event("a", kind="rating", value=4.5), event("b", kind="click"))
+    assert session.interactions() == [
+        Interaction("a", T0, "rating", 4.5),
+        Interaction("b", T0, "click", None),
+    ]
+
+
+def test_the_last_applied_offset_is_kept_per_partition() -> None:
+    session = Session.empty("u1").with_event(event("a"), 3, 10, 50).with_event(event("b"), 0, 7, 50)
+    assert list(session.offsets.items()) == [(0, 7), (3, 10)]  # canonical: by partition
+    assert (session.last_partition, session.last_offset) == (0, 7)
+
+
+def test_an_event_of_unknown_type_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="'like'"):
+        session_of(event("a", kind="like"))
+
+
+def test_a_session_round_trips_through_its_record() -> None:
+    session = session_of(event("a", kind="rating", value=3.0), event('ü/"x",', T0 + 1))
+    assert decode_session("u1", encode_session(session)) == session
+
+
+def test_the_record_starts_with_its_format_version() -> None:
+    assert encode_session(session_of(event("a")))[0] == SESSION_FORMAT_VERSION
+
+
+def test_last_seen_is_readable_from_the_header_alone() -> None:
+    raw = encode_session(session_of(event("a", T0 + 5), event("b", T0 + 9)))
+    assert last_seen_of("u1", raw) == T0 + 9
+
+
+def test_a_record_of_an_unknown_format_version_is_refused_with_both_versions() -> None:
+    raw = bytes([SESSION_FORMAT_VERSION + 1]) + encode_session(session_of(event("a")))[1:]
+    with pytest.raises(UnknownSessionFormatError, match="format version 2; this build reads"):
+        decode_session("u1", raw)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda raw: b"", id="empty"),
+        pytest.param(lambda raw: raw[:20], id="truncated header"),
+        pytest.param(lambda raw: raw[:-15], id="truncated columns"),
+        pytest.param(lambda raw: raw[:-1], id="truncated item ids"),
+        pytest.param(lambda raw: raw + b"]]", id="trailing bytes"),
+    ],
+)
+def test_a_damaged_record_raises_a_corrupt_session_error_naming_the_user(damage: object) -> None:
+    raw = encode_session(session_of(event("item-a"), event("item-b"), event("item-c")))
+    with pytest.raises(CorruptSessionError, match="'u1'") as caught:
+        session = decode_session("u1", damage(raw))  # type: ignore[operator]
+        _ = session.item_ids
+    assert caught.value.user_key == "u1"
+
+
+def test_item_id_sizes_that_do_not_match_the_ids_are_caught_when_cutting() -> None:
+    session = session_of(event("aaaa"), event("b"), max_items=2)
+    raw = bytearray(encode_session(session))
+    sizes_at = len(raw) - len(b'"aaaa","b"') - 4
+    struct.pack_into("<H", raw, sizes_at, 3)
+    damaged = decode_session("u1", bytes(raw))
+    with pytest.raises(CorruptSessionError, match="sizes"):
+        damaged.with_event(event("c"), 0, 99, 2)
+
+
+item_ids = st.text(min_size=1, max_size=20)
+events = st.builds(
+    Event,
+    event_id=st.just("e"),
+    user_id=st.just("u1"),
+    item_id=item_ids,
+    type=st.sampled_from(EVENT_TYPES),
+    ts=st.integers(min_value=0, max_value=2**62),
+    value=st.none() | st.floats(allow_nan=False),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(events, st.integers(0, 3), st.integers(0, 2**62)), max_size=30),
+    st.integers(1, 8),
+)
+def test_any_session_decodes_to_an_equal_session(
+    steps: list[tuple[Event, int, int]], max_items: int
+) -> None:
+    session = Session.empty("u1")
+    for e, partition, offset in steps:
+        session = session.with_event(e, partition, offset, max_items)
+    decoded = decode_session("u1", encode_session(session))
+    assert decoded == session
+    assert decoded.to_dict() == session.to_dict()
+    assert decoded.item_ids == [e.item_id for e, _, _ in steps][-max_items:]

@@ -1,0 +1,273 @@
+"""The session store of one worker, on a real RocksDB on disk."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rocksdict import Rdict
+
+from state.errors import CorruptSessionError, StateError
+from state.keys import session_key
+from state.layout import shard_dir
+from state.rocks import db_options
+from state.store import SessionStore
+from state.view import open_state_view
+from streamrec.contracts import Event
+from streamrec.settings import Settings
+
+T0 = 1_700_000_000_000
+TTL_S = 60.0
+SETTINGS = Settings(session_length=3, session_ttl_s=TTL_S)
+TTL_MS = int(TTL_S * 1000)
+
+
+def event(user: str, item: str, ts: int = T0, kind: str = "view") -> Event:
+    return Event(f"{user}-{item}-{ts}", user, item, kind, ts)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def store(state_dir: Path) -> Iterator[SessionStore]:
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as opened:
+        yield opened
+
+
+def test_the_first_event_of_a_user_starts_their_session(store: SessionStore) -> None:
+    result = store.apply(event("u1", "a"), partition=0, offset=5)
+    assert result.applied
+    assert result.session.item_ids == ["a"]
+    assert store.get("u1") == result.session
+
+
+def test_a_user_without_events_has_no_session(store: SessionStore) -> None:
+    assert store.get("nobody") is None
+
+
+def test_a_replayed_event_is_not_applied_twice(store: SessionStore) -> None:
+    first = store.apply(event("u1", "a"), 0, 5).session
+    replay = store.apply(event("u1", "a"), 0, 5)
+    assert not replay.applied
+    assert replay.session == first == store.get("u1")
+    assert (store.counters.applied, store.counters.duplicates) == (1, 1)
+
+
+def test_an_event_at_an_older_offset_of_the_same_partition_is_a_duplicate(
+    store: SessionStore,
+) -> None:
+    store.apply(event("u1", "a"), 0, 5)
+    assert not store.apply(event("u1", "b"), 0, 4).applied
+    assert store.get("u1").item_ids == ["a"]  # type: ignore[union-attr]
+
+
+def test_offsets_of_different_partitions_are_judged_separately(store: SessionStore) -> None:
+    store.apply(event("u1", "a"), 0, 5)
+    assert store.apply(event("u1", "b"), 1, 2).applied
+    assert store.get("u1").offsets == {0: 5, 1: 2}  # type: ignore[union-attr]
+
+
+def test_users_do_not_share_sessions(store: SessionStore) -> None:
+    store.apply(event("u1", "a"), 0, 1)
+    store.apply(event("u2", "b"), 0, 2)
+    assert store.get("u1").item_ids == ["a"]  # type: ignore[union-attr]
+    assert store.get("u2").item_ids == ["b"]  # type: ignore[union-attr]
+
+
+def test_sessions_and_offsets_survive_close_and_reopen(state_dir: Path) -> None:
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        before = store.apply(event("u1", "a"), 0, 5).session
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        assert store.get("u1") == before
+        assert not store.apply(event("u1", "a"), 0, 5).applied
+        assert store.clock_ms == T0
+
+
+def test_applied_events_survive_a_killed_process(state_dir: Path) -> None:
+    script = f"""
+import os, signal
+from pathlib import Path
+from state.store import SessionStore
+from streamrec.contracts import Event
+from streamrec.settings import Settings
+store = SessionStore.open(Path({str(state_dir)!r}), 0, 1, Settings(session_length=3))
+for n in range(20):
+    store.apply(Event(f"e{{n}}", "u1", f"i{{n}}", "view", {T0} + n), 0, n)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        session = store.get("u1")
+        assert session is not None
+        assert (session.item_ids, session.last_offset) == (["i17", "i18", "i19"], 19)
+
+
+def test_a_session_idle_longer_than_the_ttl_reads_as_absent(store: SessionStore) -> None:
+    store.apply(event("u1", "a", T0), 0, 1)
+    assert store.get("u1", now_ms=T0 + TTL_MS) is not None
+    assert store.get("u1", now_ms=T0 + TTL_MS + 1) is None
+
+
+def test_expiry_is_judged_by_the_latest_event_time_applied_in_whole_seconds(
+    store: SessionStore,
+) -> None:
+    store.apply(event("u1", "a", T0), 0, 1)
+    store.apply(event("u2", "b", T0 + TTL_MS + 999), 0, 2)
+    assert store.clock_ms == T0 + TTL_MS
+    assert store.get("u1") is not None
+    store.apply(event("u2", "c", T0 + TTL_MS + 1000), 0, 3)
+    assert store.get("u1") is None
+    assert store.get("u2") is not None
+
+
+def test_an_event_after_the_ttl_starts_a_fresh_session_that_keeps_the_offsets(
+    store: SessionStore,
+) -> None:
+    store.apply(event("u1", "a", T0, kind="purchase"), 0, 1)
+    store.apply(event("u1", "b", T0 + TTL_MS + 1), 1, 7)
+    session = store.get("u1")
+    assert session is not None
+    assert (session.item_ids, session.count("purchase"), session.first_seen_ms) == (
+        ["b"],
+        0,
+        T0 + TTL_MS + 1,
+    )
+    assert session.offsets == {0: 1, 1: 7}
+    assert not store.apply(event("u1", "a", T0, kind="purchase"), 0, 1).applied
+    assert store.counters.restarted == 1
+
+
+def test_a_sweep_removes_expired_sessions_only(store: SessionStore) -> None:
+    store.apply(event("old", "a", T0), 0, 1)
+    store.apply(event("new", "b", T0 + TTL_MS + 10), 0, 2)
+    assert store.sweep_expired(now_ms=T0 + TTL_MS + 10, max_keys=100) == 1
+    assert list(store.user_ids()) == ["new"]
+    assert store.counters.swept == 1
+
+
+def test_a_sweep_examines_at_most_max_keys_and_resumes_where_it_stopped(
+    store: SessionStore,
+) -> None:
+    for n in range(10):
+        store.apply(event(f"u{n}", "a", T0), 0, n)
+    later = T0 + TTL_MS + 1
+    removed = [store.sweep_expired(now_ms=later, max_keys=4) for _ in range(3)]
+    assert removed == [4, 4, 2]
+    assert list(store.user_ids()) == []
+
+
+def test_a_sweep_starts_over_after_reaching_the_last_session(store: SessionStore) -> None:
+    for n in range(3):
+        store.apply(event(f"u{n}", "a", T0), 0, n)
+    assert store.sweep_expired(now_ms=T0, max_keys=10) == 0
+    assert store.sweep_expired(now_ms=T0 + TTL_MS + 1, max_keys=10) == 3
+
+
+def test_a_sweep_reports_a_corrupt_record_once_and_goes_on_past_it(state_dir: Path) -> None:
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        for user in ("a", "b", "c"):
+            store.apply(event(user, "i", T0), 0, 1)
+    raw = Rdict(str(shard_dir(state_dir, 0)), db_options())
+    raw[session_key("b")] = b""
+    raw.close()
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        with pytest.raises(CorruptSessionError, match="user 'b' is corrupt"):
+            store.sweep_expired(now_ms=T0 + TTL_MS + 1, max_keys=10)
+        assert store.sweep_expired(now_ms=T0 + TTL_MS + 1, max_keys=10) == 1
+        assert list(store.user_ids()) == ["b"]
+
+
+def test_forget_erases_the_user_and_a_later_event_starts_afresh(store: SessionStore) -> None:
+    store.apply(event("u1", "a"), 0, 1)
+    store.apply(event("u1", "b"), 0, 2)
+    assert store.forget("u1")
+    assert store.get("u1") is None
+    assert list(store.user_ids()) == []
+    session = store.apply(event("u1", "c"), 0, 3).session
+    assert (session.item_ids, session.count("view"), session.offsets) == (["c"], 1, {0: 3})
+
+
+def test_forgetting_an_unknown_user_reports_false(store: SessionStore) -> None:
+    assert not store.forget("nobody")
+
+
+def files_containing(directory: Path, needle: str) -> list[str]:
+    return [
+        p.name for p in directory.iterdir() if p.is_file() and needle.encode() in p.read_bytes()
+    ]
+
+
+def test_forget_leaves_the_users_data_in_no_file_of_the_store(state_dir: Path) -> None:
+    user, secret = "user-5be1e", "secret-item-7f3a9c"
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        for n in range(3):
+            store.apply(event(user, f"{secret}-{n}"), 0, n)
+        store.apply(event("u2", "other"), 0, 9)
+        store.forget(user)
+        assert files_containing(shard_dir(state_dir, 0), secret) == []
+    # RocksDB's manifest may name the key as a table boundary until the DB is next opened.
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        assert files_containing(shard_dir(state_dir, 0), user) == []
+        assert store.get("u2") is not None
+
+
+def test_a_corrupt_record_raises_a_named_error_with_the_user_key(state_dir: Path) -> None:
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        store.apply(event("u1", "a"), 0, 1)
+    raw = Rdict(str(shard_dir(state_dir, 0)), db_options())
+    raw[session_key("u1")] = b"\x01garbage"
+    raw.close()
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        with pytest.raises(CorruptSessionError, match="'u1'"):
+            store.get("u1")
+        with pytest.raises(CorruptSessionError, match="'u1'"):
+            store.apply(event("u1", "b"), 0, 2)
+        assert store.forget("u1")
+        assert store.apply(event("u1", "b"), 0, 2).session.item_ids == ["b"]
+
+
+def test_a_damaged_table_file_is_refused_at_open_saying_what_to_do(state_dir: Path) -> None:
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        store.apply(event("u1", "a"), 0, 1)
+    with SessionStore.open(state_dir, 0, 1, SETTINGS):
+        pass  # reopening moves the write-ahead log into a table file
+    (table,) = shard_dir(state_dir, 0).glob("*.sst")
+    damaged = bytearray(table.read_bytes())
+    damaged[20] ^= 0xFF  # inside the first data block, which holds the store's metadata
+    table.write_bytes(bytes(damaged))
+    with pytest.raises(StateError, match="is damaged.*restore it"):
+        SessionStore.open(state_dir, 0, 1, SETTINGS)
+
+
+def test_loaded_sessions_read_back_as_written(store: SessionStore, tmp_path: Path) -> None:
+    with SessionStore.open(tmp_path / "other", 0, 1, SETTINGS) as source:
+        sessions = [source.apply(event(f"u{n}", "a"), 0, n).session for n in range(5)]
+    assert store.load(sessions, batch_size=2) == 5
+    assert [store.get(f"u{n}") for n in range(5)] == sessions
+
+
+def test_stats_count_keys_expired_sessions_and_bytes(store: SessionStore) -> None:
+    store.apply(event("u1", "a", T0), 0, 1)
+    store.apply(event("u2", "b", T0 + TTL_MS + 1000), 0, 2)
+    stats = store.stats()
+    assert (stats.shard_index, stats.sessions, stats.expired) == (0, 2, 1)
+    assert stats.record_bytes > 0 and stats.disk_bytes > 0
+    assert stats.clock_ms == T0 + TTL_MS + 1000
+
+
+def test_a_read_only_view_sees_the_sessions_while_the_store_is_open(
+    store: SessionStore, state_dir: Path
+) -> None:
+    written = store.apply(event("u1", "a"), 0, 1).session
+    with open_state_view(state_dir, SETTINGS) as view:
+        found = view.find("u1")
+        assert found is not None
+        assert (found.shard_index, found.session, found.expired) == (0, written, False)
+        assert view.find("nobody") is None

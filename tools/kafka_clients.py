@@ -1,0 +1,128 @@
+"""The Kafka client settings every streamrec producer and consumer shares.
+
+The flow, the Kafka floor of the benchmark, ``replay``, ``record`` and
+``latency`` all build their clients from these two functions, so "the same
+client settings" is true by construction and a tuning change is made once.
+Values are strings: that is what librdkafka takes, and what Bytewax's
+``KafkaSource(add_config=...)`` / ``KafkaSink(add_config=...)`` are typed for.
+
+>>> producer_config(Settings(brokers="k:9092"))["acks"]
+'all'
+>>> consumer_config(Settings(brokers="k:9092"), group="flow")["group.id"]
+'flow'
+"""
+
+from __future__ import annotations
+
+import time
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from streamrec.settings import Settings
+
+# How long a caller waits for Kafka metadata before saying the broker is not there.
+METADATA_TIMEOUT_S = 5.0
+
+
+def producer_config(settings: Settings) -> dict[str, str]:
+    """Producer settings tuned for latency: send at once, never reorder, no compression."""
+    return {
+        "bootstrap.servers": settings.brokers,
+        # librdkafka's default lingers 5 ms to batch; a recommendation is worth
+        # more now than in a fuller batch.  Batches still form under load, from
+        # the messages that queue while requests are in flight.
+        "linger.ms": str(settings.kafka_linger_ms),
+        # acks=all with idempotence: no loss and no reordering within a user's
+        # partition on retries.  On one broker it costs the same as acks=1 (the
+        # leader is the whole ISR); with replicas it adds one replication round
+        # trip, which a deployment that cares about its output pays anyway.
+        "acks": "all",
+        "enable.idempotence": "true",
+        # Payloads are ~200 bytes of JSON: compression would cost CPU on two
+        # cores and save nothing worth it.
+        "compression.type": "none",
+        "socket.nagle.disable": "true",
+    }
+
+
+def consumer_config(settings: Settings, group: str) -> dict[str, str]:
+    """Consumer settings tuned for latency; offsets are never committed to Kafka.
+
+    streamrec's readers ``assign`` partitions themselves (Bytewax keeps its
+    offsets in its recovery store), so ``group`` only names the client in
+    broker logs and tools.
+    """
+    return {
+        "bootstrap.servers": settings.brokers,
+        "group.id": group,
+        "enable.auto.commit": "false",
+        # The broker answers a fetch as soon as one byte is there; the wait
+        # below only bounds an idle fetch, and shorter idle fetches would cost
+        # broker CPU that the two cores cannot spare.
+        "fetch.min.bytes": "1",
+        "fetch.wait.max.ms": "100",
+        "socket.nagle.disable": "true",
+    }
+
+
+def topic_partitions(settings: Settings, topic: str) -> list[int]:
+    """The partition ids of ``topic``; a clear error when it or the broker is missing."""
+    admin = AdminClient({"bootstrap.servers": settings.brokers})
+    try:
+        metadata = admin.list_topics(topic=topic, timeout=METADATA_TIMEOUT_S)
+    except Exception as err:  # noqa: BLE001 - confluent raises KafkaException or a timeout
+        raise KafkaUnavailable(
+            f"cannot reach Kafka at {settings.brokers}: {err}. Is it running? "
+            "(`streamrec kafka up` starts a local broker)"
+        ) from None
+    found = metadata.topics.get(topic)
+    if found is None or found.error is not None or not found.partitions:
+        raise KafkaUnavailable(
+            f"topic {topic!r} does not exist at {settings.brokers}; "
+            "`streamrec topics create` creates the topics streamrec uses"
+        )
+    return sorted(found.partitions)
+
+
+def end_offsets(consumer: Consumer, topic: str, partitions: list[int]) -> list[TopicPartition]:
+    """The current end (high watermark) of each partition, fixed now rather than resolved later.
+
+    Assigning ``OFFSET_END`` resolves the end on the first fetch, so records
+    produced in between would be missed; a reader that must see everything
+    from "now" on assigns these explicit offsets instead.
+    """
+    return [
+        TopicPartition(topic, partition, _high_watermark(consumer, topic, partition))
+        for partition in partitions
+    ]
+
+
+def _high_watermark(consumer: Consumer, topic: str, partition: int) -> int:
+    # A topic created a moment ago may have no leader yet: that passes, so retry a while.
+    deadline = time.monotonic() + METADATA_TIMEOUT_S
+    while True:
+        try:
+            _, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S
+            )
+            return int(high)
+        except KafkaException as err:
+            code = err.args[0].code() if err.args else None
+            if code not in _NOT_READY_YET or time.monotonic() > deadline:
+                raise KafkaUnavailable(
+                    f"cannot read the end of {topic!r} partition {partition}: {err}"
+                ) from None
+            time.sleep(0.1)
+
+
+_NOT_READY_YET = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._UNKNOWN_PARTITION,
+}
+
+
+class KafkaUnavailable(RuntimeError):
+    """The broker or a topic a tool needs is not there; the message says how to get it."""
