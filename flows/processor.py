@@ -27,8 +27,7 @@ from streamrec.contracts import (
     DeadLetter,
     Event,
     ForgetRequest,
-    Recommendation,
-    ScoredItem,
+    encode_recommendation,
     parse_message,
 )
 from streamrec.settings import Settings
@@ -130,17 +129,12 @@ class EventProcessor:
             scored = time.perf_counter()
             emitted_ms = time.time() * 1000.0
             model = self._recommender.version
+            topic = self._recommendations_topic
             for event, key, items in zip(events, keys, ranked, strict=True):
-                recommendation = Recommendation(
-                    event_id=event.event_id,
-                    user_id=event.user_id,
-                    items=[ScoredItem(item, score) for item, score in items],
-                    model=model,
-                    event_ts=event.ts,
-                    received_ms=received_ms,
-                    emitted_ms=emitted_ms,
+                value = encode_recommendation(
+                    event.event_id, event.user_id, items, model, event.ts, received_ms, emitted_ms
                 )
-                out.append((self._recommendations_topic, key, recommendation.to_json(), None))
+                out.append((topic, key, value, None))
             metrics.EVENTS.inc(len(events))
             metrics.RECOMMENDATIONS.inc(len(events))
             metrics.BATCH_SIZE.observe(len(events))

@@ -1,4 +1,6 @@
-"""What the flow knows about each user: sessions in RocksDB, one DB per Bytewax worker.
+"""What the flow knows about each user: sessions in RocksDB, one DB per shard.
+
+Shard i holds the users of partition i of the events topic (see ``layout``).
 
 Read in this order: ``session`` (the record and its encoding), ``store`` (apply,
 expiry, erasure: the hot path), ``layout`` and ``keys`` (where things live on

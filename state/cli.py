@@ -30,9 +30,10 @@ state_dir_option = click.option(
 
 @click.group("state")
 def state_group() -> None:
-    """Look into the per-user session state: one RocksDB per Bytewax worker.
+    """Look into the per-user session state: one RocksDB per shard.
 
-    Both commands open the worker DBs read-only, so they work while the flow runs
+    Shard i holds the users of partition i of the events topic.  Both commands
+    open the shard DBs read-only, so they work while the flow runs
     (they see the state as of the moment they start).
     """
 
@@ -58,10 +59,10 @@ def show(user_id: str, state_dir: Path | None, now_ms: int | None, include_expir
     settings = Settings.from_env(state_dir=state_dir)
     with _state_errors(), open_state_view(settings.state_dir, settings) as view:
         found = view.find(user_id, now_ms)
-        searched = len(view.workers)
+        searched = len(view.shards)
     if found is None:
         raise click.ClickException(
-            f"no session for user {user_id!r} in {settings.state_dir} ({searched} worker DBs "
+            f"no session for user {user_id!r} in {settings.state_dir} ({searched} shard DBs "
             "searched). Check the user id and --state-dir."
         )
     session = found.session
@@ -73,7 +74,7 @@ def show(user_id: str, state_dir: Path | None, now_ms: int | None, include_expir
             "as absent; --include-expired prints it anyway."
         )
     with _state_errors():
-        document = {"worker": found.shard_index, "expired": found.expired, **session.to_dict()}
+        document = {"shard": found.shard_index, "expired": found.expired, **session.to_dict()}
     click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
 
 
@@ -81,7 +82,7 @@ def show(user_id: str, state_dir: Path | None, now_ms: int | None, include_expir
 @state_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def stats(state_dir: Path | None, as_json: bool) -> None:
-    """Print keys, expired sessions and bytes per worker DB.
+    """Print keys, expired sessions and bytes per shard DB.
 
     Keys are sessions, one per user; expired ones await the sweep.  Record bytes
     are the keys and encoded sessions; disk bytes are the DB's files (tables,
@@ -89,7 +90,7 @@ def stats(state_dir: Path | None, as_json: bool) -> None:
     """
     settings = Settings.from_env(state_dir=state_dir)
     with _state_errors(), open_state_view(settings.state_dir, settings) as view:
-        workers = view.stats()
+        shards = view.stats()
         layout = view.layout
         clock_ms = view.clock_ms
         missing = view.missing_shards
@@ -99,23 +100,26 @@ def stats(state_dir: Path | None, as_json: bool) -> None:
             "format_version": layout.format_version,
             "shard_count": layout.shard_count,
             "clock_ms": clock_ms,
-            "workers": [_shard_doc(w) for w in workers],
-            "total": _shard_doc(_total(workers)),
+            "shards": [_shard_doc(s) for s in shards],
+            "total": _shard_doc(_total(shards)),
         }
         click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         return
     click.echo(f"state directory {settings.state_dir}: {layout.describe()}")
     click.echo(f"latest event applied: {_when(clock_ms) if clock_ms is not None else 'none'}")
-    header = f"{'worker':>8} {'keys':>12} {'expired':>10} {'record bytes':>15} {'disk bytes':>15}"
+    header = f"{'shard':>8} {'keys':>12} {'expired':>10} {'record bytes':>15} {'disk bytes':>15}"
     click.echo(header)
-    for w in [*workers, _total(workers)]:
-        name = "total" if w.shard_index < 0 else str(w.shard_index)
+    for s in [*shards, _total(shards)]:
+        name = "total" if s.shard_index < 0 else str(s.shard_index)
         click.echo(
-            f"{name:>8} {w.sessions:>12,} {w.expired:>10,} {w.record_bytes:>15,} "
-            f"{w.disk_bytes:>15,}"
+            f"{name:>8} {s.sessions:>12,} {s.expired:>10,} {s.record_bytes:>15,} "
+            f"{s.disk_bytes:>15,}"
         )
     if missing:
-        click.echo(f"workers without a DB yet (never started): {', '.join(map(str, missing))}")
+        click.echo(
+            "shards without a DB yet (no event of their partition processed): "
+            f"{', '.join(map(str, missing))}"
+        )
 
 
 @click.command("state")
@@ -185,24 +189,24 @@ def _when(ms: int) -> str:
     return f"{datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec='milliseconds')} ({ms})"
 
 
-def _total(workers: list[ShardStats]) -> ShardStats:
-    clocks = [w.clock_ms for w in workers if w.clock_ms is not None]
+def _total(shards: list[ShardStats]) -> ShardStats:
+    clocks = [s.clock_ms for s in shards if s.clock_ms is not None]
     return ShardStats(
         shard_index=-1,
-        sessions=sum(w.sessions for w in workers),
-        expired=sum(w.expired for w in workers),
-        record_bytes=sum(w.record_bytes for w in workers),
-        disk_bytes=sum(w.disk_bytes for w in workers),
+        sessions=sum(s.sessions for s in shards),
+        expired=sum(s.expired for s in shards),
+        record_bytes=sum(s.record_bytes for s in shards),
+        disk_bytes=sum(s.disk_bytes for s in shards),
         clock_ms=max(clocks) if clocks else None,
     )
 
 
-def _shard_doc(w: ShardStats) -> dict[str, int | None]:
+def _shard_doc(s: ShardStats) -> dict[str, int | None]:
     return {
-        "worker": None if w.shard_index < 0 else w.shard_index,
-        "keys": w.sessions,
-        "expired": w.expired,
-        "record_bytes": w.record_bytes,
-        "disk_bytes": w.disk_bytes,
-        "clock_ms": w.clock_ms,
+        "shard": None if s.shard_index < 0 else s.shard_index,
+        "keys": s.sessions,
+        "expired": s.expired,
+        "record_bytes": s.record_bytes,
+        "disk_bytes": s.disk_bytes,
+        "clock_ms": s.clock_ms,
     }

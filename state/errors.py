@@ -8,11 +8,11 @@ class StateError(Exception):
 
 
 class IncompatibleStateError(StateError):
-    """The state directory was made by another format version or for another cluster shape."""
+    """The state directory was made by another format version or for another partition count."""
 
 
 class StateLockedError(StateError):
-    """A worker's RocksDB is already open elsewhere: one process per DB, never two."""
+    """A shard's RocksDB is already open elsewhere: one owner per DB, never two."""
 
 
 class StateNotFoundError(StateError):

@@ -1,4 +1,4 @@
-"""The key space of one worker's RocksDB: session records and the store's own metadata.
+"""The key space of one shard's RocksDB: session records and the store's own metadata.
 
 Sessions and metadata share one keyspace, told apart by a one-byte prefix, so a
 scan over sessions is a range scan that never meets a metadata key.
@@ -15,9 +15,9 @@ SESSION_PREFIX: Final = b"s:"
 # The first key after every session key: the upper bound of session scans.
 SESSIONS_END: Final = b"s;"
 META_PREFIX: Final = b"m:"
-# Format version, worker index and worker count this DB was created for (JSON).
+# Format version, shard index and shard count this DB was created for (JSON).
 SHAPE_KEY: Final = META_PREFIX + b"shape"
-# The latest event time this worker has applied: the store's event-time "now" (q, ms).
+# The latest event time this shard has applied: the store's event-time "now" (q, ms).
 CLOCK_KEY: Final = META_PREFIX + b"clock"
 
 

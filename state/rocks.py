@@ -29,7 +29,7 @@ from state.errors import StateError, StateLockedError, StateNotFoundError
 from state.keys import CLOCK_KEY, SESSION_PREFIX, SESSIONS_END
 from state.session import last_seen_of
 
-# Block cache of each worker DB: the warm set of sessions should be served from memory.
+# Block cache of each shard DB: the warm set of sessions should be served from memory.
 BLOCK_CACHE_BYTES: Final = 64 * 1024 * 1024
 BLOOM_BITS_PER_KEY: Final = 10
 LEVELS: Final = 7  # RocksDB's default number of levels
@@ -39,7 +39,7 @@ _PREFIX_LEN: Final = len(SESSION_PREFIX)
 
 
 def db_options() -> Options:
-    """Options for a worker DB: raw bytes keys, bloom filters and a hash index for point reads."""
+    """Options for a shard DB: raw bytes keys, bloom filters and a hash index for point reads."""
     options = Options(raw_mode=True)
     options.create_if_missing(True)
     table = BlockBasedOptions()
@@ -71,28 +71,29 @@ def write_options() -> WriteOptions:
 
 
 def open_read_write(path: Path) -> Rdict:
-    """Open (creating) the worker DB at ``path`` for this process alone."""
+    """Open (creating) the shard DB at ``path`` for this process alone."""
     try:
         return Rdict(str(path), db_options())
     except Exception as err:  # rocksdict raises plain Exception with RocksDB's status text
         if "lock" in str(err).lower():
             raise StateLockedError(
-                f"worker DB {path} is already open in another process (or twice in this "
-                "one): each worker DB has exactly one owner. Stop the other flow, or give this "
-                "one its own --state-dir."
+                f"shard DB {path} is already open in another process (or twice in this "
+                "one): each shard DB has exactly one owner, the worker reading its partition "
+                "of the events topic. Stop the other flow, or give this one its own "
+                "--state-dir."
             ) from None
-        raise StateError(f"cannot open worker DB {path}: {err}") from None
+        raise StateError(f"cannot open shard DB {path}: {err}") from None
 
 
 def open_read_only(path: Path) -> Rdict:
-    """Open the worker DB at ``path`` read-only: a point-in-time view, fine while a flow runs."""
+    """Open the shard DB at ``path`` read-only: a point-in-time view, fine while a flow runs."""
     if not path.is_dir():
-        raise StateNotFoundError(f"no worker DB at {path}")
+        raise StateNotFoundError(f"no shard DB at {path}")
     options = Options(raw_mode=True)
     try:
         return Rdict(str(path), options, access_type=AccessType.read_only(False))
     except Exception as err:
-        raise StateError(f"cannot open worker DB {path} read-only: {err}") from None
+        raise StateError(f"cannot open shard DB {path} read-only: {err}") from None
 
 
 def is_corruption(err: Exception) -> bool:
@@ -120,7 +121,7 @@ def session_records(db: Rdict, start: bytes = SESSION_PREFIX) -> Iterator[tuple[
 
 @dataclass(frozen=True, slots=True)
 class ShardStats:
-    """Size of one worker DB: its sessions, how many have expired, bytes stored and on disk."""
+    """Size of one shard DB: its sessions, how many have expired, bytes stored and on disk."""
 
     shard_index: int
     sessions: int
@@ -133,7 +134,7 @@ class ShardStats:
 def scan_stats(
     db: Rdict, path: Path, shard_index: int, now_ms: int | None, ttl_ms: int
 ) -> ShardStats:
-    """Count the sessions of a worker DB by a full scan; expired ones by ``now_ms``."""
+    """Count the sessions of a shard DB by a full scan; expired ones by ``now_ms``."""
     sessions = expired = record_bytes = 0
     for key, record in session_records(db):
         sessions += 1

@@ -1,4 +1,4 @@
-"""The session store of one Bytewax worker: every event reads and writes it.
+"""The session store of one shard (one partition of the events topic): every event uses it.
 
 >>> import tempfile
 >>> from streamrec.contracts import Event
@@ -69,15 +69,16 @@ class StoreCounters:
 
 
 class SessionStore:
-    """The sessions of the users one worker owns, in that worker's own RocksDB.
+    """The sessions of the users of one events partition, in that shard's own RocksDB.
 
     Responsibilities: apply events to sessions exactly once per source offset (read,
     update and write back in one atomic batch, the offset stamp inside the session
     record; ``apply_many`` writes a whole micro-batch at once); treat sessions idle
     for longer than the TTL, in event time, as absent, and remove them in bounded
     sweeps; erase a user on request.  The latest event time applied, to the second,
-    is its "clock" (persisted): the default "now" of expiry.  One worker thread uses
-    a store; RocksDB's lock keeps any second opener out.  Open it with ``open``.
+    is its "clock" (persisted): the default "now" of expiry.  The worker reading the
+    partition uses the store; RocksDB's lock keeps any second opener out.  Open it
+    with ``open``.
     """
 
     def __init__(
@@ -100,11 +101,15 @@ class SessionStore:
     def open(
         cls, state_dir: Path, shard_index: int, shard_count: int, settings: Settings
     ) -> SessionStore:
-        """Open worker ``shard_index``'s DB in ``state_dir``, laid out for ``shard_count``."""
+        """Open shard ``shard_index`` of ``shard_count`` in ``state_dir``.
+
+        The shard index is the events partition whose users it holds, the count the
+        events topic's partition count; the number of workers plays no part.
+        """
         if shard_count < 1 or not 0 <= shard_index < shard_count:
             raise ValueError(
-                f"worker index {shard_index} is not in [0, {shard_count}): the index is the "
-                "worker's global index across all processes, the count their total"
+                f"shard index {shard_index} is not in [0, {shard_count}): the index is a "
+                "partition of the events topic, the count the topic's partition count"
             )
         if settings.session_length < 1:
             raise ValueError(f"session_length must be at least 1, got {settings.session_length}")
@@ -121,7 +126,7 @@ class SessionStore:
             db.close()
             if isinstance(err, Exception) and is_corruption(err):
                 raise StateError(
-                    f"worker DB {path} is damaged ({err}): restore it from a backup, or move "
+                    f"shard DB {path} is damaged ({err}): restore it from a backup, or move "
                     "it away and let the flow rebuild the sessions from the events"
                 ) from err
             raise
@@ -268,7 +273,7 @@ class SessionStore:
         return None if self._clock_ms == NO_CLOCK else self._clock_ms
 
     def stats(self) -> ShardStats:
-        """Sessions, expired sessions and bytes of this worker's DB (a full scan)."""
+        """Sessions, expired sessions and bytes of this shard's DB (a full scan)."""
         return scan_stats(self._db, self.path, self.shard_index, self.clock_ms, self.ttl_ms)
 
     def close(self) -> None:

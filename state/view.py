@@ -1,4 +1,4 @@
-"""A read-only look at all the worker DBs of a state directory, for the command line.
+"""A read-only look at all the shard DBs of a state directory, for the command line.
 
 It can be opened while a flow runs: RocksDB lets a read-only reader in beside
 the writer, and the reader sees the state as it was when it opened.
@@ -21,7 +21,7 @@ from streamrec.settings import Settings
 
 @dataclass(frozen=True, slots=True)
 class FoundSession:
-    """A session found in a worker DB, and whether it has expired by the view's clock."""
+    """A session found in a shard DB, and whether it has expired by the view's clock."""
 
     shard_index: int
     session: Session
@@ -29,12 +29,13 @@ class FoundSession:
 
 
 class StateView:
-    """Every worker DB of one state directory, opened read-only.
+    """Every shard DB of one state directory, opened read-only.
 
-    Responsibilities: find a user's session in whichever worker DB holds it (Bytewax
-    decides the worker, so each DB gets one point read), and report per-worker sizes.
-    Expiry is judged against the latest event time any worker has applied, unless
-    the caller names another "now".  Open it with ``open_state_view``.
+    Responsibilities: find a user's session in whichever shard DB holds it (the
+    producer's partitioner decides the shard, so each DB gets one point read), and
+    report per-shard sizes.  Expiry is judged against the latest event time any
+    shard has applied, unless the caller names another "now".  Open it with
+    ``open_state_view``.
     """
 
     def __init__(self, state_dir: Path, layout: Layout, dbs: dict[int, Rdict], ttl_ms: int):
@@ -58,20 +59,20 @@ class StateView:
         return None
 
     def stats(self) -> list[ShardStats]:
-        """Sessions and bytes of every worker DB present (full scans)."""
+        """Sessions and bytes of every shard DB present (full scans)."""
         return [
             scan_stats(db, shard_dir(self.state_dir, index), index, self.clock_ms, self.ttl_ms)
             for index, db in self._dbs.items()
         ]
 
     @property
-    def workers(self) -> list[int]:
-        """The workers whose DB is open in this view."""
+    def shards(self) -> list[int]:
+        """The shards whose DB is open in this view."""
         return list(self._dbs)
 
     @property
     def missing_shards(self) -> list[int]:
-        """Workers of the layout whose DB does not exist yet (they have not run)."""
+        """Shards of the layout without a DB yet (no event of their partition processed)."""
         return [i for i in range(self.layout.shard_count) if i not in self._dbs]
 
     def close(self) -> None:
@@ -93,7 +94,7 @@ class StateView:
 
 
 def open_state_view(state_dir: Path, settings: Settings) -> StateView:
-    """Open every worker DB of ``state_dir`` read-only; its layout must be readable."""
+    """Open every shard DB of ``state_dir`` read-only; its layout must be readable."""
     layout = read_layout(state_dir)
     present = [i for i in existing_shards(state_dir) if i < layout.shard_count]
     dbs: dict[int, Rdict] = {}

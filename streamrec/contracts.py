@@ -257,17 +257,14 @@ class Recommendation:
     emitted_ms: float
 
     def to_json(self) -> bytes:
-        return orjson.dumps(
-            {
-                "v": CONTRACT_VERSION,
-                "event_id": self.event_id,
-                "user_id": self.user_id,
-                "items": [{"item_id": i.item_id, "score": i.score} for i in self.items],
-                "model": self.model,
-                "event_ts": self.event_ts,
-                "received_ms": self.received_ms,
-                "emitted_ms": self.emitted_ms,
-            }
+        return encode_recommendation(
+            self.event_id,
+            self.user_id,
+            [(i.item_id, i.score) for i in self.items],
+            self.model,
+            self.event_ts,
+            self.received_ms,
+            self.emitted_ms,
         )
 
     @classmethod
@@ -289,6 +286,33 @@ class Recommendation:
             raise MalformedJson(f"recommendation is not valid JSON: {err}") from None
         except (KeyError, TypeError, AttributeError) as err:
             raise MissingField(f"recommendation lacks or mistypes a field: {err!r}") from None
+
+
+def encode_recommendation(
+    event_id: str,
+    user_id: str,
+    items: list[tuple[str, float]],
+    model: str,
+    event_ts: int,
+    received_ms: float,
+    emitted_ms: float,
+) -> bytes:
+    """The wire form of a ``Recommendation``, straight from ranked (item, score) pairs.
+
+    The flow calls this on every event, so it skips building the typed object.
+    """
+    return orjson.dumps(
+        {
+            "v": CONTRACT_VERSION,
+            "event_id": event_id,
+            "user_id": user_id,
+            "items": [{"item_id": item, "score": score} for item, score in items],
+            "model": model,
+            "event_ts": event_ts,
+            "received_ms": received_ms,
+            "emitted_ms": emitted_ms,
+        }
+    )
 
 
 # Dead letters keep the original key and value byte for byte; what went wrong

@@ -16,11 +16,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 from state.store import SessionStore
 from streamrec.contracts import DeadLetter, Event, ForgetRequest, Recommendation, parse_message
 from streamrec.settings import Settings
-from tools.kafka_clients import topic_partitions
+from tools.kafka_clients import producer_config, topic_partitions
 
 
 class FlowProcess:
     """One `streamrec run` process: stopped with SIGTERM, or killed with SIGKILL (a crash)."""
+
+    started: list[FlowProcess] = []  # noqa: RUF012 - every one, so a failed test leaves none
 
     def __init__(self, settings: Settings, args: Sequence[str] = (), log: Path | None = None):
         self.settings = settings
@@ -38,7 +40,16 @@ class FlowProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
             )
+        FlowProcess.started.append(self)
         return self
+
+    @classmethod
+    def kill_all(cls) -> None:
+        """Kill every flow still running (after a failed test)."""
+        for flow in cls.started:
+            if flow.alive():
+                flow.kill()
+        cls.started.clear()
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -46,7 +57,11 @@ class FlowProcess:
     def stop(self, timeout_s: float = 30.0) -> int:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout_s)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
 
     def kill(self) -> None:
         assert self.process is not None
@@ -69,7 +84,9 @@ def produce(
     settings: Settings, records: Iterable[Event | ForgetRequest | tuple[bytes | None, bytes | None]]
 ) -> None:
     """Send events (keyed by user) or raw (key, value) pairs, in order, and wait for the acks."""
-    producer = Producer({"bootstrap.servers": settings.brokers, "linger.ms": 5})
+    # Idempotence keeps each partition in send order even when a fresh topic's
+    # first requests are retried; the expected sessions assume that order.
+    producer = Producer(producer_config(settings))
     for record in records:
         if isinstance(record, tuple):
             key, value = record

