@@ -14,7 +14,7 @@ never has outputs still in flight (at-least-once output).
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, cast
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -35,7 +35,7 @@ from tools.kafka_clients import consumer_config, producer_config, topic_partitio
 STOP_READING = threading.Event()
 
 # (topic, key, value, headers): what the flow hands the sink, with no wrapper per record.
-OutputRecord = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | None]
+OutputRecord = tuple[str, bytes | None, bytes | None, list[tuple[str, str | bytes | None]] | None]
 
 
 class _PartitionReader(StatefulSourcePartition[Message, int]):
@@ -61,7 +61,7 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
                     # librdkafka retries by itself; these are reported, not fatal.
                     print(f"flow: consumer error on {record.topic()}: {error}", flush=True)
         if good:
-            self._offset = good[-1].offset() + 1
+            self._offset = cast(int, good[-1].offset()) + 1
         return good
 
     def snapshot(self) -> int:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from confluent_kafka import Message
 
@@ -82,7 +83,6 @@ class EventProcessor:
         self._max_bytes = settings.max_event_bytes
         self._top_k = settings.top_k
         self._learn_online = settings.online_candidates
-        self._stream_time_ms = 0
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
 
     def process(self, records: list[Message]) -> list[OutputRecord]:
@@ -104,20 +104,20 @@ class EventProcessor:
                 continue
             finally:
                 parse_s += time.perf_counter() - t0
-            store = self._stores.get(record.partition())
+            # Records from the consumer always carry their partition and offset.
+            partition = cast(int, record.partition())
+            store = self._stores.get(partition)
             if isinstance(parsed, ForgetRequest):
                 if store.forget(parsed.user_id):
                     metrics.FORGOTTEN.inc()
                 continue
-            result = store.apply(parsed, record.partition(), record.offset())
+            result = store.apply(parsed, partition, cast(int, record.offset()))
             session = result.session
             if not result.applied:
                 metrics.DUPLICATES.inc()
             elif self._learn_online:
                 previous = session.item_ids[-2] if len(session.item_ids) > 1 else None
                 self._recommender.observe(previous, parsed.item_id)
-            if parsed.ts > self._stream_time_ms:
-                self._stream_time_ms = parsed.ts
             events.append(parsed)
             keys.append(key)
             # Sessions are immutable: a later event of the same user in this
@@ -154,17 +154,16 @@ class EventProcessor:
             code=err.code,
             message=str(err),
             topic=record.topic() or self._events_topic,
-            partition=record.partition(),
-            offset=record.offset(),
+            partition=cast(int, record.partition()),
+            offset=cast(int, record.offset()),
         )
         return (self._dlq_topic, letter.key, letter.raw, letter.headers())
 
     def _sweep(self) -> None:
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
-        if self._stream_time_ms == 0:
-            return
+        # Each store judges expiry by its own clock: the latest event time it applied.
         for store in self._stores.opened():
-            removed = store.sweep_expired(self._stream_time_ms, SWEEP_MAX_KEYS)
+            removed = store.sweep_expired(None, SWEEP_MAX_KEYS)
             if removed:
                 metrics.EXPIRED.inc(removed)
 

@@ -23,7 +23,7 @@ def median_ms_per_event(calls: Sequence[Call], events_per_call: int, rounds: int
     return interleaved({"only": (calls, events_per_call)}, rounds)["only"]
 
 
-def interleaved(suites: dict[str, tuple[Sequence[Call], int]], rounds: int = 3) -> dict[str, float]:
+def interleaved(suites: dict[str, tuple[Sequence[Call], int]], rounds: int = 5) -> dict[str, float]:
     """Median ms per event of each suite of calls, the suites taking turns round by round.
 
     Taking turns spreads whatever else the machine is doing over all suites alike,

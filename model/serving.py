@@ -10,6 +10,10 @@ calls, so it is not shared between threads) and calls it once per micro-batch:
 (3, True)
 >>> rec.observe("260", "1196")  # online co-visitation and popularity update
 
+A session's answer does not depend on the sessions batched with it, except
+under dynamic int8 quantization, whose activation scales come from the whole
+batch: there, scores move slightly with the batch (static int8 and fp32 do not).
+
 For each session: the item ids known to the vocabulary are the model's input
 (unknown ones are cold: invisible to the model but still seen); the candidate
 index proposes unseen items; the ONNX model scores them; the best ``k`` are

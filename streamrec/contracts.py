@@ -337,7 +337,7 @@ class DeadLetter:
     partition: int
     offset: int
 
-    def headers(self) -> list[tuple[str, bytes]]:
+    def headers(self) -> list[tuple[str, str | bytes | None]]:
         return [
             (DLQ_HEADER_CODE, self.code.encode()),
             (DLQ_HEADER_MESSAGE, self.message.encode()),
@@ -348,9 +348,12 @@ class DeadLetter:
 
     @classmethod
     def from_record(
-        cls, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None
+        cls,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None,
     ) -> DeadLetter:
-        found = {name: data for name, data in headers or []}
+        found = {name: data for name, data in headers or [] if isinstance(data, bytes)}
         try:
             return cls(
                 key=key,

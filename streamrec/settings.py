@@ -94,8 +94,11 @@ class Settings:
     epoch_interval_s: float = _setting(
         1.0, "Bytewax epoch: snapshot interval, and the bound on work in flight (backpressure)."
     )
-    batch_max_events: int = _setting(32, "Most events scored in one micro-batch.")
-    batch_budget_ms: float = _setting(2.0, "Longest an event waits for its micro-batch to fill.")
+    # Micro-batches wait for nothing: they are the records that arrived together
+    # (one read per partition, then Bytewax hands the worker's items over at once).
+    batch_max_events: int = _setting(
+        32, "Most records read from one partition at a time (bounds a micro-batch's share)."
+    )
     metrics_port: int = _setting(9464, "Port of the flow's Prometheus metrics endpoint (0: off).")
 
     @classmethod

@@ -72,7 +72,8 @@ def test_every_valid_event_gets_k_unseen_recommendations(
         (rec,) = collector.by_event[event.event_id]
         assert rec.user_id == event.user_id and rec.event_ts == event.ts
         assert len(rec.items) == TOP_K
-        assert not {i.item_id for i in rec.items} & set(seen[event.event_id])
+        already_seen = {i.item_id for i in rec.items} & set(seen[event.event_id])
+        assert not already_seen, (event, already_seen, seen[event.event_id], rec)
         scores = [i.score for i in rec.items]
         assert scores == sorted(scores, reverse=True)
         assert rec.received_ms <= rec.emitted_ms

@@ -52,5 +52,12 @@ def test_index_survives_a_save_and_load(tmp_path: Path) -> None:
     ]
 
 
+def test_a_sessions_candidates_do_not_depend_on_its_batch() -> None:
+    idx = index()
+    alone = idx.candidates([np.array([1])], 4)[0].tolist()
+    batched = idx.candidates([np.array([1]), np.array([2, 3, 4, 5, 6, 7])], 4)[0].tolist()
+    assert batched == alone
+
+
 def test_recall_counts_targets_inside_their_candidate_sets() -> None:
     assert recall_at([np.array([1, 2]), np.array([3])], np.array([2, 4])) == 0.5

@@ -40,7 +40,15 @@ def check_recommender(artifacts: Path) -> None:
     tops = rec.recommend(batch, k=3)
     assert len(tops) == 65 and all(len(t) == 3 for t in tops)
     assert all(not {i for i, _ in t} & set(h) for t, h in zip(tops, batch, strict=True))
-    assert rec.recommend([history], k=10)[0] == top  # batching changes nothing
+    assert rec.recommend([history], k=10)[0] == top
+
+    # A session's answer does not depend on the sessions batched with it (fp32 and static
+    # int8; dynamic int8 takes its activation scales from the whole batch, so only nearly).
+    fp32 = Recommender.load(artifacts, variant="teacher")
+    [alone] = fp32.recommend([history], k=10)
+    [batched, _] = fp32.recommend([history, known_items(rec, 60)], k=10)
+    assert [i for i, _ in batched] == [i for i, _ in alone]
+    assert [s for _, s in batched] == pytest.approx([s for _, s in alone], rel=1e-4, abs=1e-4)
 
     rec.observe(None, history[0])
     rec.observe(history[0], history[1])  # online counts: cheap, no error

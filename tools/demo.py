@@ -75,7 +75,7 @@ def wait_until_serving(settings: Settings, flow: subprocess.Popen[bytes], log: P
             if (
                 message is not None
                 and message.error() is None
-                and Recommendation.from_json(message.value()).event_id == probe.event_id
+                and Recommendation.from_json(message.value() or b"").event_id == probe.event_id
             ):
                 return time.monotonic() - started
         raise click.ClickException(
@@ -107,7 +107,7 @@ def show_examples(settings: Settings, how_many: int = 3) -> None:
     while len(by_user) < how_many and time.monotonic() < deadline:
         message = consumer.poll(0.5)
         if message is not None and message.error() is None:
-            rec = Recommendation.from_json(message.value())
+            rec = Recommendation.from_json(message.value() or b"")
             by_user[rec.user_id] = rec
     consumer.close()
     for rec in list(by_user.values())[:how_many]:
@@ -163,8 +163,8 @@ def demo_command(count: int, rate: float, keep_running: bool) -> None:
     try:
         delete_topics(settings, list(wanted_topics(settings)))
         shutil.rmtree(DEMO_DIR, ignore_errors=True)
-        for report in create_topics(settings):
-            click.echo(f"topic {report.describe()}")
+        for topic in create_topics(settings):
+            click.echo(f"topic {topic.describe()}")
         click.echo(f"flow: starting (log: {log})")
         flow = start_flow(settings, log)
         click.echo(f"flow: serving after {wait_until_serving(settings, flow, log):.1f} s")
