@@ -518,7 +518,7 @@ def bench_e2e_command(
     update_benchmarks: bool | None,
     progress: bool,
 ) -> None:
-    """Latency vs throughput of the Kafka floor, the fp32 teacher flow and the int8 student flow.
+    """Latency vs throughput of the Kafka floor, the fp32 teacher flow and the served student flow.
 
     Starts what it needs (the local broker if none answers, fresh topics, each
     service), then offers each rate of the ladder on an open-loop schedule and
