@@ -9,6 +9,7 @@ their movie titles, and stops everything it started.
 from __future__ import annotations
 
 import csv
+import gc
 import os
 import shutil
 import subprocess
@@ -201,4 +202,6 @@ def demo_command(count: int, rate: float, keep_running: bool) -> None:
                 flow.kill()
             click.echo("flow: stopped")
         if not keep_running and not was_running:
+            # Free the demo's Kafka clients first, or they log the broker going away.
+            gc.collect()
             broker.down()
