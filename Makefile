@@ -6,13 +6,21 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STREAMREC := $(VENV)/bin/streamrec
 
-.PHONY: demo test lint typecheck check train bench-state bench-e2e kafka-up kafka-down clean
+.PHONY: demo test compose-client lint typecheck check train bench-state bench-e2e kafka-up kafka-down clean
 
 demo: $(VENV)/.runtime
 	$(STREAMREC) demo
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev compose-client
 	$(PY) -m pytest
+
+# tests/test_compose.py validates docker-compose.yml with a real compose client;
+# without a Docker engine, Debian's docker-compose package is enough for that.
+compose-client:
+	@command -v docker-compose >/dev/null 2>&1 || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; } \
+	  || echo "note: no docker-compose client; tests/test_compose.py cannot validate the file"
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

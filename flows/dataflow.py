@@ -19,8 +19,6 @@ def build_dataflow(settings: Settings, stores: PartitionStores, variant: str | N
     records = op.input("events", flow, EventSource(settings, batch=settings.batch_max_events))
     # flat_map_batch sees the records that arrived together: they are scored
     # as one micro-batch, with no waiting added to fill it.
-    outputs = op.flat_map_batch(
-        "recommend", records, processor_factory(settings, stores, settings.model_dir, variant)
-    )
+    outputs = op.flat_map_batch("recommend", records, processor_factory(settings, stores, variant))
     op.output("kafka-out", outputs, OutputSink(settings))
     return flow

@@ -14,7 +14,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import cast
 
 from confluent_kafka import Message
@@ -169,7 +168,7 @@ class EventProcessor:
 
 
 def processor_factory(
-    settings: Settings, stores: PartitionStores, model_dir: Path, variant: str | None
+    settings: Settings, stores: PartitionStores, variant: str | None
 ) -> Callable[[list[Message]], list[OutputRecord]]:
     """A batch function for ``flat_map_batch`` that gives each worker thread its own processor.
 
@@ -182,7 +181,7 @@ def processor_factory(
         processor = getattr(local, "processor", None)
         if processor is None:
             recommender = Recommender.load(
-                model_dir,
+                settings.model_dir,
                 variant=variant,
                 threads=settings.scoring_threads,
                 candidates=settings.candidates,

@@ -100,8 +100,7 @@ def variant_settings(settings: Settings, variant: str, work_dir: Path) -> Settin
     token = f"{variant}-{uuid.uuid4().hex[:8]}"
     topics = {
         name: f"bench-{token}.{name.removesuffix('_topic')}"
-        for name in ("events_topic", "recommendations_topic", "dlq_topic", "control_topic")
-        if hasattr(settings, name)
+        for name in ("events_topic", "recommendations_topic", "dlq_topic")
     }
     return settings.replace(
         **topics,
@@ -258,9 +257,8 @@ def describe_run(
         "matched": summary["matched"],
         "missing": missing,
         "duplicates": summary["duplicates"],
-        "saturated": missing > 0 or (
-            point.duration_s >= RATE_JUDGED_AFTER_S and achieved < KEPT_UP_SHARE * point.rate
-        ),
+        "saturated": missing > 0
+        or (point.duration_s >= RATE_JUDGED_AFTER_S and achieved < KEPT_UP_SHARE * point.rate),
         "models": summary["models"],
         "flow_cpu_pct": flow_cpu,
         "flow_rss_mb": round(after.service.rss_mb, 1),
@@ -355,13 +353,27 @@ def run_bench(
     try:
         with (
             LoadGenerator(settings, dataset) as generator,
-            tqdm(total=len(plan.variants) * len(plan.rates), unit="point", desc="bench e2e",
-                 disable=not progress) as bar,
+            tqdm(
+                total=len(plan.variants) * len(plan.rates),
+                unit="point",
+                desc="bench e2e",
+                disable=not progress,
+            ) as bar,
         ):
             for variant in plan.variants:
                 try:
-                    bench_variant(settings, variant, plan, broker, generator, events, logs_dir,
-                                  work_dir, result, bar)
+                    bench_variant(
+                        settings,
+                        variant,
+                        plan,
+                        broker,
+                        generator,
+                        events,
+                        logs_dir,
+                        work_dir,
+                        result,
+                        bar,
+                    )
                 except (BenchError, KafkaUnavailable, TopicError) as err:
                     tqdm.write(f"{variant}: not measured: {err}")
                     first_line = str(err).splitlines()[0].removeprefix(f"{variant}: ")
@@ -446,59 +458,89 @@ def _parse_list(text: str, what: str) -> list[str]:
 
 @click.command("e2e")
 @click.option(
-    "--quick", is_flag=True,
+    "--quick",
+    is_flag=True,
     help="The same ladder at a few seconds per point: a smoke check of the whole harness.",
 )
 @click.option(
-    "--variants", default=",".join(VARIANTS), show_default=True,
+    "--variants",
+    default=",".join(VARIANTS),
+    show_default=True,
     help="What to measure, comma separated: floor (Kafka alone), teacher (fp32 flow), "
     "student (the model card's choice), student-2proc (the student on two processes).",
 )
 @click.option(
-    "--rates", default=",".join(f"{r:g}" for r in FULL_RATES), show_default=True,
+    "--rates",
+    default=",".join(f"{r:g}" for r in FULL_RATES),
+    show_default=True,
     help="The ladder of offered rates, events per second.",
 )
 @click.option(
-    "--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
     help="Seconds of load per point [default: 30; --quick: 3].",
 )
 @click.option(
-    "--drain", type=click.FloatRange(min=0), default=None,
+    "--drain",
+    type=click.FloatRange(min=0),
+    default=None,
     help="Seconds to wait after a point for late recommendations [default: 15; --quick: 3].",
 )
 @click.option(
-    "--partitions", type=click.IntRange(min=1), default=None,
+    "--partitions",
+    type=click.IntRange(min=1),
+    default=None,
     help="Partitions of the fresh events/recommendations topics [default: STREAMREC_EVENTS_"
     "PARTITIONS, 4]; two processes need at least two.",
 )
 @click.option(
-    "-w", "--workers", type=click.IntRange(min=1), default=1, show_default=True,
+    "-w",
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
     help="Bytewax worker threads per flow process.",
 )
 @click.option(
-    "--ready-timeout", type=click.FloatRange(min=1), default=180.0, show_default=True,
+    "--ready-timeout",
+    type=click.FloatRange(min=1),
+    default=180.0,
+    show_default=True,
     help="Seconds a service may take to answer its first event (loading the model included).",
 )
 @click.option(
-    "--data", "dataset", type=click.Path(exists=True, path_type=Path), default=None,
+    "--data",
+    "dataset",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
     help="Dataset to replay [default: STREAMREC_DATA_DIR].",
 )
 @click.option(
-    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
     help="The runs as a JSON list [default: benchmarks/e2e.json; with --quick: "
     "run/bench/e2e-quick.json].",
 )
 @click.option(
-    "--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
     help="Latency vs throughput PNG [default: the JSON path with .png].",
 )
 @click.option(
-    "--benchmarks-md", type=click.Path(dir_okay=False, path_type=Path),
-    default=REPO_ROOT / "BENCHMARKS.md", show_default=False,
+    "--benchmarks-md",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=REPO_ROOT / "BENCHMARKS.md",
+    show_default=False,
     help="File whose '## End to end' section gets the table [default: BENCHMARKS.md].",
 )
 @click.option(
-    "--update-benchmarks/--no-update-benchmarks", default=None,
+    "--update-benchmarks/--no-update-benchmarks",
+    default=None,
     help="Write the table into BENCHMARKS.md [default: yes, except with --quick].",
 )
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
@@ -571,14 +613,24 @@ def bench_e2e_command(
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     try:
         result = run_bench(
-            settings, plan, dataset=dataset or settings.data_dir,
-            logs_dir=json_path.parent / "logs", log=click.echo, progress=progress,
+            settings,
+            plan,
+            dataset=dataset or settings.data_dir,
+            logs_dir=json_path.parent / "logs",
+            log=click.echo,
+            progress=progress,
         )
     except (BenchError, KafkaUnavailable, TopicError, DatasetError) as err:
         raise click.ClickException(str(err)) from None
     for path in write_outputs(
-        result, command=command, started=started, json_path=json_path, plot_path=plot_path,
-        benchmarks_md=benchmarks_md if update else None, settings=settings, plan=plan,
+        result,
+        command=command,
+        started=started,
+        json_path=json_path,
+        plot_path=plot_path,
+        benchmarks_md=benchmarks_md if update else None,
+        settings=settings,
+        plan=plan,
     ):
         click.echo(f"wrote {path}")
     if result.failures:

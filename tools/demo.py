@@ -10,29 +10,35 @@ from __future__ import annotations
 
 import csv
 import gc
-import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import click
 import orjson
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer
 
-from streamrec.contracts import Event, Recommendation
+from streamrec.contracts import Recommendation
+from streamrec.datasets import load_events
 from streamrec.settings import REPO_ROOT, Settings
-from tools.kafka_clients import consumer_config, end_offsets, producer_config, topic_partitions
+from tools.bench_e2e import BenchPlan, wait_until_serving
+from tools.bench_services import (
+    STUDENT,
+    BenchError,
+    Service,
+    service_commands,
+    service_environment,
+)
+from tools.kafka_clients import consumer_config, end_offsets, topic_partitions
 from tools.kafka_local import KafkaLauncherError, LocalKafka
 from tools.latency import LatencyCollector, StopRule
-from tools.replay import open_source, replay
+from tools.replay import DatasetSource, replay
 from tools.schedule import Timing
 from tools.topics import create_topics, delete_topics, wanted_topics
 
 DEMO_DIR = REPO_ROOT / "run" / "demo"
-READY_TIMEOUT_S = 180.0
+READINESS = BenchPlan(warmup_events=50, ready_timeout_s=180.0)
 
 
 def demo_settings() -> Settings:
@@ -45,45 +51,6 @@ def demo_settings() -> Settings:
         state_dir=DEMO_DIR / "state",
         recovery_dir=DEMO_DIR / "recovery",
     )
-
-
-def start_flow(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "streamrec", "run"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **settings.to_env()},
-        )
-
-
-def wait_until_serving(settings: Settings, flow: subprocess.Popen[bytes], log: Path) -> float:
-    """Send one probe event and wait for its recommendation; returns the seconds it took."""
-    consumer = Consumer(consumer_config(settings, group="streamrec-demo"))
-    topic = settings.recommendations_topic
-    consumer.assign(end_offsets(consumer, topic, topic_partitions(settings, topic)))
-    probe = Event("demo-probe", "demo-probe-user", "1", "view", int(time.time() * 1000))
-    producer = Producer(producer_config(settings))
-    producer.produce(settings.events_topic, probe.to_json(), probe.key)
-    producer.flush(30)
-    started = time.monotonic()
-    try:
-        while time.monotonic() - started < READY_TIMEOUT_S:
-            if flow.poll() is not None:
-                raise click.ClickException(f"the flow exited:\n{_tail(log)}")
-            message = consumer.poll(0.5)
-            if (
-                message is not None
-                and message.error() is None
-                and Recommendation.from_json(message.value() or b"").event_id == probe.event_id
-            ):
-                return time.monotonic() - started
-        raise click.ClickException(
-            f"the flow did not answer within {READY_TIMEOUT_S:.0f} s:\n{_tail(log)}"
-        )
-    finally:
-        consumer.close()
 
 
 def movie_titles(data_dir: Path) -> dict[str, str]:
@@ -117,10 +84,6 @@ def show_examples(settings: Settings, how_many: int = 3) -> None:
             click.echo(f"  {item.score:8.3f}  {titles.get(item.item_id, item.item_id)}")
 
 
-def _tail(log: Path, lines: int = 30) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
-
-
 @click.command("demo")
 @click.option(
     "--count",
@@ -147,7 +110,7 @@ def demo_command(count: int, rate: float, keep_running: bool) -> None:
     \b
     1. start a real Kafka broker (KRaft, Java 17; jars from Maven Central)
     2. create fresh demo topics (demo.events with 4 partitions, ...)
-    3. run the flow serving the committed int8 student (model/artifacts)
+    3. run the flow serving the model card's chosen variant (model/artifacts)
     4. replay COUNT ratings at RATE events/s, keyed by user
     5. measure latency from each event's Kafka timestamp to its recommendation
     6. stop the flow and, unless --keep-running, the broker
@@ -159,18 +122,25 @@ def demo_command(count: int, rate: float, keep_running: bool) -> None:
         broker.up()
     except KafkaLauncherError as err:
         raise click.ClickException(str(err)) from None
-    flow: subprocess.Popen[bytes] | None = None
-    log = DEMO_DIR / "flow.log"
+    flow: Service | None = None
     try:
         delete_topics(settings, list(wanted_topics(settings)))
         shutil.rmtree(DEMO_DIR, ignore_errors=True)
         for topic in create_topics(settings):
             click.echo(f"topic {topic.describe()}")
+        log = DEMO_DIR / "flow.log"
         click.echo(f"flow: starting (log: {log})")
-        flow = start_flow(settings, log)
-        click.echo(f"flow: serving after {wait_until_serving(settings, flow, log):.1f} s")
+        flow = Service(STUDENT, service_commands(STUDENT), service_environment(settings), log)
+        events = load_events(settings.data_dir)
+        started = time.monotonic()
+        try:
+            # The benchmark's readiness check: probe until answered, then a warm-up.
+            served = wait_until_serving(settings, flow, events, 0, READINESS)
+        except BenchError as err:
+            raise click.ClickException(str(err)) from None
+        click.echo(f"flow: serving after {time.monotonic() - started:.1f} s")
 
-        source = open_source(settings, None, settings.data_dir, 0, count, None)
+        source = DatasetSource(events, served, count, name=str(settings.data_dir))
         # The collector fixes its start offsets now, before the first event goes out.
         collector = LatencyCollector(settings, group="streamrec-demo")
         rule = StopRule(count=count, idle_timeout_s=30.0)
@@ -194,12 +164,8 @@ def demo_command(count: int, rate: float, keep_running: bool) -> None:
                 f"only {matcher.stats.matched} of {count} events got a recommendation; see {log}"
             )
     finally:
-        if flow is not None and flow.poll() is None:
-            flow.terminate()
-            try:
-                flow.wait(30)
-            except subprocess.TimeoutExpired:
-                flow.kill()
+        if flow is not None:
+            flow.stop()
             click.echo("flow: stopped")
         if not keep_running and not was_running:
             # Free the demo's Kafka clients first, or they log the broker going away.
