@@ -37,6 +37,11 @@ DEAD_LETTERS = Counter(
 FORGOTTEN = Counter("streamrec_users_forgotten_total", "Sessions erased on request.")
 EXPIRED = Counter("streamrec_sessions_expired_total", "Idle sessions removed by the sweep.")
 RECOMMENDATIONS = Counter("streamrec_recommendations_total", "Recommendations emitted.")
+SESSION_READS = Counter(
+    "streamrec_session_reads_total",
+    "Session reads by where they were served from: the in-memory cache or RocksDB.",
+    ["source"],
+)
 BATCH_SIZE = Histogram(
     "streamrec_batch_events",
     "Events scored together in one micro-batch.",

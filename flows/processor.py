@@ -59,9 +59,6 @@ class PartitionStores:
                     self._stores[partition] = store
         return store
 
-    def opened(self) -> list[SessionStore]:
-        return list(self._stores.values())
-
     def close(self) -> None:
         with self._lock:
             for store in self._stores.values():
@@ -83,6 +80,9 @@ class EventProcessor:
         self._top_k = settings.top_k
         self._learn_online = settings.online_candidates
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+        # The stores of the partitions this worker reads: it alone uses them.
+        self._own: dict[int, SessionStore] = {}
+        self._reported_reads = (0, 0)
 
     def process(self, records: list[Message]) -> list[OutputRecord]:
         """All outputs for one micro-batch, in input order per partition."""
@@ -105,12 +105,15 @@ class EventProcessor:
                 parse_s += time.perf_counter() - t0
             # Records from the consumer always carry their partition and offset.
             partition = cast(int, record.partition())
-            store = self._stores.get(partition)
+            store = self._own.get(partition)
+            if store is None:
+                store = self._own[partition] = self._stores.get(partition)
             if isinstance(parsed, ForgetRequest):
                 if store.forget(parsed.user_id):
                     metrics.FORGOTTEN.inc()
                 continue
-            result = store.apply(parsed, partition, cast(int, record.offset()))
+            # Written by the commit below, once for the whole micro-batch.
+            result = store.stage(parsed, partition, cast(int, record.offset()))
             session = result.session
             if not result.applied:
                 metrics.DUPLICATES.inc()
@@ -122,6 +125,9 @@ class EventProcessor:
             # Sessions are immutable: a later event of the same user in this
             # batch makes a new one, so no copy is needed.
             histories.append(session.item_ids)
+        # Before anything is emitted: a batch lost to a crash has no output and is read again.
+        for store in self._own.values():
+            store.commit()
         state_done = time.perf_counter()
         if events:
             ranked = self._recommender.recommend(histories, self._top_k)
@@ -161,10 +167,19 @@ class EventProcessor:
     def _sweep(self) -> None:
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
         # Each store judges expiry by its own clock: the latest event time it applied.
-        for store in self._stores.opened():
+        for store in self._own.values():
             removed = store.sweep_expired(None, SWEEP_MAX_KEYS)
             if removed:
                 metrics.EXPIRED.inc(removed)
+        self._report_reads()
+
+    def _report_reads(self) -> None:
+        # Counted by the stores for free; published with the sweep, not per event.
+        hits = sum(store.counters.cache_hits for store in self._own.values())
+        misses = sum(store.counters.cache_misses for store in self._own.values())
+        metrics.SESSION_READS.labels("cache").inc(hits - self._reported_reads[0])
+        metrics.SESSION_READS.labels("rocksdb").inc(misses - self._reported_reads[1])
+        self._reported_reads = (hits, misses)
 
 
 def processor_factory(

@@ -2,9 +2,12 @@
 
 The store is filled with full sessions (L interactions each) for ``users`` users,
 closed and reopened (so the sessions sit in table files, not only in the
-memtable), warmed up, and then ``applies`` events of random users are applied
-and timed one by one; then as many again in micro-batches (``apply_many``), as
-the flow may apply them.  Not a test: the figures go to BENCHMARKS.md.
+memtable), warmed up with one event per user (which also fills the session
+cache, as a running flow's would be), and then ``applies`` events of random
+users are applied and timed one by one; then as many again staged and committed
+in micro-batches, as the flow applies them; then, reopened with the cache off,
+``applies`` more one by one: the cost of a session read from RocksDB.  Not a
+test: the figures go to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import resource
 import statistics
 import tempfile
 import time
@@ -54,8 +58,13 @@ class StateBenchResult:
     apply_us_mean: float
     cpu_us_per_event: float
     item_ids_us_p50: float
+    cache_sessions: int
+    cache_hit_ratio: float
     batch_size: int
     apply_many_us_per_event_p50: float
+    uncached_apply_us_p50: float
+    uncached_apply_us_p99: float
+    rss_mb: float
     bytes_per_session: float
     disk_bytes_per_session: float
     fill_s: float
@@ -101,38 +110,39 @@ def _bench(
         store.load(filling)
     fill_s = time.perf_counter() - started
     # Reopening replays the write-ahead log into table files: the sessions are on disk now.
+    clock = START_MS + length * 1000
     with SessionStore.open(state_dir, 0, 1, settings) as store:
         stats = store.stats()
         on_disk = disk_bytes(shard_dir(state_dir, 0))
-        clock = START_MS + length * 1000
-        warmup = _events(users, min(applies, 20_000), clock, rng, first_offset=1 << 40)
-        for event, partition, offset in warmup:
+        warmup = _one_event_per_user(users, clock, rng, first_offset=1 << 40)
+        for event, partition, offset in tqdm(
+            warmup, desc="warming up", unit="event", disable=not progress
+        ):
             store.apply(event, partition, offset)
         clock += len(warmup) * STEP_MS
         measured = _events(users, applies, clock, rng, first_offset=1 << 41)
-        latencies_ns = [0] * applies
-        item_ids_ns = [0] * applies
-        clock_ns = time.perf_counter_ns
-        cpu_started = time.thread_time_ns()
-        for i, (event, partition, offset) in enumerate(measured):
-            t0 = clock_ns()
-            result = store.apply(event, partition, offset)
-            t1 = clock_ns()
-            _ = result.session.item_ids  # what the scorer reads next
-            latencies_ns[i] = t1 - t0
-            item_ids_ns[i] = clock_ns() - t1
-        cpu_ns = time.thread_time_ns() - cpu_started
+        reads_before = store.counters.cache_hits, store.counters.cache_misses
+        latencies_ns, item_ids_ns, cpu_ns = _time_applies(store, measured)
+        hits = store.counters.cache_hits - reads_before[0]
+        misses = store.counters.cache_misses - reads_before[1]
         clock += len(measured) * STEP_MS
         batch_size = settings.batch_max_events
         batched = _events(users, applies, clock, rng, first_offset=1 << 42)
-        batches = [batched[i : i + batch_size] for i in range(0, len(batched), batch_size)]
+        clock += len(batched) * STEP_MS
         per_event_ns = []
-        for batch in batches:
-            t0 = clock_ns()
-            store.apply_many(batch)
-            per_event_ns.append((clock_ns() - t0) / len(batch))
-        if store.counters.duplicates or store.counters.restarted:
-            raise RuntimeError(f"the benchmark's events must all be new: {store.counters}")
+        for lo in range(0, len(batched), batch_size):
+            batch = batched[lo : lo + batch_size]
+            t0 = time.perf_counter_ns()
+            for event, partition, offset in batch:
+                store.stage(event, partition, offset)
+            store.commit()
+            per_event_ns.append((time.perf_counter_ns() - t0) / len(batch))
+        _check_all_new(store)
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with SessionStore.open(state_dir, 0, 1, settings.replace(session_cache=0)) as store:
+        uncached = _events(users, applies, clock, rng, first_offset=1 << 43)
+        uncached_ns = sorted(_time_applies(store, uncached)[0])
+        _check_all_new(store)
     latencies_ns.sort()
     return StateBenchResult(
         users=users,
@@ -146,13 +156,41 @@ def _bench(
         # machine, the part of the wall time that is work rather than waiting for a core.
         cpu_us_per_event=_us(cpu_ns / applies),
         item_ids_us_p50=_us(statistics.median(item_ids_ns)),
+        cache_sessions=settings.session_cache,
+        cache_hit_ratio=round(hits / max(hits + misses, 1), 3),
         batch_size=batch_size,
         apply_many_us_per_event_p50=_us(statistics.median(per_event_ns)),
+        uncached_apply_us_p50=_us(_quantile(uncached_ns, 0.50)),
+        uncached_apply_us_p99=_us(_quantile(uncached_ns, 0.99)),
+        rss_mb=round(rss_mb, 1),
         bytes_per_session=round(stats.record_bytes / max(stats.sessions, 1), 1),
         disk_bytes_per_session=round(on_disk / max(stats.sessions, 1), 1),
         fill_s=round(fill_s, 1),
         machine=_machine(),
     )
+
+
+def _time_applies(
+    store: SessionStore, records: list[tuple[Event, int, int]]
+) -> tuple[list[int], list[int], int]:
+    """Nanoseconds of each ``apply``, of reading its ``item_ids``, and this thread's CPU time."""
+    latencies_ns = [0] * len(records)
+    item_ids_ns = [0] * len(records)
+    clock_ns = time.perf_counter_ns
+    cpu_started = time.thread_time_ns()
+    for i, (event, partition, offset) in enumerate(records):
+        t0 = clock_ns()
+        result = store.apply(event, partition, offset)
+        t1 = clock_ns()
+        _ = result.session.item_ids  # what the scorer reads next
+        latencies_ns[i] = t1 - t0
+        item_ids_ns[i] = clock_ns() - t1
+    return latencies_ns, item_ids_ns, time.thread_time_ns() - cpu_started
+
+
+def _check_all_new(store: SessionStore) -> None:
+    if store.counters.duplicates or store.counters.restarted:
+        raise RuntimeError(f"the benchmark's events must all be new: {store.counters}")
 
 
 def _full_sessions(users: int, length: int, rng: random.Random) -> Iterator[Session]:
@@ -177,18 +215,32 @@ def _full_session(length: int, partition: int, rng: random.Random) -> Session:
 
 
 def _events(
-    users: int, count: int, start_ms: int, rng: random.Random, first_offset: int
+    users: int,
+    count: int,
+    start_ms: int,
+    rng: random.Random,
+    first_offset: int,
+    user_order: list[int] | None = None,
 ) -> list[tuple[Event, int, int]]:
+    """``count`` events of random users (or of ``user_order``'s), each new to its partition."""
     types = list(TYPE_WEIGHTS)
     kinds = rng.choices(types, list(TYPE_WEIGHTS.values()), k=count)
     events = []
     for i, kind in enumerate(kinds):
-        user = rng.randrange(users)
+        user = rng.randrange(users) if user_order is None else user_order[i]
         value = float(rng.randint(1, 10)) / 2 if kind == "rating" else None
         event = Event(f"b{i}", _user_id(user), _item(rng), kind, start_ms + i * STEP_MS, value)
         # Offsets only grow, so every event is new to its user's partition.
         events.append((event, user % PARTITIONS, first_offset + i))
     return events
+
+
+def _one_event_per_user(
+    users: int, start_ms: int, rng: random.Random, first_offset: int
+) -> list[tuple[Event, int, int]]:
+    order = list(range(users))
+    rng.shuffle(order)
+    return _events(users, users, start_ms, rng, first_offset, order)
 
 
 def _user_id(user: int) -> str:

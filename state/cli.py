@@ -148,9 +148,12 @@ def bench_state(users: int, applies: int, json_path: Path | None) -> None:
     """Time SessionStore.apply on a warm on-disk store.
 
     Fills a scratch RocksDB (removed afterwards) with --users full sessions of L
-    interactions, reopens it, warms it up, then reports the median and tail
-    microseconds per apply (one by one, then in micro-batches with apply_many) and
-    the bytes per session.  Quote medians on a shared machine.
+    interactions, reopens it, warms it up with one event per user (filling the
+    session cache, STREAMREC_SESSION_CACHE sessions), then reports the median and
+    tail microseconds per apply: one by one, then staged and committed in
+    micro-batches as the flow does, then one by one with the cache off (every
+    session read from RocksDB); and the bytes per session.  Quote medians on a
+    shared machine.
     """
     result = run_state_bench(users=users, applies=applies, settings=Settings.from_env())
     click.echo(
@@ -159,8 +162,16 @@ def bench_state(users: int, applies: int, json_path: Path | None) -> None:
         f"{result.applies:,} events"
     )
     click.echo(
-        f"apply_many in batches of {result.batch_size}: median {result.apply_many_us_per_event_p50}"
-        " us per event"
+        f"session cache of {result.cache_sessions:,} sessions: {result.cache_hit_ratio:.1%} of "
+        f"the reads above served from memory; peak RSS {result.rss_mb} MB"
+    )
+    click.echo(
+        f"staged and committed in batches of {result.batch_size}: median "
+        f"{result.apply_many_us_per_event_p50} us per event"
+    )
+    click.echo(
+        f"apply with the cache off (read from RocksDB): median {result.uncached_apply_us_p50} us, "
+        f"p99 {result.uncached_apply_us_p99} us"
     )
     click.echo(
         f"reading item_ids afterwards: median {result.item_ids_us_p50} us; CPU time per event "

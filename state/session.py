@@ -14,26 +14,28 @@ user's events came from.  The scorer builds its inputs from ``item_ids`` alone.
 >>> decode_session("u1", encode_session(s)) == s
 True
 
-Record layout, format version 1 (little-endian).  The interactions are stored as
-columns, so that adding one copies byte ranges instead of decoding the others:
+Record layout, format version 2 (little-endian).  The fixed-width fields of an
+interaction form one row and the item ids follow in one block, so that adding an
+interaction copies two byte ranges and appends, without decoding the others:
 
 ========  ===============================================================
 header    B version, q first_seen_ms, q last_seen_ms, 5 Q counts (in
           ``EVENT_TYPES`` order), i last_partition, H partitions, H items
 offsets   per partition, ascending: i partition, q offset of the last
           applied event
-times     per interaction: q event time (ms)
-types     per interaction: B index in ``EVENT_TYPES``
-values    per interaction: d value, NaN where the event had none
-id sizes  per interaction: H bytes of the item id's JSON string
+rows      per interaction: q event time (ms), B index in ``EVENT_TYPES``,
+          d value (NaN where the event had none), H bytes of its item id
 item ids  the item ids as JSON strings, comma separated (any text is safe)
 ========  ===============================================================
+
+Version 1 stored each field as its own column (five ranges to copy per event).
 """
 
 from __future__ import annotations
 
 import math
 import struct
+import sys
 from typing import Any, Final, NamedTuple
 
 import orjson
@@ -41,7 +43,7 @@ import orjson
 from state.errors import CorruptSessionError, UnknownSessionFormatError
 from streamrec.contracts import Event
 
-SESSION_FORMAT_VERSION: Final = 1
+SESSION_FORMAT_VERSION: Final = 2
 # The order is part of the record format: append new types, never reorder.
 EVENT_TYPES: Final = ("view", "click", "add_to_cart", "purchase", "rating")
 TYPE_CODES: Final = {name: code for code, name in enumerate(EVENT_TYPES)}
@@ -49,12 +51,12 @@ NO_VALUE: Final = math.nan
 
 _HEADER: Final = struct.Struct("<BqqQQQQQiHH")
 _OFFSET: Final = struct.Struct("<iq")
+_ROW: Final = struct.Struct("<qBdH")
+_ID_SIZE: Final = struct.Struct("<H")
+_ID_SIZE_IN_ROW: Final = 8 + 1 + 8
+_TYPE_IN_ROW: Final = 8
 _LAST_SEEN: Final = struct.Struct("<q")
 _LAST_SEEN_AT: Final = 1 + 8  # after the version byte and first_seen_ms
-_TIME: Final = struct.Struct("<q")
-_VALUE: Final = struct.Struct("<d")
-_ID_SIZE: Final = struct.Struct("<H")
-_TYPE_BYTES: Final = [bytes([code]) for code in range(len(EVENT_TYPES))]
 _KNOWN_TYPE_CODES: Final = bytes(range(len(EVENT_TYPES)))
 _COMMA: Final = ord(",")
 
@@ -73,10 +75,10 @@ class Session:
 
     Responsibilities: read a record (the header at once, the interactions when
     asked) and make the record of the session with one more event
-    (``with_event``), which copies the kept byte ranges of each column and appends
-    to them, never decoding the other interactions.  Two sessions are equal when
-    their records are: the encoding is canonical (offsets sorted by partition).
-    Treat every attribute as read-only.
+    (``with_event``), which copies the kept rows and item ids and appends to them,
+    never decoding the other interactions.  Two sessions are equal when their
+    records are: the encoding is canonical (offsets sorted by partition).  Treat
+    every attribute as read-only.
     """
 
     __slots__ = (
@@ -88,7 +90,7 @@ class Session:
         "last_partition",
         "offsets",
         "_n",
-        "_columns_at",
+        "_rows_at",
         "_item_ids",
     )
 
@@ -108,7 +110,7 @@ class Session:
         self.last_partition: int = header[8]
         self.offsets = offsets
         self._n: int = header[10]
-        self._columns_at = _HEADER.size + _OFFSET.size * header[9]
+        self._rows_at = _HEADER.size + _OFFSET.size * header[9]
         self._item_ids: list[str] | None = None
 
     @classmethod
@@ -117,16 +119,18 @@ class Session:
         offsets = {} if offsets is None else dict(sorted(offsets.items()))
         header = (SESSION_FORMAT_VERSION, 0, 0, 0, 0, 0, 0, 0, -1, len(offsets), 0)
         record = _HEADER.pack(*header) + _pack_offsets(offsets)
-        return cls(user_id, record, header, offsets)
+        session = cls(user_id, record, header, offsets)
+        session._item_ids = []
+        return session
 
     def with_event(self, event: Event, partition: int, offset: int, max_items: int) -> Session:
         """The session after ``event`` (read at ``offset`` of ``partition``), ``max_items`` long."""
-        try:
-            code = TYPE_CODES[event.type]
-        except KeyError:
+        # Every event of a stream goes through here: few calls, no decoding of the kept rows.
+        code = TYPE_CODES.get(event.type)
+        if code is None:
             raise ValueError(
                 f"event {event.event_id!r} has type {event.type!r}, not one of {EVENT_TYPES}"
-            ) from None
+            )
         if max_items < 1:
             raise ValueError(f"a session keeps at least 1 interaction, not {max_items}")
         ts = event.ts
@@ -136,13 +140,14 @@ class Session:
             last_seen = max(self.last_seen_ms, ts)
         else:
             first_seen = last_seen = ts
-        keep = min(n, max_items - 1)
-        drop = n - keep
-        if partition in self.offsets:
-            offsets = self.offsets.copy()
+        drop = n - max_items + 1 if n >= max_items else 0
+        keep = n - drop
+        offsets = self.offsets.copy()
+        if partition not in offsets:
             offsets[partition] = offset
+            offsets = dict(sorted(offsets.items()))
         else:
-            offsets = dict(sorted({**self.offsets, partition: offset}.items()))
+            offsets[partition] = offset
         counts = list(self.counts)
         counts[code] += 1
         header = (
@@ -156,38 +161,42 @@ class Session:
         )
         value = event.value
         item = orjson.dumps(event.item_id)
-        record = memoryview(self.record)
-        times_at, types_at, values_at, sizes_at, ids_at = _column_starts(self._columns_at, n)
-        if keep:
-            ids_kept = record[ids_at + self._id_bytes_of_oldest(drop, sizes_at, ids_at) :]
+        record = self.record
+        rows_at = self._rows_at
+        ids_at = rows_at + _ROW.size * n
+        if not keep:
+            ids_kept = b""
+        elif drop:
+            ids_kept = record[ids_at + self._id_bytes_of_oldest(drop, ids_at) :]
         else:
-            ids_kept = record[:0]
+            ids_kept = record[ids_at:]
         new_record = b"".join(
             (
                 _HEADER.pack(*header),
                 _pack_offsets(offsets),
-                record[times_at + _TIME.size * drop : types_at],
-                _TIME.pack(ts),
-                record[types_at + drop : values_at],
-                _TYPE_BYTES[code],
-                record[values_at + _VALUE.size * drop : sizes_at],
+                record[rows_at + _ROW.size * drop : ids_at],
                 # NaN is the column's "no value"; a NaN value (never valid on the wire) is none.
-                _VALUE.pack(NO_VALUE if value is None or value != value else value),
-                record[sizes_at + _ID_SIZE.size * drop : ids_at],
-                _ID_SIZE.pack(len(item)),
+                _ROW.pack(ts, code, NO_VALUE if value is None else value, len(item)),
                 ids_kept,
                 b"," if keep else b"",
                 item,
             )
         )
-        return Session(self.user_id, new_record, header, offsets)
+        session = Session(self.user_id, new_record, header, offsets)
+        if self._item_ids is not None:
+            # The scorer reads the ids of every new session: derive them instead of parsing.
+            session._item_ids = [*self._item_ids[drop:], sys.intern(event.item_id)]
+        return session
 
-    def _id_bytes_of_oldest(self, k: int, sizes_at: int, ids_at: int) -> int:
+    def _id_bytes_of_oldest(self, k: int, ids_at: int) -> int:
         """Bytes of the ``k`` oldest item ids, each with its trailing comma."""
-        if not k:
-            return 0
-        cut = sum(struct.unpack_from(f"<{k}H", self.record, sizes_at)) + k
-        if len(self.record) < ids_at + cut or self.record[ids_at + cut - 1] != _COMMA:
+        record = self.record
+        at = self._rows_at + _ID_SIZE_IN_ROW
+        cut = k
+        for _ in range(k):
+            cut += _ID_SIZE.unpack_from(record, at)[0]
+            at += _ROW.size
+        if len(record) < ids_at + cut or record[ids_at + cut - 1] != _COMMA:
             raise CorruptSessionError(self.user_id, "the item id sizes do not match the item ids")
         return cut
 
@@ -198,9 +207,10 @@ class Session:
     def item_ids(self) -> list[str]:
         """The remembered item ids, oldest first: the scorer's input.  Do not modify."""
         if self._item_ids is None:
-            ids_at = _column_starts(self._columns_at, self._n)[4]
+            ids_at = self._rows_at + _ROW.size * self._n
             try:
-                item_ids = orjson.loads(b"[" + self.record[ids_at:] + b"]")
+                # Interned: the sessions a store keeps in memory share each item's string.
+                item_ids = list(map(sys.intern, orjson.loads(b"[" + self.record[ids_at:] + b"]")))
             except orjson.JSONDecodeError as err:
                 raise CorruptSessionError(self.user_id, f"item ids: {err}") from None
             if len(item_ids) != self._n:
@@ -210,28 +220,32 @@ class Session:
             self._item_ids = item_ids
         return self._item_ids
 
+    def _rows(self) -> list[tuple[int, int, float, int]]:
+        return list(
+            _ROW.iter_unpack(self.record[self._rows_at : self._rows_at + _ROW.size * self._n])
+        )
+
     @property
     def times_ms(self) -> list[int]:
         """The event times of the remembered interactions, oldest first."""
-        return list(struct.unpack_from(f"<{self._n}q", self.record, self._columns_at))
+        return [row[0] for row in self._rows()]
 
     @property
     def event_types(self) -> list[str]:
         """The event types of the remembered interactions, oldest first."""
-        types_at = _column_starts(self._columns_at, self._n)[1]
-        return [EVENT_TYPES[code] for code in self.record[types_at : types_at + self._n]]
+        return [EVENT_TYPES[row[1]] for row in self._rows()]
 
     @property
     def values(self) -> list[float | None]:
         """The values of the remembered interactions (None where there was none), oldest first."""
-        values_at = _column_starts(self._columns_at, self._n)[2]
-        floats = struct.unpack_from(f"<{self._n}d", self.record, values_at)
-        return [None if math.isnan(v) else v for v in floats]
+        return [None if math.isnan(row[2]) else row[2] for row in self._rows()]
 
     def interactions(self) -> list[Interaction]:
         """The remembered interactions, oldest first (arrival order)."""
-        columns = (self.item_ids, self.times_ms, self.event_types, self.values)
-        return [Interaction(*fields) for fields in zip(*columns, strict=True)]
+        return [
+            Interaction(item_id, ts, EVENT_TYPES[code], None if math.isnan(value) else value)
+            for item_id, (ts, code, value, _) in zip(self.item_ids, self._rows(), strict=True)
+        ]
 
     def applied_offset(self, partition: int) -> int | None:
         """The offset of the last event applied from ``partition``, if any."""
@@ -302,12 +316,12 @@ def decode_session(user_id: str, raw: bytes) -> Session:
             at += _OFFSET.size
     except struct.error as err:
         raise CorruptSessionError(user_id, f"truncated record ({err})") from None
-    # The fixed-width columns must fit, and each item id takes at least its two quotes and
-    # a comma between two; the item ids themselves are checked when read or cut.
-    _, types_at, _, _, ids_at = _column_starts(at, n)
+    # The rows must fit, and each item id takes at least its two quotes and a comma
+    # between two; the item ids themselves are checked when read or cut.
+    ids_at = at + _ROW.size * n
     if len(raw) < ids_at + max(3 * n - 1, 0):
         raise CorruptSessionError(user_id, f"the record is too short for {n} interactions")
-    if raw[types_at : types_at + n].translate(None, _KNOWN_TYPE_CODES):
+    if raw[at + _TYPE_IN_ROW : ids_at : _ROW.size].translate(None, _KNOWN_TYPE_CODES):
         raise CorruptSessionError(user_id, "unknown event type code")
     if n and header[8] not in offsets:
         raise CorruptSessionError(user_id, f"no offset for the last partition, {header[8]}")
@@ -326,13 +340,8 @@ def last_seen_of(user_key: str | bytes, raw: bytes) -> int:
         raise CorruptSessionError(user_key, f"truncated header ({err})") from None
 
 
-def _column_starts(columns_at: int, n: int) -> tuple[int, int, int, int, int]:
-    """Where the times, types, values, id sizes and item ids of ``n`` interactions start."""
-    types_at = columns_at + _TIME.size * n
-    values_at = types_at + n
-    sizes_at = values_at + _VALUE.size * n
-    return columns_at, types_at, values_at, sizes_at, sizes_at + _ID_SIZE.size * n
-
-
 def _pack_offsets(offsets: dict[int, int]) -> bytes:
+    if len(offsets) == 1:  # nearly always: a user's events come from one partition
+        ((partition, offset),) = offsets.items()
+        return _OFFSET.pack(partition, offset)
     return b"".join([_OFFSET.pack(p, o) for p, o in offsets.items()])

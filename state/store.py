@@ -11,11 +11,16 @@ True
 False
 >>> store.get("u1").item_ids, store.counters.duplicates
 (['i9'], 1)
+>>> store.stage(Event("e2", "u1", "i4", "view", 1_700_000_000_500), 0, 8).session.item_ids
+['i9', 'i4']
+>>> store.commit()  # the micro-batch's writes, in one atomic batch
+1
 >>> store.close()
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +71,9 @@ class StoreCounters:
     restarted: int = 0
     swept: int = 0
     forgotten: int = 0
+    # Sessions read from the in-memory cache (or this micro-batch), and from RocksDB.
+    cache_hits: int = 0
+    cache_misses: int = 0
 
 
 class SessionStore:
@@ -73,16 +81,26 @@ class SessionStore:
 
     Responsibilities: apply events to sessions exactly once per source offset (read,
     update and write back in one atomic batch, the offset stamp inside the session
-    record; ``apply_many`` writes a whole micro-batch at once); treat sessions idle
-    for longer than the TTL, in event time, as absent, and remove them in bounded
-    sweeps; erase a user on request.  The latest event time applied, to the second,
-    is its "clock" (persisted): the default "now" of expiry.  The worker reading the
-    partition uses the store; RocksDB's lock keeps any second opener out.  Open it
-    with ``open``.
+    record); treat sessions idle for longer than the TTL, in event time, as absent,
+    and remove them in bounded sweeps; erase a user on request.  ``apply`` writes
+    at once; ``stage`` defers the write to the next ``commit``, so that a
+    micro-batch costs one write-ahead log append (the flow commits before it emits
+    anything, so an event whose write was lost to a crash has no output either and
+    is read again).  The latest ``cache_size`` sessions written stay decoded in
+    memory: the store is the DB's only writer, so they are never stale.  The
+    latest event time applied, to the second, is its "clock" (persisted): the
+    default "now" of expiry.  The worker reading the partition uses the store;
+    RocksDB's lock keeps any second opener out.  Open it with ``open``.
     """
 
     def __init__(
-        self, db: Rdict, path: Path, shard_index: int, session_length: int, ttl_ms: int
+        self,
+        db: Rdict,
+        path: Path,
+        shard_index: int,
+        session_length: int,
+        ttl_ms: int,
+        cache_size: int = 0,
     ) -> None:
         self.shard_index = shard_index
         self.path = path
@@ -95,6 +113,12 @@ class SessionStore:
         self._clock_ms = NO_CLOCK if clock is None else clock
         self._next_tick_ms = NO_CLOCK if clock is None else clock + CLOCK_RESOLUTION_MS
         self._sweep_from = SESSION_PREFIX
+        self._cache: OrderedDict[bytes, Session] = OrderedDict()
+        self._cache_size = cache_size
+        # Staged since the last commit: the sessions by key, their writes, the events.
+        self._staged: dict[bytes, Session] = {}
+        self._batch: WriteBatch | None = None
+        self._staged_events = 0
         self._closed = False
 
     @classmethod
@@ -113,6 +137,8 @@ class SessionStore:
             )
         if settings.session_length < 1:
             raise ValueError(f"session_length must be at least 1, got {settings.session_length}")
+        if settings.session_cache < 0:
+            raise ValueError(f"session_cache must be 0 or more, got {settings.session_cache}")
         ensure_layout(state_dir, shard_count)
         path = shard_dir(state_dir, shard_index)
         db = open_read_write(path)
@@ -131,10 +157,17 @@ class SessionStore:
                 ) from err
             raise
         ttl_ms = round(settings.session_ttl_s * 1000)
-        return cls(db, path, shard_index, settings.session_length, ttl_ms)
+        return cls(db, path, shard_index, settings.session_length, ttl_ms, settings.session_cache)
 
     def apply(self, event: Event, partition: int, offset: int) -> ApplyResult:
-        """Apply ``event``, read at ``offset`` of source ``partition``, unless already applied."""
+        """Apply ``event``, read at ``offset`` of source ``partition``, unless already applied.
+
+        Written at once, together with anything staged before it.
+        """
+        if self._batch is not None:
+            result = self.stage(event, partition, offset)
+            self.commit()
+            return result
         key = SESSION_PREFIX + event.user_id.encode()
         result = self._next_session(self._stored(key, event.user_id), event, partition, offset)
         if result.applied:
@@ -148,7 +181,39 @@ class SessionStore:
                 self._advance_clock(event.ts, batch)
                 self._db.write(batch, self._write_options)
             self.counters.applied += 1
+            if self._cache_size:
+                self._remember(key, result.session)
         return result
+
+    def stage(self, event: Event, partition: int, offset: int) -> ApplyResult:
+        """Like ``apply``, but the write waits for ``commit``; reads see it at once."""
+        key = SESSION_PREFIX + event.user_id.encode()
+        result = self._next_session(self._stored(key, event.user_id), event, partition, offset)
+        if result.applied:
+            batch = self._batch
+            if batch is None:
+                batch = self._batch = WriteBatch(raw_mode=True)
+            batch.put(key, encode_session(result.session))
+            if event.ts >= self._next_tick_ms:
+                self._advance_clock(event.ts, batch)
+            self._staged[key] = result.session
+            self._staged_events += 1
+        return result
+
+    def commit(self) -> int:
+        """Write everything staged in one atomic batch; how many events it applied."""
+        batch = self._batch
+        if batch is None:
+            return 0
+        staged, applied = self._staged, self._staged_events
+        self._batch, self._staged, self._staged_events = None, {}, 0
+        # On failure nothing was written and nothing cached: the events are simply unapplied.
+        self._db.write(batch, self._write_options)
+        self.counters.applied += applied
+        if self._cache_size:
+            for key, session in staged.items():
+                self._remember(key, session)
+        return applied
 
     def apply_many(self, records: Iterable[tuple[Event, int, int]]) -> list[ApplyResult]:
         """Apply (event, partition, offset) records in order, with one atomic write for all.
@@ -156,23 +221,8 @@ class SessionStore:
         Cheaper per event than ``apply`` (one write-ahead log append for the batch), and
         the same sessions: a later event of a user builds on the earlier one.
         """
-        batch = WriteBatch(raw_mode=True)
-        # Sessions changed earlier in this batch, not yet written, by key.
-        pending: dict[bytes, Session] = {}
-        results = []
-        for event, partition, offset in records:
-            key = SESSION_PREFIX + event.user_id.encode()
-            stored = pending[key] if key in pending else self._stored(key, event.user_id)
-            result = self._next_session(stored, event, partition, offset)
-            if result.applied:
-                pending[key] = result.session
-                batch.put(key, encode_session(result.session))
-                if event.ts >= self._next_tick_ms:
-                    self._advance_clock(event.ts, batch)
-            results.append(result)
-        if len(batch):
-            self._db.write(batch, self._write_options)
-            self.counters.applied += sum(result.applied for result in results)
+        results = [self.stage(event, partition, offset) for event, partition, offset in records]
+        self.commit()
         return results
 
     def _next_session(
@@ -195,10 +245,9 @@ class SessionStore:
 
     def get(self, user_id: str, now_ms: int | None = None) -> Session | None:
         """``user_id``'s session, or None if there is none or it expired by ``now_ms``."""
-        raw = self._read(session_key(user_id), user_id)
-        if raw is None:
+        session = self._stored(session_key(user_id), user_id)
+        if session is None:
             return None
-        session = decode_session(user_id, raw)
         now = self._clock_ms if now_ms is None else now_ms
         return None if session.is_expired(now, self.ttl_ms) else session
 
@@ -211,7 +260,9 @@ class SessionStore:
         the DB is next opened.  The offsets go too: a replay of the user's old events
         would start a new session.
         """
+        self.commit()  # the user's staged events come before the erasure
         key = session_key(user_id)
+        self._cache.pop(key, None)
         if self._db.get(key) is None:  # a corrupt record can be erased too: no decoding
             return False
         batch = WriteBatch(raw_mode=True)
@@ -224,11 +275,13 @@ class SessionStore:
 
     def sweep_expired(self, now_ms: int | None = None, max_keys: int = SWEEP_BATCH_DEFAULT) -> int:
         """Look at up to ``max_keys`` sessions after the last sweep's; remove the expired ones."""
+        self.commit()  # the sweep reads the DB: it must see this batch's sessions
         now = self._clock_ms if now_ms is None else now_ms
         bounds = session_bounds()
         cursor = self._db.iter(bounds)
         cursor.seek(self._sweep_from)
         batch = WriteBatch(raw_mode=True)
+        expired: list[bytes] = []
         examined = 0
         try:
             while examined < max_keys and cursor.valid():
@@ -237,6 +290,7 @@ class SessionStore:
                 self._sweep_from = key + b"\x00"
                 if now - last_seen_of(key[_PREFIX_LEN:], cursor.value()) > self.ttl_ms:
                     batch.delete(key)
+                    expired.append(key)
                 examined += 1
                 cursor.next()
             if not cursor.valid():
@@ -246,14 +300,19 @@ class SessionStore:
             if removed:
                 self._db.write(batch, self._write_options)
                 self.counters.swept += removed
+                for key in expired:
+                    self._cache.pop(key, None)
         return removed
 
     def load(self, sessions: Iterable[Session], batch_size: int = 1000) -> int:
         """Write ``sessions`` as they are (seeding, restoring); the clock does not move."""
+        self.commit()
         written = 0
         batch = WriteBatch(raw_mode=True)
         for session in sessions:
-            batch.put(session_key(session.user_id), encode_session(session))
+            key = session_key(session.user_id)
+            batch.put(key, encode_session(session))
+            self._cache.pop(key, None)
             written += 1
             if len(batch) >= batch_size:
                 self._db.write(batch, self._write_options)
@@ -277,10 +336,14 @@ class SessionStore:
         return scan_stats(self._db, self.path, self.shard_index, self.clock_ms, self.ttl_ms)
 
     def close(self) -> None:
-        """Close the DB; the store cannot be used afterwards.  Closing twice is harmless."""
+        """Commit what is staged and close the DB; closing twice is harmless."""
         if not self._closed:
-            self._closed = True
-            self._db.close()
+            try:
+                self.commit()
+            finally:
+                self._closed = True
+                self._cache.clear()
+                self._db.close()
 
     def __enter__(self) -> SessionStore:
         return self
@@ -294,8 +357,22 @@ class SessionStore:
         self.close()
 
     def _stored(self, key: bytes, user_id: str) -> Session | None:
+        session = self._staged.get(key)
+        if session is None:
+            session = self._cache.get(key)
+        if session is not None:
+            self.counters.cache_hits += 1
+            return session
+        self.counters.cache_misses += 1
         raw = self._read(key, user_id)
         return None if raw is None else decode_session(user_id, raw)
+
+    def _remember(self, key: bytes, session: Session) -> None:
+        cache = self._cache
+        cache[key] = session
+        cache.move_to_end(key)
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)  # the least recently written
 
     def _read(self, key: bytes, user_id: str) -> bytes | None:
         try:

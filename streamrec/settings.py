@@ -66,11 +66,16 @@ class Settings:
 
     # Session state.
     state_dir: Path = _setting(
-        REPO_ROOT / "run" / "state", "RocksDB session stores, one per worker."
+        REPO_ROOT / "run" / "state", "RocksDB session stores, one per events partition."
     )
     session_length: int = _setting(50, "Interactions kept per user session (the last L).")
     session_ttl_s: float = _setting(
         30 * 24 * 3600.0, "Idle time (event time) after which a session is treated as absent."
+    )
+    session_cache: int = _setting(
+        100_000,
+        "Sessions per events partition kept in memory in front of RocksDB, most recently "
+        "used first (about 2.4 kB each at full length); 0 reads every session from RocksDB.",
     )
 
     # Model and scoring.

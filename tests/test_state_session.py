@@ -93,7 +93,15 @@ def test_last_seen_is_readable_from_the_header_alone() -> None:
 
 def test_a_record_of_an_unknown_format_version_is_refused_with_both_versions() -> None:
     raw = bytes([SESSION_FORMAT_VERSION + 1]) + encode_session(session_of(event("a")))[1:]
-    with pytest.raises(UnknownSessionFormatError, match="format version 2; this build reads"):
+    newer, this = SESSION_FORMAT_VERSION + 1, SESSION_FORMAT_VERSION
+    expected = f"format version {newer}; this build reads version {this}"
+    with pytest.raises(UnknownSessionFormatError, match=expected):
+        decode_session("u1", raw)
+
+
+def test_a_record_of_the_previous_columnar_format_is_refused_not_misread() -> None:
+    raw = bytes([1]) + encode_session(session_of(event("a")))[1:]
+    with pytest.raises(UnknownSessionFormatError, match="format version 1"):
         decode_session("u1", raw)
 
 
@@ -118,8 +126,9 @@ def test_a_damaged_record_raises_a_corrupt_session_error_naming_the_user(damage:
 def test_item_id_sizes_that_do_not_match_the_ids_are_caught_when_cutting() -> None:
     session = session_of(event("aaaa"), event("b"), max_items=2)
     raw = bytearray(encode_session(session))
-    sizes_at = len(raw) - len(b'"aaaa","b"') - 4
-    struct.pack_into("<H", raw, sizes_at, 3)
+    # The oldest row's id size: after the header (65 bytes), one partition's offset (12)
+    # and the row's time, type and value (17).
+    struct.pack_into("<H", raw, 65 + 12 + 17, 3)
     damaged = decode_session("u1", bytes(raw))
     with pytest.raises(CorruptSessionError, match="sizes"):
         damaged.with_event(event("c"), 0, 99, 2)

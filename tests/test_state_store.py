@@ -14,6 +14,7 @@ from state.errors import CorruptSessionError, StateError
 from state.keys import session_key
 from state.layout import shard_dir
 from state.rocks import db_options
+from state.session import SESSION_FORMAT_VERSION
 from state.store import SessionStore
 from state.view import open_state_view
 from streamrec.contracts import Event
@@ -89,7 +90,8 @@ def test_sessions_and_offsets_survive_close_and_reopen(state_dir: Path) -> None:
         assert store.clock_ms == T0
 
 
-def test_applied_events_survive_a_killed_process(state_dir: Path) -> None:
+def kill_after(state_dir: Path, work: str) -> None:
+    """Run ``work`` (Python using ``store`` and ``Event``) in a process that dies by SIGKILL."""
     script = f"""
 import os, signal
 from pathlib import Path
@@ -97,16 +99,105 @@ from state.store import SessionStore
 from streamrec.contracts import Event
 from streamrec.settings import Settings
 store = SessionStore.open(Path({str(state_dir)!r}), 0, 1, Settings(session_length=3))
-for n in range(20):
-    store.apply(Event(f"e{{n}}", "u1", f"i{{n}}", "view", {T0} + n), 0, n)
+{work}
 os.kill(os.getpid(), signal.SIGKILL)
 """
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
+
+
+def last_items_and_offset(state_dir: Path, user: str) -> tuple[list[str], int]:
     with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
-        session = store.get("u1")
+        session = store.get(user)
         assert session is not None
-        assert (session.item_ids, session.last_offset) == (["i17", "i18", "i19"], 19)
+        return session.item_ids, session.last_offset
+
+
+def test_applied_events_survive_a_killed_process(state_dir: Path) -> None:
+    kill_after(
+        state_dir,
+        f"""for n in range(20):
+    store.apply(Event(f"e{{n}}", "u1", f"i{{n}}", "view", {T0} + n), 0, n)""",
+    )
+    assert last_items_and_offset(state_dir, "u1") == (["i17", "i18", "i19"], 19)
+
+
+def test_staged_events_are_read_at_once_and_written_together_by_commit(
+    store: SessionStore, state_dir: Path
+) -> None:
+    store.stage(event("u1", "a"), 0, 1)
+    assert store.stage(event("u1", "b"), 0, 2).session.item_ids == ["a", "b"]
+    store.stage(event("u2", "c"), 0, 3)
+    with open_state_view(state_dir, SETTINGS) as view:
+        assert view.find("u1") is None  # nothing written yet
+    assert store.commit() == 3
+    assert store.commit() == 0
+    with open_state_view(state_dir, SETTINGS) as view:
+        found = [view.find(user) for user in ("u1", "u2")]
+        assert [f.session.item_ids for f in found if f] == [["a", "b"], ["c"]]
+
+
+def test_a_killed_process_keeps_the_committed_batches_and_loses_only_the_staged_one(
+    state_dir: Path,
+) -> None:
+    kill_after(
+        state_dir,
+        f"""for n in range(6):
+    store.stage(Event(f"e{{n}}", "u1", f"i{{n}}", "view", {T0} + n), 0, n)
+    if n == 3:
+        store.commit()""",
+    )
+    # The flow emits nothing for a batch before committing it, and reads it again.
+    assert last_items_and_offset(state_dir, "u1") == (["i1", "i2", "i3"], 3)
+
+
+def test_forget_writes_what_was_staged_before_it_and_erases_the_user(
+    store: SessionStore,
+) -> None:
+    store.stage(event("u1", "a"), 0, 1)
+    store.stage(event("u2", "b"), 0, 2)
+    assert store.forget("u1")
+    assert store.get("u1") is None
+    assert store.stage(event("u1", "c"), 0, 3).session.item_ids == ["c"]
+    assert store.commit() == 1
+    assert store.get("u2") is not None and store.counters.applied == 3
+
+
+def test_the_cache_holds_the_most_recently_written_sessions_up_to_its_size(
+    state_dir: Path,
+) -> None:
+    with SessionStore.open(state_dir, 0, 1, SETTINGS.replace(session_cache=2)) as store:
+        for n, user in enumerate(["u1", "u2", "u3", "u3", "u2"]):
+            store.apply(event(user, f"i{n}"), 0, n)
+        # u1 was evicted by u3; u2 and u3 were written last.
+        assert (store.counters.cache_hits, store.counters.cache_misses) == (2, 3)
+        store.get("u1")
+        store.get("u2")
+        assert (store.counters.cache_hits, store.counters.cache_misses) == (3, 4)
+
+
+def test_an_erased_or_swept_session_is_never_served_from_the_cache(store: SessionStore) -> None:
+    store.apply(event("u1", "a"), 0, 1)
+    store.apply(event("u2", "b"), 0, 2)
+    store.forget("u1")
+    assert store.get("u1") is None
+    later = T0 + TTL_MS + 5000
+    store.apply(event("u3", "c", ts=later), 0, 3)
+    assert store.sweep_expired() == 1
+    assert store.get("u2", now_ms=T0) is None  # gone from the DB, so not in memory either
+
+
+def test_the_cache_can_be_turned_off(state_dir: Path) -> None:
+    with SessionStore.open(state_dir, 0, 1, SETTINGS.replace(session_cache=0)) as store:
+        store.apply(event("u1", "a"), 0, 1)
+        store.apply(event("u1", "b"), 0, 2)
+        assert store.get("u1").item_ids == ["a", "b"]
+        assert store.counters.cache_hits == 0
+
+
+def test_a_negative_cache_size_is_refused(state_dir: Path) -> None:
+    with pytest.raises(ValueError, match="session_cache"):
+        SessionStore.open(state_dir, 0, 1, SETTINGS.replace(session_cache=-1))
 
 
 def test_a_session_idle_longer_than_the_ttl_reads_as_absent(store: SessionStore) -> None:
@@ -222,7 +313,7 @@ def test_a_corrupt_record_raises_a_named_error_with_the_user_key(state_dir: Path
     with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
         store.apply(event("u1", "a"), 0, 1)
     raw = Rdict(str(shard_dir(state_dir, 0)), db_options())
-    raw[session_key("u1")] = b"\x01garbage"
+    raw[session_key("u1")] = bytes([SESSION_FORMAT_VERSION]) + b"garbage"
     raw.close()
     with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
         with pytest.raises(CorruptSessionError, match="'u1'"):

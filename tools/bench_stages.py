@@ -49,7 +49,9 @@ def measure_stages(
                 assert isinstance(event, Event)
                 shard = hash(event.user_id) % SHARDS
                 offsets[shard] += 1
-                histories.append(stores[shard].apply(event, shard, offsets[shard]).session.item_ids)
+                histories.append(stores[shard].stage(event, shard, offsets[shard]).session.item_ids)
+            for store in stores:  # as the flow does: one write per store and micro-batch
+                store.commit()
             t2 = time.perf_counter()
             recommender.recommend(histories, settings.top_k)
             t3 = time.perf_counter()
