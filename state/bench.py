@@ -118,7 +118,7 @@ def _bench(
         for event, partition, offset in tqdm(
             warmup, desc="warming up", unit="event", disable=not progress
         ):
-            store.apply(event, partition, offset)
+            _ = store.apply(event, partition, offset).session.item_ids  # as the flow reads it
         clock += len(warmup) * STEP_MS
         measured = _events(users, applies, clock, rng, first_offset=1 << 41)
         reads_before = store.counters.cache_hits, store.counters.cache_misses
