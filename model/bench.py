@@ -1,12 +1,14 @@
 """Scoring latency, measured the way the flow scores: prepared inputs, one call per micro-batch.
 
 Only the scoring call is timed (inputs are built beforehand), on one thread,
-after a warm-up.  The median over calls is reported: other processes share
-these cores, and the median is what a steady stream of events sees.
+after a warm-up, in CPU time of the calling thread (onnxruntime with one
+intra-op thread computes on it): time the machine gives to other processes is
+not counted.  The median over calls is reported.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Sequence
 
@@ -23,22 +25,37 @@ def median_ms_per_event(calls: Sequence[Call], events_per_call: int, rounds: int
     return interleaved({"only": (calls, events_per_call)}, rounds)["only"]
 
 
-def interleaved(suites: dict[str, tuple[Sequence[Call], int]], rounds: int = 5) -> dict[str, float]:
-    """Median ms per event of each suite of calls, the suites taking turns round by round.
+# Calls per turn: short turns put every suite in the same minute of the machine's load.
+TURN = 16
 
-    Taking turns spreads whatever else the machine is doing over all suites alike,
-    instead of favouring the ones that happened to run in a quiet minute.
+
+def interleaved(suites: dict[str, tuple[Sequence[Call], int]], rounds: int = 5) -> dict[str, float]:
+    """Median ms per event of each suite of calls, the suites taking short turns.
+
+    Each suite makes ``rounds`` passes over its calls, ``TURN`` calls at a time, the
+    suites' order shuffled at every turn: whatever else the machine does falls on
+    all suites alike.  (Turns of a whole pass each gave two runs of the same pair of
+    models latency ratios from 0.78 to 1.01 on a shared machine.)
     """
     timings: dict[str, list[float]] = {name: [] for name in suites}
     for calls, _ in suites.values():
         for call in calls[: max(1, len(calls) // 10)]:
             call()  # warm-up: first-call allocations and caches
-    for _ in range(rounds):
-        for name, (calls, _) in suites.items():
-            for call in calls:
-                start = time.perf_counter()
+    pending = {
+        name: [c for _ in range(rounds) for c in calls] for name, (calls, _) in suites.items()
+    }
+    order = list(suites)
+    shuffle = random.Random(0).shuffle
+    clock = time.thread_time
+    at = 0
+    while any(at < len(calls) for calls in pending.values()):
+        shuffle(order)
+        for name in order:
+            for call in pending[name][at : at + TURN]:
+                start = clock()
                 call()
-                timings[name].append(time.perf_counter() - start)
+                timings[name].append(clock() - start)
+        at += TURN
     return {
         name: float(np.median(timings[name])) * 1e3 / per_call
         for name, (_, per_call) in suites.items()

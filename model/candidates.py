@@ -5,14 +5,16 @@ session has already seen:
 
 1. co-visitation neighbours of the session's newest items (items that others
    interacted with right before or after them), recency-weighted;
-2. nearest neighbours of the session's representation (the normalised,
-   recency-weighted mean of its item embeddings) among all item embeddings;
+2. nearest neighbours of the session's representation (the recency-weighted
+   sum of its newest item embeddings), searched among the precomputed nearest
+   items of those newest items and ranked exactly;
 3. the most popular items, to fill up.
 
 Co-visitation keeps, per item, its ``width`` strongest neighbours in a
 Space-Saving table: an update either bumps a known neighbour or replaces the
 weakest one, so memory stays bounded and ``observe`` is O(width) numpy work.
 Popularity is one counter per item.  Both are updated online as events arrive.
+The nearest-item table is fixed: item embeddings do not change between trainings.
 
 >>> seqs = [np.array([1, 2, 3]), np.array([1, 2, 4])]
 >>> index = CandidateIndex.build(seqs, n_items=6, item_vectors=np.eye(6, 3), width=4)
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 PAD = 0
+SIMILAR_WIDTH = 100  # nearest items kept per item: enough to match a full scan's recall@200
 
 
 def covisit_pairs(
@@ -61,8 +64,34 @@ def covisit_pairs(
     return np.cumsum(indptr), (uniq % n_items).astype(np.int64), summed
 
 
+def nearest_items(item_vectors: np.ndarray, width: int = SIMILAR_WIDTH) -> np.ndarray:
+    """Per item, its ``width`` highest-dot-product other items (in no order) as [n_items, width].
+
+    Padding (row and item 0) is nobody's neighbour and has none.  A full product,
+    in blocks of rows to bound memory: run once per index, never per event.
+
+    >>> nearest_items(np.array([[0, 0], [1, 0], [0.9, 0.1], [0, 1]], np.float32), 1).tolist()
+    [[0], [2], [1], [2]]
+    """
+    n_items = len(item_vectors)
+    width = max(0, min(width, n_items - 2))
+    similar = np.zeros((n_items, width), dtype=np.int32)
+    if width == 0:
+        return similar
+    vectors = np.asarray(item_vectors, dtype=np.float32)
+    vectors_t = np.ascontiguousarray(vectors.T)
+    block = 512
+    for lo in range(1, n_items, block):
+        sims = vectors[lo : lo + block] @ vectors_t
+        sims[:, PAD] = -np.inf
+        rows = np.arange(len(sims))
+        sims[rows, rows + lo] = -np.inf  # an item is not its own neighbour
+        similar[lo : lo + len(sims)] = np.argpartition(-sims, width - 1, axis=1)[:, :width]
+    return similar
+
+
 class CandidateIndex:
-    """Co-visitation neighbours, popularity and item vectors; answers ``candidates``."""
+    """Co-visitation neighbours, popularity, item vectors, nearest items; answers ``candidates``."""
 
     def __init__(
         self,
@@ -73,18 +102,25 @@ class CandidateIndex:
         recent: int = 5,
         covisit_share: float = 0.5,
         nn_share: float = 0.3,
+        similar: np.ndarray | None = None,
     ) -> None:
-        self.neighbours = neighbours  # [n_items, width] int64, PAD where empty
-        self.neighbour_weights = neighbour_weights  # [n_items, width] float32
+        self.neighbours = neighbours  # [n_items, width] int64, PAD where empty (all of row PAD)
+        self.neighbour_weights = neighbour_weights  # [n_items, width] float32, 0 where empty
         self.popularity = popularity  # [n_items] float64 interaction counts
-        self.item_vectors = item_vectors  # [n_items, d] float32, unit norm (row 0 zero)
+        vectors = np.array(item_vectors, dtype=np.float32)
+        vectors[PAD] = 0.0  # padding in a short session adds nothing to its representation
+        self.item_vectors = vectors  # [n_items, d] float32, unit norm (row 0 zero)
+        # [n_items, SIMILAR_WIDTH] int32: computed here when the saved index predates it.
+        self.similar = nearest_items(vectors) if similar is None else similar
         self.recent = recent
         self.covisit_share, self.nn_share = covisit_share, nn_share
         self.n_items = len(popularity)
         self._recency = 0.7 ** np.arange(recent, dtype=np.float32)
-        self._vectors_t = np.ascontiguousarray(item_vectors.T)  # BLAS reads it row by row
+        # The top list, its negated counts (ascending) and each item's place in it (-1: not).
         self._popular: np.ndarray | None = None
-        self._popular_floor = 0.0
+        self._popular_neg = np.zeros(0)
+        self._popular_at = np.zeros(0, dtype=np.int64)
+        self._moved: list[int] = []  # items counted since the top list was last brought up to date
 
     @classmethod
     def build(
@@ -121,8 +157,13 @@ class CandidateIndex:
         if item == PAD:
             return
         self.popularity[item] += 1.0
-        if self._popular is not None and self.popularity[item] > self._popular_floor:
-            self._popular = None  # the top list may have changed: rebuild on next use
+        if self._popular is not None:
+            # The top list catches up when next used: a few moves (an event per call) are
+            # much cheaper than a re-sort, which is cheaper than many moves.
+            if len(self._moved) < 8:
+                self._moved.append(item)
+            else:
+                self._popular, self._moved = None, []
         if prev_item != PAD and prev_item != item:
             self._bump(prev_item, item)
             self._bump(item, prev_item)
@@ -139,12 +180,39 @@ class CandidateIndex:
 
     def popular(self, n: int) -> np.ndarray:
         """The ``n`` most popular items, most popular first."""
+        for item in self._moved:
+            self._move_up(item)
+        self._moved.clear()
         if self._popular is None or len(self._popular) < n:
             n_top = min(max(n, 1000), self.n_items - 1)
             top = np.argpartition(-self.popularity, n_top)[:n_top]
             self._popular = top[np.argsort(-self.popularity[top], kind="stable")]
-            self._popular_floor = float(self.popularity[self._popular[-1]])
-        return self._popular[:n]
+            self._popular_neg = -self.popularity[self._popular]
+            self._popular_at = np.full(self.n_items, -1, dtype=np.int64)
+            self._popular_at[self._popular] = np.arange(n_top)
+        return self._popular[:n].copy()  # a copy: the list changes in place as items move
+
+    def _move_up(self, item: int) -> None:
+        """Put ``item``, whose count went up, back in order in the top list.
+
+        It moves ahead of the items now less popular than it, which shift back by one;
+        if it was not in the list, it enters when it beats the last item, which leaves.
+        """
+        top, neg, at = self._popular, self._popular_neg, self._popular_at
+        assert top is not None
+        count = self.popularity[item]
+        was = int(at[item])
+        if was < 0:
+            if -count >= neg[-1]:
+                return
+            was = len(top) - 1
+            at[top[was]] = -1
+        # The first item less popular, unless the item is already in place (counted twice).
+        to = min(int(np.searchsorted(neg, -count, side="right")), was)
+        top[to + 1 : was + 1] = top[to:was]
+        neg[to + 1 : was + 1] = neg[to:was]
+        at[top[to + 1 : was + 1]] += 1
+        top[to], neg[to], at[item] = item, -count, to
 
     def candidates(self, histories: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
         """Up to ``n`` unseen candidate item indices per history (item indices, oldest first)."""
@@ -156,86 +224,83 @@ class CandidateIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Candidates [B, n] (PAD-filled after each row's count) and the counts [B].
 
-        The whole batch is handled with array operations on (row, item) keys: the
-        per-session Python work is only laying out each session's newest items.
+        Items are handled as (row, item) keys, ``row * n_items + item``.  Each source
+        is a [B, pool] matrix of keys in priority order per row, its pool fixed by the
+        row's own newest items, so a session's candidates never depend on the sessions
+        batched with it.  Keys taken so far (seen or picked) are one flat bitmap, so
+        merging a source is a few whole-batch array operations and no Python per session.
         """
         b, n_items = len(histories), self.n_items
         n = min(n, n_items - 1)
-        out = np.zeros((b, n), dtype=np.int64)
         if b == 0 or n <= 0:
-            return out, np.zeros(b, dtype=np.int64)
-        quotas = (int(n * self.covisit_share), int(n * (self.covisit_share + self.nn_share)), n)
-        recent = np.zeros((b, self.recent), dtype=np.int64)
-        seen = [np.arange(b, dtype=np.int64) * n_items]  # padding is never a candidate
+            return np.zeros((b, max(n, 0)), dtype=np.int64), np.zeros(b, dtype=np.int64)
+        longest = max(self.recent, *(len(h) for h in histories))
+        padded = np.zeros((b, longest), dtype=np.int64)  # histories right-aligned after PAD
         for r, history in enumerate(histories):
-            tail = history[-self.recent :][::-1]
-            recent[r, : len(tail)] = tail
-            seen.append(history + r * n_items)
-        taken = np.sort(np.concatenate(seen))  # repeats are harmless to the membership test
-        counts = np.zeros(b, dtype=np.int64)
-        lengths = np.array([len(h) for h in histories], dtype=np.int64)
-        longest = int(lengths.max())
-        nearest_pool = quotas[1] - quotas[0]
-        for keys, quota in (
-            (self._covisit_keys(recent), quotas[0]),
-            (
-                _per_row_prefix(
-                    self._nearest_keys(recent, nearest_pool + longest),
-                    n_items,
-                    nearest_pool + lengths,
-                ),
-                quotas[1],
-            ),
-            (_per_row_prefix(self._popular_keys(b, n + longest), n_items, n + lengths), quotas[2]),
-        ):
-            rows = keys // n_items
-            fresh = ~_contains(taken, keys)
-            # Rank of each fresh key within its row, keys being in priority order per row.
-            rank = np.cumsum(fresh) - 1
-            first = np.searchsorted(rows, np.arange(b))
-            before = np.concatenate([[0], np.cumsum(fresh)])[first]
-            rank = rank - before[rows]
-            pick = fresh & (counts[rows] + rank < quota)
-            rows, keys, rank = rows[pick], keys[pick], rank[pick]
-            out[rows, counts[rows] + rank] = keys % n_items
-            counts += np.bincount(rows, minlength=b)
-            taken = np.sort(np.concatenate([taken, keys]))
-        for short in np.flatnonzero(counts < n):  # a tiny catalogue: fill from everything unseen
-            mine = taken[taken // n_items == short] % n_items
-            extra = np.setdiff1d(np.arange(1, n_items), mine)[: n - counts[short]]
-            out[short, counts[short] : counts[short] + len(extra)] = extra
-            counts[short] += len(extra)
-        return out, counts
+            padded[r, longest - len(history) :] = history
+        recent = padded[:, : -self.recent - 1 : -1]  # newest first, PAD-filled
+        offsets = np.arange(0, b * n_items, n_items, dtype=np.int64)[:, None]
+        free = np.ones(b * n_items + 1, dtype=bool)  # the last key is a dump for unpicked ones
+        free[padded + offsets] = False
+        free[offsets] = False  # padding is never a candidate
+        out = np.zeros(b * n + 1, dtype=np.int64)  # picked keys, row after row; the last: a dump
+        before = np.arange(-1, b * n - 1, n, dtype=np.int64)[:, None]  # each row's slot - 1
+        last = before  # each row's latest filled slot
+        quotas = (int(n * self.covisit_share), int(n * (self.covisit_share + self.nn_share)), n)
+        # n + len(history) popular items always fill a row (at most len(history) of them are
+        # seen, the others are picked), so a pool sized for the longest history is harmless.
+        sources = (
+            self._covisit(recent, offsets),
+            self._nearest(recent, offsets),
+            self.popular(n + longest) + offsets,
+        )
+        for keys, quota in zip(sources, quotas, strict=True):
+            if keys.shape[1] == 0:
+                continue
+            fresh = free[keys]
+            slot = np.cumsum(fresh, axis=1) + last  # where each fresh key would go
+            end = before + quota
+            pick = fresh & (slot <= end)
+            out[np.where(pick, slot, b * n)] = keys
+            free[np.where(pick, keys, b * n_items)] = False
+            last = np.minimum(slot[:, -1:], end)
+        matrix = out[:-1].reshape(b, n) % n_items  # keys back to items; empty slots stay PAD
+        counts = (last - before)[:, 0]
+        if counts.min() < n:  # a tiny catalogue: fill from everything unseen
+            for short in np.flatnonzero(counts < n):
+                unseen = np.flatnonzero(free[short * n_items : (short + 1) * n_items])
+                extra = unseen[: n - counts[short]]
+                matrix[short, counts[short] : counts[short] + len(extra)] = extra
+                counts[short] += len(extra)
+        return matrix, counts
 
-    def _covisit_keys(self, recent: np.ndarray) -> np.ndarray:
-        """Co-visitation neighbours as row-major keys, strongest first within each row."""
-        b, n_items = len(recent), self.n_items
-        weights = self.neighbour_weights[recent] * self._recency[None, :, None]
-        weights *= (recent != PAD)[:, :, None]
-        keys = (self.neighbours[recent] + np.arange(b)[:, None, None] * n_items).ravel()
-        uniq, inverse = np.unique(keys, return_inverse=True)
-        summed = np.bincount(inverse, weights=weights.ravel())
-        keep = (summed > 0) & (uniq % n_items != PAD)
-        uniq, summed = uniq[keep], summed[keep]
-        return uniq[np.lexsort((-summed, uniq // n_items))]
-
-    def _nearest_keys(self, recent: np.ndarray, n: int) -> np.ndarray:
-        """Items nearest the sessions' recency-weighted mean vectors, nearest first per row."""
+    def _covisit(self, recent: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Co-visitation neighbours' keys [B, recent * width], strongest first; repeats → 0."""
         b = len(recent)
-        n = max(1, min(n, self.n_items - 1))
-        weights = self._recency[None, :] * (recent != PAD)
-        sessions = (weights[:, :, None] * self.item_vectors[recent]).sum(axis=1)
-        sims = sessions @ self._vectors_t
-        sims[:, PAD] = -np.inf
-        top = np.argpartition(-sims, n - 1, axis=1)[:, :n]
-        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
-        top = np.take_along_axis(top, order, axis=1)
-        keys = top + np.arange(b)[:, None] * self.n_items
-        return keys[(recent != PAD).any(axis=1)].ravel()  # an empty session has no vector
+        # Row PAD of the table is empty (weight 0): the padding of a short session adds nothing.
+        keys = self.neighbours.take(recent, axis=0).reshape(b, -1) + offsets
+        weights = self.neighbour_weights.take(recent, axis=0) * self._recency[:, None]
+        # Every copy of a key reads back the same sum, so copies sort side by side.
+        summed = np.bincount(keys.ravel(), weights.ravel(), minlength=b * self.n_items)[keys]
+        return _first_copies(_by_score(keys, summed))
 
-    def _popular_keys(self, b: int, n: int) -> np.ndarray:
-        top = self.popular(n)
-        return (top[None, :] + np.arange(b)[:, None] * self.n_items).ravel()
+    def _nearest(self, recent: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Keys of the items nearest each session [B, recent * SIMILAR_WIDTH]; repeats → 0.
+
+        The pool is the union of the newest items' precomputed nearest items, scored
+        exactly against the session's vector.  einsum, not matmul: a BLAS call wakes
+        OpenBLAS's thread pool, which stalls for milliseconds on shared cores.
+        """
+        b = len(recent)
+        newest = self.item_vectors.take(recent, axis=0)  # row PAD is zero: padding adds nothing
+        sessions = (newest * self._recency[:, None]).sum(axis=1)
+        items = self.similar.take(recent, axis=0).reshape(b, -1)
+        keys = items + offsets
+        # Copies of an item scored apart might round apart: all read back one score.
+        scores = np.empty(b * self.n_items, dtype=np.float32)
+        vectors = self.item_vectors.take(items, axis=0)  # take(): faster than [] for rows
+        scores[keys] = np.einsum("bpd,bd->bp", vectors, sessions)
+        return _first_copies(_by_score(keys, scores[keys]))
 
     def save(self, path: Path) -> None:
         np.savez_compressed(
@@ -244,6 +309,7 @@ class CandidateIndex:
             neighbour_weights=self.neighbour_weights,
             popularity=self.popularity,
             item_vectors=self.item_vectors.astype(np.float16),
+            similar=self.similar.astype(np.int32),
         )
 
     @classmethod
@@ -254,30 +320,31 @@ class CandidateIndex:
                 f["neighbour_weights"].astype(np.float32),
                 f["popularity"].astype(np.float64),
                 f["item_vectors"].astype(np.float32),
+                similar=f.get("similar"),  # absent before the table was saved
             )
 
 
-def _per_row_prefix(keys: np.ndarray, n_items: int, limits: np.ndarray) -> np.ndarray:
-    """The first ``limits[row]`` keys of each row (keys grouped by row, in priority order).
+def _by_score(keys: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Each row of ``keys`` [B, m] (below 2**32) by descending score (as float32), then by key.
 
-    Pools are fetched once for the whole batch, sized for its longest session;
-    cutting each row back to what its own session needs keeps a session's
-    candidates independent of the sessions it happens to be batched with.
+    One sort of int64 values (the score's order in the high half, the key in the low
+    half) instead of a two-key ``lexsort``, which is many times slower per row.
+
+    >>> _by_score(np.array([[3, 1, 2, 4]]), np.array([[0.5, -1.0, 0.5, 2.0]])).tolist()
+    [[4, 2, 3, 1]]
     """
-    if len(keys) == 0:
-        return keys
-    rows = keys // n_items
-    starts = np.searchsorted(rows, rows, side="left")
-    position = np.arange(len(keys)) - starts
-    return keys[position < limits[rows]]
+    bits = scores.astype(np.float32).view(np.int32)
+    order = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64)  # rises with the score
+    packed = (-order << 32) | keys
+    packed.sort(axis=1)
+    return packed & 0xFFFFFFFF
 
 
-def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Membership of ``keys`` in the sorted array ``sorted_keys``."""
-    if len(sorted_keys) == 0:
-        return np.zeros(len(keys), dtype=bool)
-    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
-    return np.asarray(sorted_keys[at] == keys)
+def _first_copies(keys: np.ndarray) -> np.ndarray:
+    """``keys`` [B, m] with every copy after the first replaced by key 0 (row 0's padding,
+    never free); copies must sit side by side in each row."""
+    keys[:, 1:][keys[:, 1:] == keys[:, :-1]] = PAD
+    return keys
 
 
 def recall_at(candidates: Sequence[np.ndarray], targets: np.ndarray) -> float:

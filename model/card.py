@@ -78,8 +78,12 @@ def markdown(card: dict[str, Any]) -> str:
         f"Served variant: **{card['chosen']}**, chosen by f = α·T + (1−α)·(1−quality) with "
         f"α = {card['alpha']} (T: latency at batch 1 relative to the teacher; quality: "
         "validation NDCG@10, each user's second-to-last interaction, relative to the teacher; "
-        "the test columns report on the choice but do not make it). The int8 student shipped "
-        f"beside it, for comparison: **{card['int8']}**.",
+        "the test columns report on the choice but do not make it)."
+        + (
+            ""
+            if card["int8"] == card["chosen"]
+            else f" The int8 student shipped beside it, for comparison: **{card['int8']}**."
+        ),
         "",
         "Full-ranking metrics over all items, seen items excluded, ties pessimistic; "
         "95% bootstrap intervals (users resampled). LOO: each user's last interaction. "

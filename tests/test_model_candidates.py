@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.candidates import PAD, CandidateIndex, recall_at
+from model.candidates import PAD, CandidateIndex, nearest_items, recall_at
 
 
 def index(width: int = 4) -> CandidateIndex:
@@ -61,3 +61,101 @@ def test_a_sessions_candidates_do_not_depend_on_its_batch() -> None:
 
 def test_recall_counts_targets_inside_their_candidate_sets() -> None:
     assert recall_at([np.array([1, 2]), np.array([3])], np.array([2, 4])) == 0.5
+
+
+def random_index(
+    n_items: int = 120, dim: int = 8, seed: int = 0, **kwargs: float
+) -> CandidateIndex:
+    rng = np.random.default_rng(seed)
+    sequences = [rng.integers(1, n_items, rng.integers(2, 30)) for _ in range(60)]
+    vectors = rng.normal(size=(n_items, dim)).astype(np.float32)
+    idx = CandidateIndex.build(sequences, n_items, vectors, width=10)
+    for name, value in kwargs.items():
+        setattr(idx, name, value)
+    return idx
+
+
+def random_sessions(n_items: int, count: int, seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, n_items, rng.integers(0, 40)) for _ in range(count)]
+
+
+def test_batch_invariance_holds_on_a_larger_index() -> None:
+    idx = random_index()
+    sessions = random_sessions(idx.n_items, 40)
+    alone = [idx.candidates([s], 50)[0].tolist() for s in sessions]
+    for size in (3, 8, 40):
+        batched = [
+            c.tolist()
+            for lo in range(0, len(sessions), size)
+            for c in idx.candidates(sessions[lo : lo + size], 50)
+        ]
+        assert batched == alone
+
+
+def test_candidates_are_distinct_unseen_items() -> None:
+    idx = random_index()
+    sessions = random_sessions(idx.n_items, 40)
+    for session, cands in zip(sessions, idx.candidates(sessions, 80), strict=True):
+        assert len(cands) == 80 == len(set(cands.tolist()))
+        assert not set(cands.tolist()) & {PAD, *session.tolist()}
+
+
+def test_nearest_items_are_the_top_of_the_exact_product() -> None:
+    vectors = np.random.default_rng(2).normal(size=(50, 6)).astype(np.float32)
+    table = nearest_items(vectors, width=7)
+    sims = vectors @ vectors.T
+    for item in range(1, 50):
+        others = [j for j in range(1, 50) if j != item]
+        exact = sorted(others, key=lambda j: -sims[item, j])[:7]
+        assert sorted(table[item].tolist()) == sorted(exact)
+    assert not table[PAD].any()  # padding has no neighbours
+
+
+def test_a_full_width_table_ranks_like_a_full_scan() -> None:
+    # Nearest items only (no co-visitation share): with every item in every item's
+    # table, the pool is the whole catalogue, so the ranking is the exact product's.
+    idx = random_index(covisit_share=0.0, nn_share=1.0)
+    idx.similar = nearest_items(idx.item_vectors, width=idx.n_items)
+    for session in random_sessions(idx.n_items, 10, seed=3):
+        if not len(session):
+            continue
+        newest = session[::-1][: idx.recent]
+        recency = 0.7 ** np.arange(len(newest), dtype=np.float32)  # the newest counts most
+        query = (recency[:, None] * idx.item_vectors[newest]).sum(axis=0)
+        scores = idx.item_vectors @ query
+        unseen = [i for i in range(1, idx.n_items) if i not in set(session.tolist())]
+        exact = sorted(unseen, key=lambda i: (-scores[i], i))[:20]
+        assert idx.candidates([session], 20)[0].tolist() == exact
+
+
+def test_an_index_saved_before_the_nearest_items_table_still_loads(tmp_path: Path) -> None:
+    idx = random_index()
+    np.savez_compressed(  # the format before the table was saved with the index
+        tmp_path / "old.npz",
+        neighbours=idx.neighbours.astype(np.int32),
+        neighbour_weights=idx.neighbour_weights,
+        popularity=idx.popularity,
+        item_vectors=idx.item_vectors.astype(np.float16),
+    )
+    idx.save(tmp_path / "new.npz")
+    old, new = CandidateIndex.load(tmp_path / "old.npz"), CandidateIndex.load(tmp_path / "new.npz")
+    sessions = random_sessions(idx.n_items, 10)
+    assert [c.tolist() for c in old.candidates(sessions, 30)] == [
+        c.tolist() for c in new.candidates(sessions, 30)
+    ]
+
+
+def test_the_popular_list_keeps_up_with_observed_interactions() -> None:
+    idx = random_index(n_items=1100)  # more items than the cached top list (1000) holds
+    rng = np.random.default_rng(4)
+    for step in range(1500):
+        # Micro-batches of one to 20 events, some items counted twice in one: popular
+        # items move up the list, rarely seen ones enter it and push its last item out.
+        hot = idx.popular(20).tolist()
+        for _ in range((1, 1, 1, 2, 5, 9, 20)[step % 7]):
+            item = hot[int(rng.integers(0, 20))] if rng.random() < 0.3 else rng.integers(1, 1100)
+            idx.observe(PAD, int(item))
+        top = idx.popular(1000)
+        assert len(set(top.tolist())) == 1000
+        assert idx.popularity[top].tolist() == np.sort(idx.popularity)[::-1][:1000].tolist()
