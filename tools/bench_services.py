@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from confluent_kafka.admin import AdminClient
 
 from streamrec.settings import Settings
-from tools.kafka_local import LocalKafka
+from tools.kafka_local import LocalKafka, broker_answers
 
 FLOOR = "floor"
 TEACHER = "teacher"
@@ -57,7 +56,7 @@ def ensure_broker(settings: Settings, log: Callable[[str], None]) -> Broker:
     status = local.status()
     if status.running and status.bootstrap == settings.brokers:
         return Broker(settings.brokers, status.pid)
-    if _answers(settings.brokers):
+    if broker_answers(settings.brokers, timeout_s=5):
         return Broker(settings.brokers, _listening_pid(settings.brokers))
     if settings.brokers != local.bootstrap:
         raise BenchError(
@@ -67,13 +66,6 @@ def ensure_broker(settings: Settings, log: Callable[[str], None]) -> Broker:
         )
     status = local.up()
     return Broker(settings.brokers, status.pid, local)
-
-
-def _answers(bootstrap: str) -> bool:
-    try:
-        return bool(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=5).brokers)
-    except Exception:  # noqa: BLE001 - any failure means "not there"
-        return False
 
 
 def _listening_pid(bootstrap: str) -> int | None:

@@ -260,7 +260,7 @@ class LocalKafka:
                     f"the broker exited with code {process.returncode} while starting.\n"
                     f"--- last lines of {self.log_file} ---\n{self._log_tail()}"
                 )
-            if _broker_answers(self.bootstrap):
+            if broker_answers(self.bootstrap):
                 return
             time.sleep(0.3)
         self.down()
@@ -372,22 +372,23 @@ def _run(command: list[str], what: str) -> str:
     return result.stdout
 
 
-def _port_in_use(port: int) -> bool:
+def _port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.settimeout(0.5)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
+        return probe.connect_ex((host, port)) == 0
 
 
-def _broker_answers(bootstrap: str) -> bool:
-    # An open port is not enough: the broker must have joined the KRaft quorum
-    # and answer metadata requests before clients can use it.
+def broker_answers(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    """Whether a Kafka broker at ``bootstrap`` (its first address) answers metadata requests."""
+    # A closed port is checked first: a client would log a refused connection every 50 ms.
+    # An open port is not enough: the broker must have joined the KRaft quorum.
     from confluent_kafka.admin import AdminClient
 
-    host, port = bootstrap.rsplit(":", 1)
-    if not _port_in_use(int(port)):
+    host, port = bootstrap.split(",")[0].rsplit(":", 1)
+    if not _port_in_use(int(port), host):
         return False
     try:
-        metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=2)
+        metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout_s)
     except Exception:  # noqa: BLE001 - any failure just means "not ready yet"
         return False
     return bool(metadata.brokers)
