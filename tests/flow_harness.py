@@ -16,7 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 from state.store import SessionStore
 from streamrec.contracts import DeadLetter, Event, ForgetRequest, Recommendation, parse_message
 from streamrec.settings import Settings
-from tools.kafka_clients import producer_config, topic_partitions
+from tools.kafka_clients import end_offsets, producer_config, topic_partitions
 
 
 class FlowProcess:
@@ -119,6 +119,25 @@ class TopicReader:
             [TopicPartition(topic, p, OFFSET_BEGINNING) for p in topic_partitions(settings, topic)]
         )
 
+    def read_to_end(self, settings: Settings, topic: str, timeout_s: float = 60.0) -> list[Message]:
+        """Every record up to each partition's end as it is now; fails if it cannot get them."""
+        ends = {
+            tp.partition: tp.offset
+            for tp in end_offsets(self.consumer, topic, topic_partitions(settings, topic))
+        }
+        next_offset = dict.fromkeys(ends, 0)
+        found: list[Message] = []
+        deadline = time.monotonic() + timeout_s
+        # An empty poll proves nothing: partitions are fetched one by one.
+        while any(next_offset[p] < end for p, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"read {topic} up to {next_offset}, not to its end {ends}")
+            for m in self.consumer.consume(500, 0.2):
+                if m.error() is None:
+                    found.append(m)
+                    next_offset[m.partition()] = m.offset() + 1
+        return found
+
     def read(self, timeout_s: float = 1.0) -> list[Message]:
         found: list[Message] = []
         deadline = time.monotonic() + timeout_s
@@ -187,7 +206,7 @@ def sessions_applied_once(settings: Settings, scratch: Path) -> dict[str, dict]:
     """The sessions that applying every record of the events topic exactly once produces."""
     partitions = topic_partitions(settings, settings.events_topic)
     reader = TopicReader(settings, settings.events_topic)
-    records = reader.read(5.0)
+    records = reader.read_to_end(settings, settings.events_topic)
     reader.close()
     reference = settings.replace(state_dir=scratch)
     stores = {p: SessionStore.open(scratch, p, len(partitions), reference) for p in partitions}
