@@ -83,6 +83,8 @@ class EventProcessor:
         # The stores of the partitions this worker reads: it alone uses them.
         self._own: dict[int, SessionStore] = {}
         self._reported_reads = (0, 0)
+        self._cache_reads = metrics.SESSION_READS.labels("cache")
+        self._rocksdb_reads = metrics.SESSION_READS.labels("rocksdb")
 
     def process(self, records: list[Message]) -> list[OutputRecord]:
         """All outputs for one micro-batch, in input order per partition."""
@@ -128,6 +130,7 @@ class EventProcessor:
         # Before anything is emitted: a batch lost to a crash has no output and is read again.
         for store in self._own.values():
             store.commit()
+        self._report_reads()
         state_done = time.perf_counter()
         if events:
             ranked = self._recommender.recommend(histories, self._top_k)
@@ -171,14 +174,15 @@ class EventProcessor:
             removed = store.sweep_expired(None, SWEEP_MAX_KEYS)
             if removed:
                 metrics.EXPIRED.inc(removed)
-        self._report_reads()
 
     def _report_reads(self) -> None:
-        # Counted by the stores for free; published with the sweep, not per event.
-        hits = sum(store.counters.cache_hits for store in self._own.values())
-        misses = sum(store.counters.cache_misses for store in self._own.values())
-        metrics.SESSION_READS.labels("cache").inc(hits - self._reported_reads[0])
-        metrics.SESSION_READS.labels("rocksdb").inc(misses - self._reported_reads[1])
+        # Counted by the stores for free; published once per micro-batch, not per event.
+        hits = misses = 0
+        for store in self._own.values():
+            hits += store.counters.cache_hits
+            misses += store.counters.cache_misses
+        self._cache_reads.inc(hits - self._reported_reads[0])
+        self._rocksdb_reads.inc(misses - self._reported_reads[1])
         self._reported_reads = (hits, misses)
 
 

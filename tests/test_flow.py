@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +79,37 @@ def test_every_valid_event_gets_k_unseen_recommendations(
         assert scores == sorted(scores, reverse=True)
         assert rec.received_ms <= rec.emitted_ms
     assert "flow: stopped; session stores closed" in flow.output()
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample (``name`` with its labels, as written) in Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise KeyError(f"{name} not in the metrics")
+
+
+def test_the_flow_serves_prometheus_metrics_of_its_work(
+    kafka_settings: Settings, movielens: list[Event]
+) -> None:
+    settings = kafka_settings.replace(metrics_port=free_port())
+    events = movielens[:500]  # a few users, many events each: later ones find a cached session
+    produce(settings, events)
+    flow = FlowProcess(settings).start()
+    collector = RecommendationCollector(settings)
+    url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    try:
+        collector.wait_for({e.event_id for e in events}, flow)
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        collector.close()
+        flow.stop()
+    assert metric(text, "streamrec_events_total") == len(events)
+    assert metric(text, "streamrec_recommendations_total") == len(events)
+    users = len({e.user_id for e in events})
+    cached = metric(text, 'streamrec_session_reads_total{source="cache"}')
+    assert cached + metric(text, 'streamrec_session_reads_total{source="rocksdb"}') == len(events)
+    assert cached >= len(events) - users  # every user's first event found no session
 
 
 def test_a_new_item_is_a_valid_event_and_still_gets_recommendations(
