@@ -180,6 +180,10 @@ class CandidateIndex:
 
     def popular(self, n: int) -> np.ndarray:
         """The ``n`` most popular items, most popular first."""
+        return self._top(n).copy()  # a copy: the list changes in place as items move
+
+    def _top(self, n: int) -> np.ndarray:
+        """A view of the ``n`` most popular items, valid until the next ``observe``."""
         for item in self._moved:
             self._move_up(item)
         self._moved.clear()
@@ -190,7 +194,7 @@ class CandidateIndex:
             self._popular_neg = -self.popularity[self._popular]
             self._popular_at = np.full(self.n_items, -1, dtype=np.int64)
             self._popular_at[self._popular] = np.arange(n_top)
-        return self._popular[:n].copy()  # a copy: the list changes in place as items move
+        return self._popular[:n]
 
     def _move_up(self, item: int) -> None:
         """Put ``item``, whose count went up, back in order in the top list.
@@ -252,7 +256,7 @@ class CandidateIndex:
         sources = (
             self._covisit(recent, offsets),
             self._nearest(recent, offsets),
-            self.popular(n + longest) + offsets,
+            self._top(n + longest) + offsets,  # the sum is a new array: no copy needed
         )
         for keys, quota in zip(sources, quotas, strict=True):
             if keys.shape[1] == 0:
