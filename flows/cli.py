@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 from datetime import timedelta
 from pathlib import Path
-from types import FrameType
 
 import click
 
@@ -23,20 +21,6 @@ def ensure_recovery_store(recovery_dir: Path, partitions: int) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not any(recovery_dir.glob("part-*.sqlite3")):
             init_db_dir(recovery_dir, partitions)
-
-
-def _stop_gracefully_on_signals() -> None:
-    """First SIGTERM/SIGINT: stop reading and let the flow drain; a second one aborts."""
-    from flows.kafka_io import STOP_READING
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        if STOP_READING.is_set():
-            raise KeyboardInterrupt
-        click.echo(f"flow: {signal.Signals(signum).name}: finishing work in flight", err=True)
-        STOP_READING.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
 
 
 def _is_interrupt(err: BaseException) -> bool:
@@ -158,6 +142,11 @@ def run_command(
       streamrec run -i 0 -a "127.0.0.1:2101;127.0.0.1:2102"
       streamrec run -i 1 -a "127.0.0.1:2101;127.0.0.1:2102"
     """
+    from flows.shutdown import STARTING, STOP_READING, stop_gracefully_on_signals
+
+    # Before the seconds of start-up, so that a stop during them exits cleanly.
+    stop_gracefully_on_signals()
+    click.echo(STARTING, err=True)
     settings = Settings.from_env(
         brokers=brokers,
         model_dir=model_dir,
@@ -224,7 +213,10 @@ def run_command(
         f"{settings.workers} worker(s), epoch {settings.epoch_interval_s:g} s{metrics_note}",
         err=True,
     )
-    _stop_gracefully_on_signals()
+    if STOP_READING.is_set():
+        stores.close()
+        click.echo("flow: stopped before it started reading; session stores closed", err=True)
+        return
     try:
         cli_main(
             flow,

@@ -13,7 +13,6 @@ never has outputs still in flight (at-least-once output).
 
 from __future__ import annotations
 
-import threading
 from typing import Any, cast
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -27,12 +26,9 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from flows.shutdown import STOP_READING
 from streamrec.settings import Settings
 from tools.kafka_clients import consumer_config, producer_config, topic_partitions
-
-# Set on SIGTERM/SIGINT: every reader ends its partition, so the dataflow
-# completes as on finite input: batches in flight are finished, sinks closed.
-STOP_READING = threading.Event()
 
 # (topic, key, value, headers): what the flow hands the sink, with no wrapper per record.
 OutputRecord = tuple[str, bytes | None, bytes | None, list[tuple[str, str | bytes | None]] | None]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
+from flows.shutdown import STARTING
 from state.store import SessionStore
 from streamrec.contracts import DeadLetter, Event, ForgetRequest, Recommendation, parse_message
 from streamrec.settings import Settings
@@ -29,10 +30,12 @@ class FlowProcess:
         self.args = list(args)
         self.log = log or settings.state_dir.parent / f"flow-{time.monotonic_ns()}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
 
     def start(self) -> FlowProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.settings.to_env()}
+        self._log_start = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "streamrec", "run", *self.args],
@@ -54,8 +57,20 @@ class FlowProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def started_handling_signals(self, timeout_s: float = 30.0) -> bool:
+        """Wait for the flow's first line: from then on SIGTERM is a clean stop, not a death."""
+        deadline = time.monotonic() + timeout_s
+        while self.alive() and time.monotonic() < deadline:
+            with self.log.open("rb") as log:
+                log.seek(self._log_start)
+                if STARTING.encode() in log.read():
+                    return True
+            time.sleep(0.02)
+        return False
+
     def stop(self, timeout_s: float = 30.0) -> int:
         assert self.process is not None
+        self.started_handling_signals(timeout_s)
         self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout_s)
@@ -76,6 +91,7 @@ def stop_all(flows: Sequence[FlowProcess], timeout_s: float = 30.0) -> list[int]
     """Stop every process of a cluster: one cannot finish while the others still run."""
     for flow in flows:
         assert flow.process is not None
+        flow.started_handling_signals(timeout_s)
         flow.process.send_signal(signal.SIGTERM)
     return [flow.process.wait(timeout_s) for flow in flows if flow.process is not None]
 

@@ -81,6 +81,26 @@ def test_every_valid_event_gets_k_unseen_recommendations(
     assert "flow: stopped; session stores closed" in flow.output()
 
 
+def test_a_stop_during_start_up_is_a_clean_exit_and_the_next_run_serves_everything(
+    kafka_settings: Settings, movielens: list[Event]
+) -> None:
+    events = movielens[:300]
+    produce(kafka_settings, events)
+    flow = FlowProcess(kafka_settings).start()
+    assert flow.started_handling_signals(), flow.output()
+    # At once: the model is still loading and the stores opening.
+    assert flow.stop() == 0, flow.output()[-2000:]
+    assert "session stores closed" in flow.output()
+
+    flow = FlowProcess(kafka_settings).start()
+    collector = RecommendationCollector(kafka_settings)
+    try:
+        collector.wait_for({e.event_id for e in events}, flow)
+    finally:
+        collector.close()
+        assert flow.stop() == 0, flow.output()[-2000:]
+
+
 def metric(text: str, name: str) -> float:
     """The value of one sample (``name`` with its labels, as written) in Prometheus text."""
     for line in text.splitlines():
