@@ -24,9 +24,10 @@ compose-client:
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 typecheck: $(VENV)/.dev
-	$(VENV)/bin/mypy streamrec flows state model tools
+	$(VENV)/bin/mypy streamrec flows state model tools tests
 
 check: lint typecheck test
 

@@ -18,6 +18,7 @@ streamrec.contracts.MissingField: missing field 'user_id' (required: event_id, .
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -351,7 +352,7 @@ class DeadLetter:
         cls,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes]] | None,
+        headers: Iterable[tuple[str, str | bytes | None]] | None,
     ) -> DeadLetter:
         found = {name: data for name, data in headers or [] if isinstance(data, bytes)}
         try:

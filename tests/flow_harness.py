@@ -20,6 +20,31 @@ from streamrec.settings import Settings
 from tools.kafka_clients import end_offsets, producer_config, topic_partitions
 
 
+# A consumed message (never an error event) always has these; the client's types allow None.
+def partition_of(message: Message) -> int:
+    partition = message.partition()
+    assert partition is not None
+    return partition
+
+
+def offset_of(message: Message) -> int:
+    offset = message.offset()
+    assert offset is not None
+    return offset
+
+
+def value_of(message: Message) -> bytes:
+    value = message.value()
+    assert isinstance(value, bytes)
+    return value
+
+
+def headers_of(message: Message) -> list[tuple[str, str | bytes | None]]:
+    headers = message.headers()
+    assert not isinstance(headers, dict)
+    return headers or []
+
+
 class FlowProcess:
     """One `streamrec run` process: stopped with SIGTERM, or killed with SIGKILL (a crash)."""
 
@@ -151,7 +176,7 @@ class TopicReader:
             for m in self.consumer.consume(500, 0.2):
                 if m.error() is None:
                     found.append(m)
-                    next_offset[m.partition()] = m.offset() + 1
+                    next_offset[partition_of(m)] = offset_of(m) + 1
         return found
 
     def read(self, timeout_s: float = 1.0) -> list[Message]:
@@ -177,7 +202,7 @@ class RecommendationCollector:
 
     def poll(self) -> int:
         for message in self.reader.read(0.5):
-            rec = Recommendation.from_json(message.value())
+            rec = Recommendation.from_json(value_of(message))
             self.by_event.setdefault(rec.event_id, []).append(rec)
         return len(self.by_event)
 
@@ -212,7 +237,7 @@ def dead_letters(settings: Settings, expected: int, timeout_s: float = 60.0) -> 
     deadline = time.monotonic() + timeout_s
     while len(letters) < expected and time.monotonic() < deadline:
         letters.extend(
-            DeadLetter.from_record(m.key(), m.value(), m.headers()) for m in reader.read(0.5)
+            DeadLetter.from_record(m.key(), m.value(), headers_of(m)) for m in reader.read(0.5)
         )
     reader.close()
     return letters
@@ -227,16 +252,16 @@ def sessions_applied_once(settings: Settings, scratch: Path) -> dict[str, dict]:
     reference = settings.replace(state_dir=scratch)
     stores = {p: SessionStore.open(scratch, p, len(partitions), reference) for p in partitions}
     try:
-        for m in sorted(records, key=lambda m: (m.partition(), m.offset())):
+        for m in sorted(records, key=lambda m: (partition_of(m), offset_of(m))):
             try:
                 parsed = parse_message(m.value(), m.key(), settings.max_event_bytes)
             except ValueError:
                 continue
-            store = stores[m.partition()]
+            store = stores[partition_of(m)]
             if isinstance(parsed, ForgetRequest):
                 store.forget(parsed.user_id)
             else:
-                store.apply(parsed, m.partition(), m.offset())
+                store.apply(parsed, partition_of(m), offset_of(m))
         return stored_sessions(stores.values())
     finally:
         for store in stores.values():

@@ -12,6 +12,7 @@ from confluent_kafka import Consumer, Producer
 from streamrec.contracts import Event, parse_event
 from streamrec.settings import Settings
 from tests.conftest import free_port
+from tests.flow_harness import partition_of
 from tools.kafka_clients import producer_config
 from tools.kafka_local import MAIN_CLASS, KafkaLauncherError, LocalKafka, ensure_jars
 from tools.topics import create_topics, wanted_topics
@@ -54,7 +55,7 @@ def test_typed_events_round_trip_through_the_broker_keyed_by_user(
             continue
         event = parse_event(message.value(), message.key())
         received.append(event)
-        partitions_of_user.setdefault(event.user_id, set()).add(message.partition())
+        partitions_of_user.setdefault(event.user_id, set()).add(partition_of(message))
     consumer.close()
 
     assert sorted(received, key=lambda e: e.event_id) == sorted(sent, key=lambda e: e.event_id)

@@ -191,7 +191,8 @@ def test_the_cache_can_be_turned_off(state_dir: Path) -> None:
     with SessionStore.open(state_dir, 0, 1, SETTINGS.replace(session_cache=0)) as store:
         store.apply(event("u1", "a"), 0, 1)
         store.apply(event("u1", "b"), 0, 2)
-        assert store.get("u1").item_ids == ["a", "b"]
+        session = store.get("u1")
+        assert session is not None and session.item_ids == ["a", "b"]
         assert store.counters.cache_hits == 0
 
 

@@ -128,26 +128,33 @@ def evaluate_targets(runs: Sequence[Run]) -> list[TargetResult]:
         at_ref = run_at(runs, variant, REFERENCE_RATE)
         name = f"{variant}: p50 at 1,000 ev/s ≤ {P50_FLOOR_FACTOR:g}× the Kafka floor"
         if at_ref is None or floor is None:
-            results.append(TargetResult(name, "needs the floor and this variant at 1,000 ev/s",
-                                        None))
+            results.append(
+                TargetResult(name, "needs the floor and this variant at 1,000 ev/s", None)
+            )
         else:
             ratio = at_ref["p50_ms"] / max(floor["p50_ms"], 1e-3)
             met = ratio <= P50_FLOOR_FACTOR and not at_ref.get("saturated")
-            results.append(TargetResult(
-                name,
-                f"{at_ref['p50_ms']:.2f} ms vs floor {floor['p50_ms']:.2f} ms ({ratio:.1f}×)",
-                met,
-                [] if met else obstacles(at_ref, floor),
-            ))
+            results.append(
+                TargetResult(
+                    name,
+                    f"{at_ref['p50_ms']:.2f} ms vs floor {floor['p50_ms']:.2f} ms ({ratio:.1f}×)",
+                    met,
+                    [] if met else obstacles(at_ref, floor),
+                )
+            )
         name = f"{variant}: p99 at 1,000 ev/s ≤ {P99_AT_REFERENCE_MS:g} ms"
         if at_ref is None:
             results.append(TargetResult(name, "no 1,000 ev/s point", None))
         else:
             met = at_ref["p99_ms"] <= P99_AT_REFERENCE_MS and not at_ref.get("saturated")
-            results.append(TargetResult(
-                name, f"{at_ref['p99_ms']:.2f} ms", met,
-                [] if met else obstacles(at_ref, floor, P99_AT_REFERENCE_MS),
-            ))
+            results.append(
+                TargetResult(
+                    name,
+                    f"{at_ref['p99_ms']:.2f} ms",
+                    met,
+                    [] if met else obstacles(at_ref, floor, P99_AT_REFERENCE_MS),
+                )
+            )
         best = capacity(runs, variant)
         name = (
             f"{variant}: highest rate with p99 ≤ {P99_CAPACITY_MS:g} ms "
@@ -155,15 +162,20 @@ def evaluate_targets(runs: Sequence[Run]) -> list[TargetResult]:
         )
         met = best is not None and best >= CAPACITY_TARGET
         first_miss = _first_miss(runs, variant)
-        results.append(TargetResult(
-            name,
-            f"{best:,.0f} ev/s" if best is not None else "none of the rates run",
-            met,
-            [] if met or first_miss is None else obstacles(
-                first_miss, run_at(runs, "floor", float(first_miss["offered_rate"])),
-                P99_CAPACITY_MS,
-            ),
-        ))
+        results.append(
+            TargetResult(
+                name,
+                f"{best:,.0f} ev/s" if best is not None else "none of the rates run",
+                met,
+                []
+                if met or first_miss is None
+                else obstacles(
+                    first_miss,
+                    run_at(runs, "floor", float(first_miss["offered_rate"])),
+                    P99_CAPACITY_MS,
+                ),
+            )
+        )
         name = f"{variant}: that rate ≥ {TEACHER_FACTOR:g}× the fp32 teacher's"
         results.append(_teacher_ratio(name, runs, best, teacher_capacity))
     return results
@@ -171,7 +183,8 @@ def evaluate_targets(runs: Sequence[Run]) -> list[TargetResult]:
 
 def _first_miss(runs: Sequence[Run], variant: str) -> Run | None:
     misses = [
-        r for r in runs
+        r
+        for r in runs
         if r["variant"] == variant and (r.get("saturated") or r["p99_ms"] > P99_CAPACITY_MS)
     ]
     return min(misses, key=lambda r: float(r["offered_rate"])) if misses else None
@@ -198,8 +211,11 @@ def _teacher_ratio(
     return TargetResult(
         name,
         f"{best:,.0f} vs teacher {teacher_capacity:,.0f} ev/s ({ratio:.1f}×)"
-        + ("" if met or best < max(float(r["offered_rate"]) for r in runs) else
-           " — the ladder's top rate bounds it; add higher --rates"),
+        + (
+            ""
+            if met or best < max(float(r["offered_rate"]) for r in runs)
+            else " — the ladder's top rate bounds it; add higher --rates"
+        ),
         met,
     )
 
@@ -231,8 +247,9 @@ def runs_table(runs: Sequence[Run]) -> str:
     rows = []
     for r in runs:
         stages = r.get("stages_ms") or {}
-        split = " / ".join(_ms(stages[s]["p50"]) for s in ("queueing", "processing", "output")
-                           if s in stages)
+        split = " / ".join(
+            _ms(stages[s]["p50"]) for s in ("queueing", "processing", "output") if s in stages
+        )
         notes = []
         if r.get("saturated"):
             notes.append(f"saturated: {r.get('missing', 0)} missing")

@@ -66,12 +66,20 @@ def consumer_config(settings: Settings, group: str) -> dict[str, str]:
     }
 
 
+def admin_client(settings: Settings) -> AdminClient:
+    """A metadata client that leaves failures to its caller's error message."""
+    # Without a broker librdkafka logs a refused connection every 50 ms (hundreds of
+    # lines before a timeout); the caller's error says it once, with the way out.
+    return AdminClient({"bootstrap.servers": settings.brokers, "log_level": 2})
+
+
 def topic_partitions(settings: Settings, topic: str) -> list[int]:
     """The partition ids of ``topic``; a clear error when it or the broker is missing."""
-    admin = AdminClient({"bootstrap.servers": settings.brokers})
+    admin = admin_client(settings)
     try:
         metadata = admin.list_topics(topic=topic, timeout=METADATA_TIMEOUT_S)
     except Exception as err:  # noqa: BLE001 - confluent raises KafkaException or a timeout
+        del admin  # closes the client now, not when the traceback goes
         raise KafkaUnavailable(
             f"cannot reach Kafka at {settings.brokers}: {err}. Is it running? "
             "(`streamrec kafka up` starts a local broker)"

@@ -107,8 +107,12 @@ def serve_floor(
 
 @click.command("kafka-floor")
 @click.option(
-    "--from", "start", type=click.Choice(["beginning", "end"]), default="beginning",
-    show_default=True, help="Where in the events topic to start (the flow: its beginning).",
+    "--from",
+    "start",
+    type=click.Choice(["beginning", "end"]),
+    default="beginning",
+    show_default=True,
+    help="Where in the events topic to start (the flow: its beginning).",
 )
 def main(start: str) -> None:
     """Answer each event with an empty recommendation: Kafka's own latency, for comparison.
@@ -127,7 +131,8 @@ def main(start: str) -> None:
     signal.signal(signal.SIGINT, request_stop)
     click.echo(
         f"kafka floor: {settings.events_topic!r} -> {settings.recommendations_topic!r} "
-        f"at {settings.brokers}", err=True,
+        f"at {settings.brokers}",
+        err=True,
     )
     try:
         answered, unreadable = serve_floor(settings, lambda: stopping, start == "beginning")

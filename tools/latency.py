@@ -272,10 +272,15 @@ class LatencyCollector:
         self.matcher = LatencyMatcher()
         self.events_topic = settings.events_topic
         self.recommendations_topic = settings.recommendations_topic
+        # The topics first: without a broker, that fails before a consumer exists to log it.
+        topics = {
+            t: topic_partitions(settings, t)
+            for t in (self.events_topic, self.recommendations_topic)
+        }
         self.consumer = Consumer(consumer_config(settings, group=group))
         starts = []
-        for topic in (self.events_topic, self.recommendations_topic):
-            starts += end_offsets(self.consumer, topic, topic_partitions(settings, topic))
+        for topic, partitions in topics.items():
+            starts += end_offsets(self.consumer, topic, partitions)
         self.consumer.assign(starts)
 
     def poll(self, timeout_s: float) -> int:
@@ -370,10 +375,15 @@ class StopRule:
 
 
 def measure(
-    settings: Settings, rule: StopRule, progress: bool = True
+    settings: Settings, rule: StopRule, progress: bool = True, ready: str | None = None
 ) -> LatencyMatcher:
-    """Run a collector until ``rule`` says stop; Ctrl-C ends it early and keeps the figures."""
+    """Run a collector until ``rule`` says stop; Ctrl-C ends it early and keeps the figures.
+
+    ``ready`` is printed once the collector listens (not before: the broker may be missing).
+    """
     collector = LatencyCollector(settings)
+    if ready is not None:
+        click.echo(ready)
     previous = signal.signal(signal.SIGINT, rule.interrupt)
     try:
         with tqdm(total=rule.count, unit="rec", disable=not progress, desc="latency") as bar:
@@ -390,24 +400,36 @@ def measure(
 
 @click.command("latency")
 @click.option(
-    "--count", type=click.IntRange(min=1), default=None,
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
     help="Stop after N recommendations matched to their events.",
 )
 @click.option(
-    "--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
     help="Stop after this many seconds.",
 )
 @click.option(
-    "--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+    "--idle-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
     show_default=True,
     help="Stop once no recommendation has arrived for this many seconds (after the first).",
 )
 @click.option(
-    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
     help="Write the figures as JSON here; the plots go next to it unless --plot says otherwise.",
 )
 @click.option(
-    "--plot", "plot_prefix", type=click.Path(path_type=Path), default=None,
+    "--plot",
+    "plot_prefix",
+    type=click.Path(path_type=Path),
+    default=None,
     help="Write PREFIX-cdf.png (latency distribution) and PREFIX-over-time.png.",
 )
 @click.option("--brokers", default=None, help="Kafka bootstrap servers [default: settings].")
@@ -433,12 +455,12 @@ def latency_command(
     """
     settings = Settings.from_env(brokers=brokers)
     rule = StopRule(count=count, duration_s=duration, idle_timeout_s=idle_timeout)
-    click.echo(
+    ready = (
         f"listening on {settings.events_topic!r} and {settings.recommendations_topic!r} "
         "from now on; start the load (e.g. `streamrec replay --rate 1000`). Ctrl-C ends."
     )
     try:
-        matcher = measure(settings, rule)
+        matcher = measure(settings, rule, ready=ready)
     except KafkaUnavailable as err:
         raise click.ClickException(str(err)) from None
     click.echo(matcher.describe())

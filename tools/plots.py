@@ -33,7 +33,7 @@ def _figure(width: float = 8.0, height: float = 5.0) -> Figure:
 
 
 def _plain_numbers(axis: Axis) -> None:
-    """"200" rather than "2 x 10^2" on a log axis: these are milliseconds and rates."""
+    """ "200" rather than "2 x 10^2" on a log axis: these are milliseconds and rates."""
     from matplotlib.ticker import FuncFormatter
 
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
@@ -121,12 +121,20 @@ def plot_latency_vs_throughput(
         color = f"C{index}"
         x = [r["achieved_rate"] for r in points]
         ax.plot(x, [r["p99_ms"] for r in points], "o-", color=color, label=f"{variant} p99")
-        ax.plot(x, [r["p50_ms"] for r in points], "s--", color=color, alpha=0.7,
-                label=f"{variant} p50")
+        ax.plot(
+            x, [r["p50_ms"] for r in points], "s--", color=color, alpha=0.7, label=f"{variant} p50"
+        )
     for target in targets_ms:
         ax.axhline(target, color="gray", linestyle=":", linewidth=1)
-        ax.annotate(f"{target:g} ms", (0, target), xycoords=("axes fraction", "data"),
-                    xytext=(4, 2), textcoords="offset points", color="gray", fontsize=8)
+        ax.annotate(
+            f"{target:g} ms",
+            (0, target),
+            xycoords=("axes fraction", "data"),
+            xytext=(4, 2),
+            textcoords="offset points",
+            color="gray",
+            fontsize=8,
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     _plain_numbers(ax.xaxis)

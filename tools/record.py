@@ -233,25 +233,37 @@ class _StopOnSignal:
 
 @click.command("record")
 @click.option(
-    "--topic", default=None,
+    "--topic",
+    default=None,
     help="Topic to capture [default: the events topic, STREAMREC_EVENTS_TOPIC].",
 )
 @click.option(
-    "-o", "--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+    "-o",
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
     help="File to write, one JSON line per record (e.g. run/recordings/events.jsonl).",
 )
 @click.option(
-    "--from", "start", type=click.Choice(["beginning", "end"]), default="beginning",
+    "--from",
+    "start",
+    type=click.Choice(["beginning", "end"]),
+    default="beginning",
     show_default=True,
     help="Capture what the topic already holds, or only what arrives from now on.",
 )
 @click.option(
-    "--follow/--no-follow", default=False, show_default=True,
+    "--follow/--no-follow",
+    default=False,
+    show_default=True,
     help="Keep capturing new records after catching up (always on with --from end).",
 )
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after N records.")
 @click.option(
-    "--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
     help="Stop after this many seconds.",
 )
 @click.option("--brokers", default=None, help="Kafka bootstrap servers [default: settings].")

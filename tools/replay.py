@@ -110,7 +110,10 @@ class RecordingSource:
     """The messages of a ``streamrec record`` file, bytes unchanged, from position ``start``."""
 
     def __init__(
-        self, messages: Sequence[RecordedMessage], start: int = 0, count: int | None = None,
+        self,
+        messages: Sequence[RecordedMessage],
+        start: int = 0,
+        count: int | None = None,
         name: str = "recording",
     ) -> None:
         self.messages = messages[start:] if count is None else messages[start : start + count]
@@ -300,30 +303,43 @@ def open_source(
 
 @click.command("replay")
 @click.option(
-    "--from", "recording", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None, help="Replay a file written by `streamrec record` (bytes unchanged).",
+    "--from",
+    "recording",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Replay a file written by `streamrec record` (bytes unchanged).",
 )
 @click.option(
-    "--data", "dataset", type=click.Path(exists=True, path_type=Path), default=None,
+    "--data",
+    "dataset",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
     help="Dataset to replay: a MovieLens directory or a .jsonl of events "
     "[default: STREAMREC_DATA_DIR, data/ml-latest-small].",
 )
 @click.option(
-    "--count", type=click.IntRange(min=1), default=None,
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
     help="Records to send [default: the whole source once; with --duration, as many as fit]. "
     "A dataset laps past its end with fresh event ids.",
 )
 @click.option(
-    "--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
     help="Stop after this many seconds of schedule (or of sending, with --rate max).",
 )
 @click.option(
-    "--rate", default=None,
+    "--rate",
+    default=None,
     help="Events per second on an open-loop schedule (send times fixed in advance), "
     "or 'max' for as fast as possible [default: max].",
 )
 @click.option(
-    "--speed", type=click.FloatRange(min=0, min_open=True), default=None,
+    "--speed",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
     help="Keep the recorded inter-arrival times, divided by F (2 = twice as fast). "
     "For a dataset these are its event times.",
 )
@@ -331,7 +347,10 @@ def open_source(
 @click.option("--topic", default=None, help="Target topic [default: STREAMREC_EVENTS_TOPIC].")
 @click.option("--brokers", default=None, help="Kafka bootstrap servers [default: settings].")
 @click.option(
-    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
     help="Also write the report (counts, send rate, schedule lag) as JSON here.",
 )
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")

@@ -15,6 +15,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamrec.settings import Settings
+from tools.kafka_clients import METADATA_TIMEOUT_S, admin_client
 
 
 class TopicError(RuntimeError):
@@ -48,9 +49,10 @@ def create_topics(
     settings: Settings, partitions: int | None = None, timeout_s: float = 30.0
 ) -> list[TopicReport]:
     """Create the missing topics; existing ones are left as they are and reported."""
-    admin = AdminClient({"bootstrap.servers": settings.brokers})
+    admin = admin_client(settings)
     try:
-        existing = admin.list_topics(timeout=timeout_s).topics
+        # Reachability first, as quickly as every other command finds a missing broker.
+        existing = admin.list_topics(timeout=min(timeout_s, METADATA_TIMEOUT_S)).topics
     except KafkaException as err:
         raise TopicError(
             f"cannot reach Kafka at {settings.brokers}: {err}. Is it running? "
@@ -91,7 +93,7 @@ def _wait_until_listed(admin: AdminClient, names: list[str], timeout_s: float) -
 
 def delete_topics(settings: Settings, names: list[str], timeout_s: float = 30.0) -> None:
     """Delete topics (tests and benchmarks start from fresh ones)."""
-    admin = AdminClient({"bootstrap.servers": settings.brokers})
+    admin = admin_client(settings)
     present = admin.list_topics(timeout=timeout_s).topics
     doomed = [n for n in names if n in present]
     if not doomed:

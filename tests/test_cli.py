@@ -1,0 +1,36 @@
+"""The `streamrec` commands as a user meets them, in a fresh process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["replay", "--count", "1", "--no-progress"],
+        ["run"],
+        ["latency", "--count", "1"],
+        ["topics", "create"],
+    ],
+)
+def test_without_a_broker_the_commands_say_so_once_without_client_log_noise(
+    command: list[str],
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "streamrec", *command],
+        env={**os.environ, "STREAMREC_BROKERS": "127.0.0.1:1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    output = done.stdout + done.stderr
+    errors = [line for line in output.splitlines() if "streamrec kafka up" in line]
+    assert len(errors) == 1, output
+    assert "%3|" not in output  # librdkafka's own connection-refused lines
+    assert "listening" not in output  # no claim of a success before the failure
