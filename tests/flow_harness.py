@@ -231,6 +231,20 @@ class RecommendationCollector:
         self.reader.close()
 
 
+def serve_until_answered(
+    settings: Settings, event_ids: set[str], timeout_s: float = 120.0
+) -> tuple[FlowProcess, RecommendationCollector]:
+    """Run a flow until each of ``event_ids`` has a recommendation, then stop it: exit 0."""
+    flow = FlowProcess(settings).start()
+    collector = RecommendationCollector(settings)
+    try:
+        collector.wait_for(event_ids, flow, timeout_s)
+    finally:
+        collector.close()
+        assert flow.stop() == 0, flow.output()[-2000:]
+    return flow, collector
+
+
 def dead_letters(settings: Settings, expected: int, timeout_s: float = 60.0) -> list[DeadLetter]:
     reader = TopicReader(settings, settings.dlq_topic)
     letters: list[DeadLetter] = []

@@ -19,6 +19,7 @@ from tests.flow_harness import (
     RecommendationCollector,
     dead_letters,
     produce,
+    serve_until_answered,
     sessions_applied_once,
     sessions_in,
     stop_all,
@@ -60,13 +61,7 @@ def test_every_valid_event_gets_k_unseen_recommendations(
 ) -> None:
     events = movielens[:3000]
     produce(kafka_settings, events)
-    flow = FlowProcess(kafka_settings).start()
-    collector = RecommendationCollector(kafka_settings)
-    try:
-        collector.wait_for({e.event_id for e in events}, flow)
-    finally:
-        collector.close()
-        assert flow.stop() == 0, flow.output()[-2000:]
+    flow, collector = serve_until_answered(kafka_settings, {e.event_id for e in events})
 
     seen = history_after(events, kafka_settings)
     for event in events:
@@ -92,13 +87,7 @@ def test_a_stop_during_start_up_is_a_clean_exit_and_the_next_run_serves_everythi
     assert flow.stop() == 0, flow.output()[-2000:]
     assert "session stores closed" in flow.output()
 
-    flow = FlowProcess(kafka_settings).start()
-    collector = RecommendationCollector(kafka_settings)
-    try:
-        collector.wait_for({e.event_id for e in events}, flow)
-    finally:
-        collector.close()
-        assert flow.stop() == 0, flow.output()[-2000:]
+    serve_until_answered(kafka_settings, {e.event_id for e in events})
 
 
 def metric(text: str, name: str) -> float:
