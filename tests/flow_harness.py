@@ -200,8 +200,8 @@ class RecommendationCollector:
         self.reader = TopicReader(settings, settings.recommendations_topic)
         self.by_event: dict[str, list[Recommendation]] = {}
 
-    def poll(self) -> int:
-        for message in self.reader.read(0.5):
+    def poll(self, timeout_s: float = 0.5) -> int:
+        for message in self.reader.read(timeout_s):
             rec = Recommendation.from_json(value_of(message))
             self.by_event.setdefault(rec.event_id, []).append(rec)
         return len(self.by_event)
