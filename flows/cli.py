@@ -142,7 +142,7 @@ def run_command(
       streamrec run -i 0 -a "127.0.0.1:2101;127.0.0.1:2102"
       streamrec run -i 1 -a "127.0.0.1:2101;127.0.0.1:2102"
     """
-    from flows.shutdown import STARTING, STOP_READING, stop_gracefully_on_signals
+    from flows.shutdown import STARTING, stop_gracefully_on_signals
 
     # Before the seconds of start-up, so that a stop during them exits cleanly.
     stop_gracefully_on_signals()
@@ -213,10 +213,7 @@ def run_command(
         f"{settings.workers} worker(s), epoch {settings.epoch_interval_s:g} s{metrics_note}",
         err=True,
     )
-    if STOP_READING.is_set():
-        stores.close()
-        click.echo("flow: stopped before it started reading; session stores closed", err=True)
-        return
+    # A stop during start-up needs no case of its own: the readers end at once.
     try:
         cli_main(
             flow,

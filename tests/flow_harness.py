@@ -93,10 +93,15 @@ class FlowProcess:
             time.sleep(0.02)
         return False
 
-    def stop(self, timeout_s: float = 30.0) -> int:
+    def ask_to_stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM, once the flow handles it (a stop, not a death)."""
         assert self.process is not None
         self.started_handling_signals(timeout_s)
         self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        assert self.process is not None
+        self.ask_to_stop(timeout_s)
         try:
             return self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -115,9 +120,7 @@ class FlowProcess:
 def stop_all(flows: Sequence[FlowProcess], timeout_s: float = 30.0) -> list[int]:
     """Stop every process of a cluster: one cannot finish while the others still run."""
     for flow in flows:
-        assert flow.process is not None
-        flow.started_handling_signals(timeout_s)
-        flow.process.send_signal(signal.SIGTERM)
+        flow.ask_to_stop(timeout_s)
     return [flow.process.wait(timeout_s) for flow in flows if flow.process is not None]
 
 
