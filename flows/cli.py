@@ -177,7 +177,7 @@ def run_command(
 
     from flows.dataflow import build_dataflow
     from flows.processor import PartitionStores
-    from tools.kafka_clients import KafkaUnavailable, topic_partitions
+    from streamrec.kafka_clients import KafkaUnavailable, topic_partitions
 
     try:
         partitions = len(topic_partitions(settings, settings.events_topic))

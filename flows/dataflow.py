@@ -8,8 +8,9 @@ from __future__ import annotations
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
-from flows.kafka_io import EventSource, OutputSink
 from flows.processor import PartitionStores, processor_factory
+from flows.sink import OutputSink
+from flows.source import EventSource
 from streamrec.settings import Settings
 
 

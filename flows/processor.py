@@ -19,7 +19,7 @@ from typing import cast
 from confluent_kafka import Message
 
 from flows import metrics
-from flows.kafka_io import OutputRecord
+from flows.sink import OutputRecord
 from model.serving import Recommender
 from state.store import SessionStore
 from streamrec.contracts import (

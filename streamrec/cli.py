@@ -8,11 +8,12 @@ up`` does not import onnxruntime and ``streamrec run`` never imports torch.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
 
-from streamrec.settings import describe
+from streamrec.settings import ENV_PREFIX, describe
 
 # name -> (module:attribute, one line for the command list; `--help` stays import-free)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -68,7 +69,16 @@ class LazyGroup(click.Group):
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(package_name="streamrec")
-def cli() -> None:
+@click.option(
+    "--kafka-config",
+    "kafka_config",
+    multiple=True,
+    metavar="KEY=VALUE|FILE",
+    help="A librdkafka setting for every Kafka client (repeatable), or a properties file of "
+    "them, e.g. --kafka-config security.protocol=SASL_SSL. Same as STREAMREC_KAFKA_OPTIONS / "
+    "STREAMREC_KAFKA_CONFIG; secrets are never printed.",
+)
+def cli(kafka_config: tuple[str, ...]) -> None:
     """Real-time recommendations from a Kafka stream of user events.
 
     \b
@@ -82,6 +92,17 @@ def cli() -> None:
     Every option's default comes from a setting that the environment can
     override (STREAMREC_*); `streamrec config` lists them.
     """
+    files = [item for item in kafka_config if "=" not in item]
+    options = [item for item in kafka_config if "=" in item]
+    # Through the environment, because every command reads its settings from there and
+    # so do the processes they start (a flow, a benchmark's services).
+    if len(files) > 1:
+        raise click.UsageError("--kafka-config takes at most one properties file")
+    if files:
+        os.environ[ENV_PREFIX + "KAFKA_CONFIG"] = files[0]
+    if options:
+        earlier = os.environ.get(ENV_PREFIX + "KAFKA_OPTIONS", "")
+        os.environ[ENV_PREFIX + "KAFKA_OPTIONS"] = "\n".join(filter(None, [earlier, *options]))
 
 
 @click.group(cls=LazyGroup, lazy=BENCH_COMMANDS)

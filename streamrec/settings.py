@@ -39,6 +39,17 @@ class Settings:
         1.0, "Producer linger: how long a record may wait to share a request (latency vs load)."
     )
 
+    kafka_config: str = _setting(
+        "",
+        "A properties file (key=value lines) of librdkafka settings every Kafka client adds "
+        "(security.protocol, sasl.*, ssl.*, tuning); secrets in it are never printed.",
+    )
+    kafka_options: str = _setting(
+        "",
+        "librdkafka settings as key=value lines, applied after kafka_config "
+        "(`streamrec --kafka-config KEY=VALUE` adds to them).",
+    )
+
     # The local broker started by `streamrec kafka up`.
     kafka_version: str = _setting("4.3.1", "Apache Kafka version whose jars Maven resolves.")
     log4j_version: str = _setting("2.24.3", "log4j2 version used for the broker's logging.")

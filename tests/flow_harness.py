@@ -16,8 +16,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 from flows.shutdown import STARTING
 from state.store import SessionStore
 from streamrec.contracts import DeadLetter, Event, ForgetRequest, Recommendation, parse_message
+from streamrec.kafka_clients import end_offsets, producer_config, topic_partitions
 from streamrec.settings import Settings
-from tools.kafka_clients import end_offsets, producer_config, topic_partitions
 
 
 # A consumed message (never an error event) always has these; the client's types allow None.

@@ -10,10 +10,10 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from streamrec.contracts import Event, parse_event
+from streamrec.kafka_clients import producer_config
 from streamrec.settings import Settings
 from tests.conftest import free_port
 from tests.flow_harness import partition_of
-from tools.kafka_clients import producer_config
 from tools.kafka_local import MAIN_CLASS, KafkaLauncherError, LocalKafka, ensure_jars
 from tools.topics import create_topics, wanted_topics
 

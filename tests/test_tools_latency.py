@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from confluent_kafka import Producer
 
 from streamrec.contracts import Event, Recommendation
+from streamrec.kafka_clients import producer_config
 from streamrec.settings import Settings
-from tools.kafka_clients import producer_config
 from tools.latency import LatencyCollector, LatencyMatcher, latency_command
 
 HDR_PRECISION = 0.001  # three significant digits

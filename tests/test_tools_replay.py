@@ -12,7 +12,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 
 from streamrec.contracts import Event, parse_event
 from streamrec.settings import Settings
-from tools.kafka_clients import consumer_config, producer_config, topic_partitions
+from streamrec.kafka_clients import consumer_config, producer_config, topic_partitions
 from tools.record import RecordedMessage, read_recording, record_command
 from tools.replay import DatasetSource, replay_command
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from streamrec.contracts import Event
 from streamrec.datasets import DatasetError, load_events
+from streamrec.kafka_clients import KafkaUnavailable
 from streamrec.settings import REPO_ROOT, Settings
 from tools.bench_report import section_markdown, write_section
 from tools.bench_services import (
@@ -48,7 +49,6 @@ from tools.bench_services import (
     service_environment,
     usage_of,
 )
-from tools.kafka_clients import KafkaUnavailable
 from tools.latency import LatencyCollector, LatencyMatcher
 from tools.load_generator import LoadGenerator, LoadPoint
 from tools.replay import DatasetSource, KafkaSender

@@ -21,6 +21,7 @@ from confluent_kafka import Consumer
 
 from streamrec.contracts import Recommendation
 from streamrec.datasets import load_events
+from streamrec.kafka_clients import consumer_config, end_offsets, topic_partitions
 from streamrec.settings import REPO_ROOT, Settings
 from tools.bench_e2e import BenchPlan, wait_until_serving
 from tools.bench_services import (
@@ -30,7 +31,6 @@ from tools.bench_services import (
     service_commands,
     service_environment,
 )
-from tools.kafka_clients import consumer_config, end_offsets, topic_partitions
 from tools.kafka_local import KafkaLauncherError, LocalKafka
 from tools.latency import LatencyCollector, StopRule
 from tools.replay import DatasetSource, replay

@@ -3,7 +3,7 @@
 It consumes the events topic and, for each event, produces a
 recommendation-shaped record (same key, same ``event_id``, no items, the
 flow's wall-clock stamps filled in) -- with the same client settings as the
-flow (``tools.kafka_clients``) and no other work.  ``streamrec latency``
+flow (``streamrec.kafka_clients``) and no other work.  ``streamrec latency``
 measures it exactly as it measures the flow, so the difference between the
 two is what the flow itself costs: parsing, state, scoring, Bytewax.  (One
 consumer reads every partition and waits in ``poll`` while idle; the flow's
@@ -37,8 +37,13 @@ from confluent_kafka import (
 )
 
 from streamrec.contracts import Recommendation
+from streamrec.kafka_clients import (
+    KafkaUnavailable,
+    consumer_config,
+    producer_config,
+    topic_partitions,
+)
 from streamrec.settings import Settings
-from tools.kafka_clients import KafkaUnavailable, consumer_config, producer_config, topic_partitions
 
 FLOOR_MODEL = "kafka-floor"
 # Records taken from the client's queue at once (Bytewax's KafkaSource default).

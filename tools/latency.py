@@ -42,8 +42,8 @@ from hdrh.histogram import HdrHistogram
 from tqdm import tqdm
 
 from streamrec.contracts import ContractError, Recommendation
+from streamrec.kafka_clients import KafkaUnavailable, consumer_config, end_offsets, topic_partitions
 from streamrec.settings import Settings
-from tools.kafka_clients import KafkaUnavailable, consumer_config, end_offsets, topic_partitions
 
 # Latencies are recorded in microseconds, from 1 µs to one hour, to 3 significant digits.
 HISTOGRAM_MAX_US = 3_600_000_000

@@ -28,8 +28,8 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from tqdm import tqdm
 
+from streamrec.kafka_clients import KafkaUnavailable, consumer_config, end_offsets, topic_partitions
 from streamrec.settings import Settings
-from tools.kafka_clients import KafkaUnavailable, consumer_config, end_offsets, topic_partitions
 
 TIMESTAMP_TYPES = {0: "none", 1: "create", 2: "log_append"}
 

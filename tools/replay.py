@@ -36,7 +36,7 @@ from tqdm import tqdm
 from streamrec.contracts import Event
 from streamrec.datasets import DatasetError, load_events
 from streamrec.settings import Settings
-from tools.kafka_clients import KafkaUnavailable, producer_config, topic_partitions
+from streamrec.kafka_clients import KafkaUnavailable, producer_config, topic_partitions
 from tools.record import RecordedMessage, RecordingError, read_recording
 from tools.schedule import ScheduleReport, Timing, run_schedule
 

@@ -14,8 +14,8 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from streamrec.kafka_clients import METADATA_TIMEOUT_S, admin_client
 from streamrec.settings import Settings
-from tools.kafka_clients import METADATA_TIMEOUT_S, admin_client
 
 
 class TopicError(RuntimeError):

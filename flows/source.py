@@ -1,37 +1,28 @@
-"""Kafka in and out of the dataflow, built for the hot path.
+"""The events topic into the dataflow, built for the hot path.
 
 Bytewax's own ``KafkaSource`` blocks 1 ms on every idle partition and wraps
 each record in a ``KafkaSourceMessage``; this source polls without blocking
 (Bytewax itself backs off 1 ms after an empty batch) and hands the records of
 librdkafka through untouched.  Offsets are Bytewax resume state, as in
 ``KafkaSource``: no consumer group, so recovery decides where reading resumes.
-
-The sink produces every record of a batch, then flushes: when ``write_batch``
-returns, the batch is on the broker, so an epoch that Bytewax has snapshotted
-never has outputs still in flight (at-least-once output).
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     Message,
-    Producer,
     TopicPartition,
 )
 
 from flows.shutdown import STOP_READING
+from streamrec.kafka_clients import consumer_config, topic_partitions
 from streamrec.settings import Settings
-from tools.kafka_clients import consumer_config, producer_config, topic_partitions
-
-# (topic, key, value, headers): what the flow hands the sink, with no wrapper per record.
-OutputRecord = tuple[str, bytes | None, bytes | None, list[tuple[str, str | bytes | None]] | None]
 
 
 class _PartitionReader(StatefulSourcePartition[Message, int]):
@@ -84,37 +75,3 @@ class EventSource(FixedPartitionedSource[Message, int]):
         config = consumer_config(self._settings, group="streamrec-flow")
         offset = OFFSET_BEGINNING if resume_state is None else resume_state
         return _PartitionReader(config, topic, int(partition), offset, self._batch)
-
-
-class _BatchWriter(StatelessSinkPartition[OutputRecord]):
-    def __init__(self, producer: Producer) -> None:
-        self._producer = producer
-
-    def write_batch(self, items: list[OutputRecord]) -> None:
-        produce = self._producer.produce
-        for topic, key, value, headers in items:
-            try:
-                produce(topic, value, key, headers=headers)
-            except BufferError:
-                # The local queue is full: let deliveries drain, then retry once.
-                self._producer.flush(5)
-                produce(topic, value, key, headers=headers)
-        remaining = self._producer.flush(30)
-        if remaining:
-            raise RuntimeError(
-                f"{remaining} output records were not delivered within 30 s; "
-                "is the broker reachable?"
-            )
-
-    def close(self) -> None:
-        self._producer.flush(30)
-
-
-class OutputSink(DynamicSink[OutputRecord]):
-    """Recommendations and dead letters, each record naming its topic; one producer per worker."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._config: dict[str, Any] = producer_config(settings)
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _BatchWriter:
-        return _BatchWriter(Producer(self._config))

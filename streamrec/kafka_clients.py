@@ -1,20 +1,29 @@
-"""The Kafka client settings every streamrec producer and consumer shares.
+"""The Kafka client settings every streamrec producer, consumer and admin client shares.
 
-The flow, the Kafka floor of the benchmark, ``replay``, ``record`` and
-``latency`` all build their clients from these two functions, so "the same
-client settings" is true by construction and a tuning change is made once.
-Values are strings: that is what librdkafka takes, and what Bytewax's
-``KafkaSource(add_config=...)`` / ``KafkaSink(add_config=...)`` are typed for.
+The flow, the Kafka floor of the benchmark, ``replay``, ``record``,
+``latency`` and ``topics`` all build their clients from these functions, so
+"the same client settings" is true by construction and a tuning change is
+made once.  A deployment's own librdkafka settings (security, SASL, TLS, any
+tuning) come from one place, ``Settings.kafka_config`` (a properties file)
+and ``Settings.kafka_options`` (``KEY=VALUE`` lines, e.g. from
+``streamrec --kafka-config KEY=VALUE``), and are added to every client after
+ours, so they win.  Values are strings: that is what librdkafka takes.
 
 >>> producer_config(Settings(brokers="k:9092"))["acks"]
 'all'
 >>> consumer_config(Settings(brokers="k:9092"), group="flow")["group.id"]
 'flow'
+>>> extra = Settings(kafka_options="security.protocol=SASL_SSL\\nsasl.password=s3")
+>>> consumer_config(extra, group="flow")["security.protocol"]
+'SASL_SSL'
+>>> redact("login failed for s3", extra)
+'login failed for ***'
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -25,9 +34,14 @@ from streamrec.settings import Settings
 METADATA_TIMEOUT_S = 5.0
 
 
+# Names of librdkafka settings whose values are never shown: any name with one of these in it.
+_SECRET_MARKERS = ("password", "secret", "jaas", "token", "key.pem", "certificate.pem", "ssl.key")
+REDACTED = "***"
+
+
 def producer_config(settings: Settings) -> dict[str, str]:
     """Producer settings tuned for latency: send at once, never reorder, no compression."""
-    return {
+    ours = {
         "bootstrap.servers": settings.brokers,
         # librdkafka's default lingers 5 ms to batch; a recommendation is worth
         # more now than in a fuller batch.  Batches still form under load, from
@@ -44,6 +58,7 @@ def producer_config(settings: Settings) -> dict[str, str]:
         "compression.type": "none",
         "socket.nagle.disable": "true",
     }
+    return ours | extra_client_settings(settings)
 
 
 def consumer_config(settings: Settings, group: str) -> dict[str, str]:
@@ -53,7 +68,7 @@ def consumer_config(settings: Settings, group: str) -> dict[str, str]:
     offsets in its recovery store), so ``group`` only names the client in
     broker logs and tools.
     """
-    return {
+    ours = {
         "bootstrap.servers": settings.brokers,
         "group.id": group,
         "enable.auto.commit": "false",
@@ -64,13 +79,67 @@ def consumer_config(settings: Settings, group: str) -> dict[str, str]:
         "fetch.wait.max.ms": "100",
         "socket.nagle.disable": "true",
     }
+    return ours | extra_client_settings(settings)
 
 
 def admin_client(settings: Settings) -> AdminClient:
     """A metadata client that leaves failures to its caller's error message."""
     # Without a broker librdkafka logs a refused connection every 50 ms (hundreds of
     # lines before a timeout); the caller's error says it once, with the way out.
-    return AdminClient({"bootstrap.servers": settings.brokers, "log_level": 2})
+    return AdminClient(
+        {"bootstrap.servers": settings.brokers, "log_level": "2"} | extra_client_settings(settings)
+    )
+
+
+def extra_client_settings(settings: Settings) -> dict[str, str]:
+    """The deployment's own librdkafka settings: the properties file, then the inline options.
+
+    Both use the Java properties syntax of Kafka's own ``client.properties``
+    (``key=value`` or ``key: value`` lines, ``#`` and ``!`` comments).
+    """
+    found: dict[str, str] = {}
+    if settings.kafka_config:
+        path = Path(settings.kafka_config).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise KafkaConfigError(
+                f"cannot read the Kafka client settings file {path}: {err.strerror}"
+            ) from None
+        found.update(parse_properties(text, str(path)))
+    if settings.kafka_options:
+        found.update(parse_properties(settings.kafka_options, "kafka options"))
+    return found
+
+
+def parse_properties(text: str, origin: str) -> dict[str, str]:
+    """``key=value`` lines as a dict; a line that is no blank, comment or setting is refused."""
+    found: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line[0] in "#!":
+            continue
+        cut = min((i for i in (line.find("="), line.find(":")) if i > 0), default=-1)
+        if cut < 0:
+            # The line is not shown: it may be a secret with its '=' missing.
+            raise KafkaConfigError(
+                f"{origin}, line {number}: expected key=value (a librdkafka setting)"
+            )
+        found[line[:cut].strip()] = line[cut + 1 :].strip()
+    return found
+
+
+def is_secret(name: str) -> bool:
+    """Whether the value of librdkafka setting ``name`` must never be printed."""
+    return any(marker in name.lower() for marker in _SECRET_MARKERS)
+
+
+def redact(text: str, settings: Settings) -> str:
+    """``text`` (an error message, a log line) with every secret client setting's value masked."""
+    for name, value in extra_client_settings(settings).items():
+        if value and is_secret(name):
+            text = text.replace(value, REDACTED)
+    return text
 
 
 def topic_partitions(settings: Settings, topic: str) -> list[int]:
@@ -81,8 +150,11 @@ def topic_partitions(settings: Settings, topic: str) -> list[int]:
     except Exception as err:  # noqa: BLE001 - confluent raises KafkaException or a timeout
         del admin  # closes the client now, not when the traceback goes
         raise KafkaUnavailable(
-            f"cannot reach Kafka at {settings.brokers}: {err}. Is it running? "
-            "(`streamrec kafka up` starts a local broker)"
+            redact(
+                f"cannot reach Kafka at {settings.brokers}: {err}. Is it running? "
+                "(`streamrec kafka up` starts a local broker)",
+                settings,
+            )
         ) from None
     found = metadata.topics.get(topic)
     if found is None or found.error is not None or not found.partitions:
@@ -130,6 +202,10 @@ _NOT_READY_YET = {
     KafkaError.UNKNOWN_TOPIC_OR_PART,
     KafkaError._UNKNOWN_PARTITION,
 }
+
+
+class KafkaConfigError(ValueError):
+    """The deployment's Kafka client settings cannot be read; the message shows no secret."""
 
 
 class KafkaUnavailable(RuntimeError):
