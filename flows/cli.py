@@ -1,15 +1,57 @@
-"""`streamrec run`: the dataflow, alone or as one process of a Bytewax cluster."""
+"""`streamrec run`: the dataflow, alone or as one process of a Bytewax cluster.
+
+Where the flow cannot go on, it stops with one line that says why and an exit
+code a supervisor can act on (README, "Running under a supervisor"):
+
+====  ==========================================================================
+0     stopped on request (SIGTERM, Ctrl-C), everything in flight finished
+1     an unexpected failure (a bug): the traceback is in the log; restart
+2     a wrong command line
+65    the session state cannot be used: damaged, of a newer format, or built
+      from another incarnation of the events topic; a person must decide
+69    Kafka, or a topic the flow needs, is not there at start; restart later
+74    the state cannot be written (disk full, I/O error); nothing half-written
+78    the configuration is wrong: the model or the Kafka client settings
+130   aborted by a second SIGTERM or Ctrl-C
+====  ==========================================================================
+"""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Final, NoReturn
 
 import click
 
 from streamrec.settings import Settings
+
+EXIT_STATE_UNUSABLE: Final = 65
+EXIT_KAFKA_UNAVAILABLE: Final = 69
+EXIT_STATE_UNWRITABLE: Final = 74
+EXIT_CONFIGURATION: Final = 78
+EXIT_ABORTED: Final = 130
+
+
+def stop_with(code: int, message: str) -> NoReturn:
+    """One clear line, then the exit code that tells a supervisor what kind of stop this is."""
+    click.echo(f"flow: cannot go on: {message} (exit {code})", err=True)
+    sys.exit(code)
+
+
+def _cause_of(err: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    # Bytewax re-raises a step's exception wrapped in its own; the original is in the chain.
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, kinds):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def ensure_recovery_store(recovery_dir: Path, partitions: int) -> None:
@@ -164,35 +206,48 @@ def run_command(
         raise click.UsageError("-a/--addresses needs -i/--process-id")
     if process_id is not None and process_id >= max(len(cluster), 1):
         raise click.UsageError(f"-i {process_id} is not an index of the {len(cluster)} addresses")
-    card = settings.model_dir / "card.json"
-    if not card.exists():
-        raise click.ClickException(
-            f"no trained model at {settings.model_dir} (card.json missing); "
-            "train one with `streamrec train --out DIR` or pass --model-dir"
-        )
-
     from bytewax.errors import BytewaxRuntimeError
     from bytewax.recovery import RecoveryConfig
     from bytewax.run import cli_main
 
     from flows.dataflow import build_dataflow
     from flows.processor import PartitionStores
-    from streamrec.kafka_clients import KafkaUnavailable, topic_partitions
+    from flows.source import ResumeOffsetError
+    from model.serving import ArtifactError, Recommender
+    from state.errors import StateError, StateWriteError
+    from state.layout import check_topic_incarnation, ensure_layout
+    from streamrec.kafka_clients import (
+        KafkaConfigError,
+        KafkaUnavailable,
+        topic_id,
+        topic_partitions,
+    )
 
     try:
+        # Loaded once here so that a missing or broken model stops the flow before it reads.
+        model = Recommender.load(
+            settings.model_dir,
+            variant=variant,
+            threads=settings.scoring_threads,
+            candidates=settings.candidates,
+        )
+    except (ArtifactError, OSError, ValueError, KeyError) as err:
+        stop_with(EXIT_CONFIGURATION, f"the model in {settings.model_dir} cannot be served: {err}")
+    try:
         partitions = len(topic_partitions(settings, settings.events_topic))
+        incarnation = topic_id(settings, settings.events_topic)
     except KafkaUnavailable as err:
-        raise click.ClickException(str(err)) from None
+        stop_with(EXIT_KAFKA_UNAVAILABLE, str(err))
+    except KafkaConfigError as err:
+        stop_with(EXIT_CONFIGURATION, str(err))
     processes = max(len(cluster), 1)
-    from state.errors import StateError
-    from state.layout import ensure_layout
-
     try:
         # Sessions live with the events partition they arrive on, so the state
         # is laid out for the topic's partition count, not for the worker count.
         ensure_layout(settings.state_dir, partitions)
+        check_topic_incarnation(settings.state_dir, settings.events_topic, incarnation)
     except StateError as err:
-        raise click.ClickException(str(err)) from None
+        stop_with(EXIT_STATE_UNUSABLE, str(err))
     recovery = None
     if not no_recovery:
         ensure_recovery_store(settings.recovery_dir, partitions)
@@ -206,13 +261,14 @@ def run_command(
         metrics_note = ""
 
     stores = PartitionStores(settings, partitions)
-    flow = build_dataflow(settings, stores, variant)
+    flow = build_dataflow(settings, stores, variant, resumable=not no_recovery, model=model)
     click.echo(
         f"flow: {settings.events_topic} ({partitions} partitions) -> "
         f"{settings.recommendations_topic}; process {process_id or 0}/{processes}, "
         f"{settings.workers} worker(s), epoch {settings.epoch_interval_s:g} s{metrics_note}",
         err=True,
     )
+    exit_code, message = 0, None
     # A stop during start-up needs no case of its own: the readers end at once.
     try:
         cli_main(
@@ -225,11 +281,39 @@ def run_command(
         )
     except KeyboardInterrupt:
         click.echo("flow: aborted", err=True)
+        exit_code = EXIT_ABORTED
     except BytewaxRuntimeError as err:
         # Bytewax reports the interrupt it stopped on as its own error.
-        if not _is_interrupt(err):
-            raise
-        click.echo("flow: aborted", err=True)
+        if _is_interrupt(err):
+            click.echo("flow: aborted", err=True)
+            exit_code = EXIT_ABORTED
+        else:
+            exit_code, message = _classify(err, StateWriteError, ResumeOffsetError, StateError)
+            if message is None:
+                raise
     finally:
-        stores.close()
-        click.echo("flow: stopped; session stores closed", err=True)
+        try:
+            stores.close()
+            click.echo("flow: stopped; session stores closed", err=True)
+        except StateError as err:  # a full disk also refuses the last commit
+            click.echo(f"flow: closing the session stores failed: {err}", err=True)
+    if message is not None:
+        stop_with(exit_code, message)
+    if exit_code:
+        sys.exit(exit_code)
+
+
+def _classify(
+    err: BaseException,
+    unwritable: type[BaseException],
+    bad_resume: type[BaseException],
+    unusable: type[BaseException],
+) -> tuple[int, str | None]:
+    """The exit code and line for a failure the flow cannot go on from; None: a bug."""
+    cause = _cause_of(err, (unwritable,))
+    if cause is not None:
+        return EXIT_STATE_UNWRITABLE, str(cause)
+    cause = _cause_of(err, (bad_resume, unusable))
+    if cause is not None:
+        return EXIT_STATE_UNUSABLE, str(cause)
+    return 1, None

@@ -11,15 +11,29 @@ from bytewax.dataflow import Dataflow
 from flows.processor import PartitionStores, processor_factory
 from flows.sink import OutputSink
 from flows.source import EventSource
+from model.serving import Recommender
 from streamrec.settings import Settings
 
 
-def build_dataflow(settings: Settings, stores: PartitionStores, variant: str | None) -> Dataflow:
-    """Wire source, per-batch processing and sink; ``variant`` picks the served model."""
+def build_dataflow(
+    settings: Settings,
+    stores: PartitionStores,
+    variant: str | None,
+    resumable: bool = True,
+    model: Recommender | None = None,
+) -> Dataflow:
+    """Wire source, per-batch processing and sink; ``variant`` picks the served model.
+
+    ``resumable``: a recovery store keeps the resume offsets (else every run reads
+    the topic from its start).  ``model``: already loaded, for the first worker.
+    """
     flow = Dataflow("streamrec")
-    records = op.input("events", flow, EventSource(settings, batch=settings.batch_max_events))
+    source = EventSource(settings, batch=settings.batch_max_events, resumable=resumable)
+    records = op.input("events", flow, source)
     # flat_map_batch sees the records that arrived together: they are scored
     # as one micro-batch, with no waiting added to fill it.
-    outputs = op.flat_map_batch("recommend", records, processor_factory(settings, stores, variant))
+    outputs = op.flat_map_batch(
+        "recommend", records, processor_factory(settings, stores, variant, model)
+    )
     op.output("kafka-out", outputs, OutputSink(settings))
     return flow

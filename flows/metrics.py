@@ -7,7 +7,7 @@ so registering here is enough for one ``/metrics`` page to show everything.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # Stage durations are sub-millisecond to tens of milliseconds.
 _STAGE_BUCKETS = (
@@ -36,6 +36,23 @@ DEAD_LETTERS = Counter(
 )
 FORGOTTEN = Counter("streamrec_users_forgotten_total", "Sessions erased on request.")
 EXPIRED = Counter("streamrec_sessions_expired_total", "Idle sessions removed by the sweep.")
+CONSUMER_ERRORS = Counter(
+    "streamrec_consumer_errors_total",
+    "Errors the events consumer reported (it retries by itself), by librdkafka error name.",
+    ["error"],
+)
+EVENTS_NEVER_READ = Counter(
+    "streamrec_events_lost_to_retention_total",
+    "Events deleted by the topic's retention before the flow resumed to read them.",
+)
+QUARANTINED = Counter(
+    "streamrec_sessions_quarantined_total",
+    "Unreadable session records moved aside; their users started afresh.",
+)
+REPLAYED_ANSWERS = Counter(
+    "streamrec_replayed_answers_total",
+    "Events read again after a restart, answered from the session as of that event.",
+)
 RECOMMENDATIONS = Counter("streamrec_recommendations_total", "Recommendations emitted.")
 SESSION_READS = Counter(
     "streamrec_session_reads_total",
@@ -57,3 +74,14 @@ PARSE_SECONDS = STAGE_SECONDS.labels("parse")
 STATE_SECONDS = STAGE_SECONDS.labels("state")
 SCORE_SECONDS = STAGE_SECONDS.labels("score")
 EMIT_SECONDS = STAGE_SECONDS.labels("emit")
+OUTPUT_FAILURES = Counter(
+    "streamrec_output_failures_total",
+    "Output records Kafka did not take, by librdkafka error and what the sink did: retried, "
+    "dead_lettered (a refused recommendation), stubbed (a refused dead letter), dropped (a "
+    "refused stub, logged) or new_producer (a fatal producer error).",
+    ["code", "action"],
+)
+OUTPUT_BLOCKED = Gauge(
+    "streamrec_output_blocked",
+    "Workers whose output Kafka has not taken for a while; their reading waits meanwhile.",
+)

@@ -20,6 +20,7 @@ from confluent_kafka import Message
 
 from flows import metrics
 from flows.sink import OutputRecord
+from flows.source import REPLAY_FLOORS
 from model.serving import Recommender
 from state.store import SessionStore
 from streamrec.contracts import (
@@ -77,6 +78,8 @@ class EventProcessor:
         self._recommendations_topic = settings.recommendations_topic
         self._dlq_topic = settings.dlq_topic
         self._max_bytes = settings.max_event_bytes
+        self._skew_ms = round(settings.event_time_skew_s * 1000)
+        self._session_length = settings.session_length
         self._top_k = settings.top_k
         self._learn_online = settings.online_candidates
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
@@ -89,6 +92,7 @@ class EventProcessor:
     def process(self, records: list[Message]) -> list[OutputRecord]:
         """All outputs for one micro-batch, in input order per partition."""
         received_ms = time.time() * 1000.0
+        latest_ts_ms = int(received_ms) + self._skew_ms
         started = time.perf_counter()
         out: list[OutputRecord] = []
         events: list[Event] = []
@@ -99,7 +103,7 @@ class EventProcessor:
             t0 = time.perf_counter()
             key = record.key()
             try:
-                parsed = parse_message(record.value(), key, self._max_bytes)
+                parsed = parse_message(record.value(), key, self._max_bytes, latest_ts_ms)
             except ContractError as err:
                 out.append(self._dead_letter(record, err))
                 continue
@@ -110,26 +114,37 @@ class EventProcessor:
             store = self._own.get(partition)
             if store is None:
                 store = self._own[partition] = self._stores.get(partition)
+                store.replay_floor = REPLAY_FLOORS.get(partition, store.replay_floor)
             if isinstance(parsed, ForgetRequest):
                 if store.forget(parsed.user_id):
                     metrics.FORGOTTEN.inc()
                 continue
             # Written by the commit below, once for the whole micro-batch.
-            result = store.stage(parsed, partition, cast(int, record.offset()))
+            offset = cast(int, record.offset())
+            result = store.stage(parsed, partition, offset)
             session = result.session
-            if not result.applied:
+            if result.applied:
+                # Sessions are immutable: a later event of the same user in this
+                # batch makes a new one, so no copy is needed.
+                history = session.item_ids
+                if self._learn_online:
+                    previous = history[-2] if len(history) > 1 else None
+                    self._recommender.observe(previous, parsed.item_id)
+            else:
+                # Read again after a restart: answered as it was first, from the session as
+                # of this event, never from a newer one (which may have moved past it).
                 metrics.DUPLICATES.inc()
-            elif self._learn_online:
-                previous = session.item_ids[-2] if len(session.item_ids) > 1 else None
-                self._recommender.observe(previous, parsed.item_id)
+                metrics.REPLAYED_ANSWERS.inc()
+                history = session.item_ids_as_of(offset, self._session_length)
             events.append(parsed)
             keys.append(key)
-            # Sessions are immutable: a later event of the same user in this
-            # batch makes a new one, so no copy is needed.
-            histories.append(session.item_ids)
+            histories.append(history)
         # Before anything is emitted: a batch lost to a crash has no output and is read again.
-        for store in self._own.values():
+        for partition, store in self._own.items():
             store.commit()
+            store.replay_floor = REPLAY_FLOORS.get(partition, store.replay_floor)
+            if store.counters.quarantined:
+                self._report_quarantined(store)
         self._report_reads()
         state_done = time.perf_counter()
         if events:
@@ -169,11 +184,24 @@ class EventProcessor:
 
     def _sweep(self) -> None:
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
-        # Each store judges expiry by its own clock: the latest event time it applied.
+        # Each store judges expiry by its own clock, which no single user can move.
         for store in self._own.values():
             removed = store.sweep_expired(None, SWEEP_MAX_KEYS)
             if removed:
                 metrics.EXPIRED.inc(removed)
+            if store.counters.quarantined:
+                self._report_quarantined(store)
+
+    def _report_quarantined(self, store: SessionStore) -> None:
+        for user in store.counters.quarantined:
+            metrics.QUARANTINED.inc()
+            print(
+                f"flow: the session record of user {user!r} (shard {store.shard_index}) could "
+                "not be read; it was moved aside (key q:<user id> of the shard DB) and the "
+                "user starts afresh",
+                flush=True,
+            )
+        store.counters.quarantined.clear()
 
     def _report_reads(self) -> None:
         # Counted by the stores for free; published once per micro-batch, not per event.
@@ -187,24 +215,32 @@ class EventProcessor:
 
 
 def processor_factory(
-    settings: Settings, stores: PartitionStores, variant: str | None
+    settings: Settings,
+    stores: PartitionStores,
+    variant: str | None,
+    loaded: Recommender | None = None,
 ) -> Callable[[list[Message]], list[OutputRecord]]:
     """A batch function for ``flat_map_batch`` that gives each worker thread its own processor.
 
     Each worker thread gets its own ``Recommender``: its input buffers are
-    reused between calls, so it must not be shared between threads.
+    reused between calls, so it must not be shared between threads.  ``loaded``
+    is handed to the first worker that asks.
     """
     local = threading.local()
+    spare = [loaded] if loaded is not None else []
 
     def process(records: list[Message]) -> list[OutputRecord]:
         processor = getattr(local, "processor", None)
         if processor is None:
-            recommender = Recommender.load(
-                settings.model_dir,
-                variant=variant,
-                threads=settings.scoring_threads,
-                candidates=settings.candidates,
-            )
+            try:
+                recommender = spare.pop()
+            except IndexError:
+                recommender = Recommender.load(
+                    settings.model_dir,
+                    variant=variant,
+                    threads=settings.scoring_threads,
+                    candidates=settings.candidates,
+                )
             processor = local.processor = EventProcessor(settings, stores, recommender)
         return processor.process(records)
 

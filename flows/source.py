@@ -9,7 +9,8 @@ librdkafka through untouched.  Offsets are Bytewax resume state, as in
 
 from __future__ import annotations
 
-from typing import cast
+from collections import deque
+from typing import Final, cast
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import (
@@ -20,19 +21,48 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from flows import metrics
 from flows.shutdown import STOP_READING
+from state.session import NO_REPLAY
 from streamrec.kafka_clients import consumer_config, topic_partitions
 from streamrec.settings import Settings
+
+# Per events partition, the lowest offset that a crash could still make this process read
+# again: the resume offset of a snapshot that is surely in the recovery store.  Written by
+# the partition's reader, read by the processor on the same worker (sessions keep what a
+# replay from there needs).  Bytewax writes a snapshot when its epoch closes, so the one
+# taken two snapshots back is committed.
+REPLAY_FLOORS: dict[int, int] = {}
+SNAPSHOTS_UNTIL_COMMITTED: Final = 2
+
+
+class ResumeOffsetError(RuntimeError):
+    """The recovery store's resume offset lies past the end of its partition."""
 
 
 class _PartitionReader(StatefulSourcePartition[Message, int]):
     """Reads one Kafka partition from a resume offset; the snapshot is the next offset to read."""
 
-    def __init__(self, config: dict[str, str], topic: str, partition: int, offset: int, batch: int):
+    def __init__(
+        self,
+        config: dict[str, str],
+        topic: str,
+        partition: int,
+        offset: int,
+        batch: int,
+        resumable: bool,
+    ):
         self._consumer = Consumer(config)
         self._consumer.assign([TopicPartition(topic, partition, offset)])
+        self._topic = topic
+        self._partition = partition
         self._offset = offset
         self._batch = batch
+        self._resumable = resumable
+        self._snapshots: deque[int] = deque(maxlen=SNAPSHOTS_UNTIL_COMMITTED)
+        # Without a recovery store every run reads from the start: no tail can cover that.
+        REPLAY_FLOORS[partition] = max(offset, 0) if resumable else NO_REPLAY
+        self._reported: set[int] = set()
 
     def next_batch(self) -> list[Message]:
         if STOP_READING.is_set():
@@ -43,15 +73,30 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
         good = [r for r in records if r.error() is None]
         if len(good) != len(records):
             for record in records:
-                error = record.error()
-                if error is not None and error.code() != KafkaError._PARTITION_EOF:
-                    # librdkafka retries by itself; these are reported, not fatal.
-                    print(f"flow: consumer error on {record.topic()}: {error}", flush=True)
+                self._report(record.error())
         if good:
             self._offset = cast(int, good[-1].offset()) + 1
+            self._reported.clear()
         return good
 
+    def _report(self, error: KafkaError | None) -> None:
+        # librdkafka retries by itself; each kind of error is said once until reading resumes.
+        if error is None or error.code() == KafkaError._PARTITION_EOF:
+            return
+        metrics.CONSUMER_ERRORS.labels(error.name()).inc()
+        if error.code() not in self._reported:
+            self._reported.add(error.code())
+            print(
+                f"flow: reading {self._topic} partition {self._partition}: {error.str()} "
+                "(retrying; said once until records arrive again)",
+                flush=True,
+            )
+
     def snapshot(self) -> int:
+        if self._resumable:
+            self._snapshots.append(self._offset)
+            if len(self._snapshots) == SNAPSHOTS_UNTIL_COMMITTED:
+                REPLAY_FLOORS[self._partition] = self._snapshots[0]
         return self._offset
 
     def close(self) -> None:
@@ -61,9 +106,10 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
 class EventSource(FixedPartitionedSource[Message, int]):
     """The events topic, one Bytewax input partition per Kafka partition."""
 
-    def __init__(self, settings: Settings, batch: int) -> None:
+    def __init__(self, settings: Settings, batch: int, resumable: bool = True) -> None:
         self._settings = settings
         self._batch = batch
+        self._resumable = resumable
 
     def list_parts(self) -> list[str]:
         # The topic is part of the name, so resume offsets never carry over to another topic.
@@ -74,4 +120,34 @@ class EventSource(FixedPartitionedSource[Message, int]):
         partition, topic = for_part.split("-", 1)
         config = consumer_config(self._settings, group="streamrec-flow")
         offset = OFFSET_BEGINNING if resume_state is None else resume_state
-        return _PartitionReader(config, topic, int(partition), offset, self._batch)
+        if resume_state is not None:
+            offset = checked_resume_offset(config, topic, int(partition), resume_state)
+        return _PartitionReader(config, topic, int(partition), offset, self._batch, self._resumable)
+
+
+def checked_resume_offset(config: dict[str, str], topic: str, partition: int, offset: int) -> int:
+    """``offset``, or the earliest one retained if retention deleted it; past the end: an error.
+
+    Chosen on purpose and said loudly, never left to ``auto.offset.reset``.
+    """
+    probe = Consumer(config)
+    try:
+        low, high = probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+    finally:
+        probe.close()
+    if offset > high:
+        raise ResumeOffsetError(
+            f"the recovery store resumes {topic} partition {partition} at offset {offset}, "
+            f"past its end ({high}): the topic was truncated or recreated since. Start afresh "
+            "with `streamrec state reset` (clears the session state and the recovery store)."
+        )
+    if offset < low:
+        metrics.EVENTS_NEVER_READ.inc(low - offset)
+        print(
+            f"flow: WARNING: {topic} partition {partition} resumes at offset {offset}, but "
+            f"retention has deleted everything before {low}: {low - offset} events were "
+            f"never read and are lost; reading on from {low}",
+            flush=True,
+        )
+        return low
+    return offset

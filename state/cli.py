@@ -1,4 +1,4 @@
-"""The command line of session state: ``streamrec state show|stats`` and ``streamrec bench state``.
+"""The command line of session state: ``streamrec state show|stats|reset``, ``bench state``.
 
 ``state_group`` and ``bench_state`` are mounted by ``streamrec.cli``; the work
 itself lives in ``state.view`` and ``state.bench``.
@@ -6,6 +6,7 @@ itself lives in ``state.view`` and ``state.bench``.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -32,10 +33,38 @@ state_dir_option = click.option(
 def state_group() -> None:
     """Look into the per-user session state: one RocksDB per shard.
 
-    Shard i holds the users of partition i of the events topic.  Both commands
-    open the shard DBs read-only, so they work while the flow runs
+    Shard i holds the users of partition i of the events topic.  `show` and
+    `stats` open the shard DBs read-only, so they work while the flow runs
     (they see the state as of the moment they start).
     """
+
+
+@state_group.command("reset")
+@state_dir_option
+@click.option(
+    "--recovery-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Bytewax recovery store of the flow (default: STREAMREC_RECOVERY_DIR, else run/recovery).",
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def reset(state_dir: Path | None, recovery_dir: Path | None, yes: bool) -> None:
+    """Delete the session state and the recovery store: the next run starts afresh.
+
+    For state that no longer fits its events topic (deleted and recreated, or
+    recreated with another partition count).  Stop the flow first.  The next
+    run reads the events topic from its start and rebuilds the sessions.
+    """
+    settings = Settings.from_env(state_dir=state_dir, recovery_dir=recovery_dir)
+    targets = [d for d in (settings.state_dir, settings.recovery_dir) if d.exists()]
+    if not targets:
+        click.echo("nothing to reset: neither directory exists")
+        return
+    if not yes:
+        click.confirm(f"delete {' and '.join(map(str, targets))}?", abort=True)
+    for directory in targets:
+        shutil.rmtree(directory)
+        click.echo(f"deleted {directory}")
 
 
 @state_group.command("show")

@@ -19,6 +19,14 @@ class StateNotFoundError(StateError):
     """There is no session state where it was looked for."""
 
 
+class StateWriteError(StateError):
+    """RocksDB refused a write (a full disk, an I/O error): nothing of the batch was written."""
+
+
+class TopicIncarnationError(IncompatibleStateError):
+    """The state was built from an events topic that has since been deleted and recreated."""
+
+
 class CorruptSessionError(StateError):
     """A stored session record cannot be decoded; ``user_key`` names the record."""
 

@@ -17,13 +17,25 @@ SESSIONS_END: Final = b"s;"
 META_PREFIX: Final = b"m:"
 # Format version, shard index and shard count this DB was created for (JSON).
 SHAPE_KEY: Final = META_PREFIX + b"shape"
-# The latest event time this shard has applied: the store's event-time "now" (q, ms).
+# The shard's event-time "now" (q, ms): the median latest event time of its recent users.
 CLOCK_KEY: Final = META_PREFIX + b"clock"
+# The latest event time of each of the shard's recent distinct users: the clock's voters.
+VOTERS_KEY: Final = META_PREFIX + b"voters"
+# The offset of the last event applied from each source partition (q), written in the same
+# batch as the sessions: what makes a replay harmless even for a session since removed.
+APPLIED_PREFIX: Final = META_PREFIX + b"applied:"
+# Session records that could not be read, kept aside for inspection (never read again).
+QUARANTINE_PREFIX: Final = b"q:"
 
 
 def session_key(user_id: str) -> bytes:
     """The RocksDB key of ``user_id``'s session."""
     return SESSION_PREFIX + user_id.encode()
+
+
+def applied_key(partition: int) -> bytes:
+    """The key of the last applied offset of source ``partition``."""
+    return APPLIED_PREFIX + str(partition).encode()
 
 
 def user_of(key: bytes) -> str:

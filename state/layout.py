@@ -39,7 +39,7 @@ from typing import Final
 
 import orjson
 
-from state.errors import IncompatibleStateError, StateNotFoundError
+from state.errors import IncompatibleStateError, StateNotFoundError, TopicIncarnationError
 
 STATE_FORMAT_VERSION: Final = 1
 LAYOUT_FILE: Final = "LAYOUT.json"
@@ -132,6 +132,31 @@ def read_layout(state_dir: Path) -> Layout:
             "it, migrate it, or start from an empty --state-dir."
         )
     return layout
+
+
+def check_topic_incarnation(state_dir: Path, topic: str, topic_id: str) -> None:
+    """Refuse state built from another incarnation of the events topic; record it if new.
+
+    Offsets restart at 0 in a topic that was deleted and recreated under the same
+    name, so the stamps of the old one would pass new events off as replays.
+    """
+    path = state_dir / LAYOUT_FILE
+    doc = orjson.loads(path.read_bytes())
+    found = doc.get("events_topic_id")
+    if found is None:
+        doc["events_topic"], doc["events_topic_id"] = topic, topic_id
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        temporary.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+        os.replace(temporary, path)
+    elif found != topic_id:
+        raise TopicIncarnationError(
+            f"the session state in {state_dir} was built from another incarnation of topic "
+            f"{doc.get('events_topic', topic)!r} (topic id {found}; the topic now has id "
+            f"{topic_id}: it was deleted and recreated). Its offset stamps do not apply to "
+            "the new topic, so new events would pass for replays. Start afresh with "
+            f"`streamrec state reset --state-dir {state_dir}` (it also clears the recovery "
+            "store), or point --state-dir at state made from the current topic."
+        )
 
 
 def shard_record(shard_index: int, shard_count: int) -> bytes:

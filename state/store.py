@@ -20,17 +20,30 @@ False
 
 from __future__ import annotations
 
+import struct
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Final, NamedTuple, cast
+from zlib import crc32
 
 from rocksdict import BottommostLevelCompaction, CompactOptions, Rdict, WriteBatch
 
-from state.errors import CorruptSessionError, StateError
-from state.keys import CLOCK_KEY, SESSION_PREFIX, SHAPE_KEY, session_key, user_of
+from state.errors import CorruptSessionError, StateError, StateWriteError
+from state.keys import (
+    APPLIED_PREFIX,
+    CLOCK_KEY,
+    QUARANTINE_PREFIX,
+    SESSION_PREFIX,
+    SHAPE_KEY,
+    VOTERS_KEY,
+    applied_key,
+    session_key,
+    user_of,
+)
 from state.layout import check_shard_record, ensure_layout, shard_dir, shard_record
 from state.rocks import (
     CLOCK,
@@ -42,7 +55,7 @@ from state.rocks import (
     session_bounds,
     write_options,
 )
-from state.session import Session, decode_session, encode_session, last_seen_of
+from state.session import NO_REPLAY, Session, decode_session, encode_session, last_seen_of
 from streamrec.contracts import Event
 from streamrec.settings import Settings
 
@@ -50,8 +63,19 @@ from streamrec.settings import Settings
 NO_CLOCK: Final = -(2**63)
 # The store's clock counts whole seconds: expiry is judged at most this late.
 CLOCK_RESOLUTION_MS: Final = 1000
+# The clock is the median of the latest event times of this many recent distinct users, and
+# moves only once this many have voted: one user's wrong clock cannot move it.
+CLOCK_VOTERS: Final = 63
+MIN_CLOCK_VOTERS: Final = 3
+# A session's replay tail holds at most this many windows' worth of interactions.
+REPLAY_TAIL_WINDOWS: Final = 2
 SWEEP_BATCH_DEFAULT: Final = 1000
 _PREFIX_LEN: Final = len(SESSION_PREFIX)
+_OFFSET_VALUE: Final = CLOCK  # one signed 64-bit integer, as the clock
+
+
+def wall_clock_ms() -> float:
+    return time.time() * 1000.0
 
 
 class ApplyResult(NamedTuple):
@@ -74,6 +98,8 @@ class StoreCounters:
     # Sessions read from the in-memory cache (or this micro-batch), and from RocksDB.
     cache_hits: int = 0
     cache_misses: int = 0
+    # Unreadable session records moved aside (their users start afresh), newest last.
+    quarantined: list[str] = field(default_factory=list)
 
 
 class SessionStore:
@@ -87,10 +113,21 @@ class SessionStore:
     micro-batch costs one write-ahead log append (the flow commits before it emits
     anything, so an event whose write was lost to a crash has no output either and
     is read again).  The latest ``cache_size`` sessions written stay decoded in
-    memory: the store is the DB's only writer, so they are never stale.  The
-    latest event time applied, to the second, is its "clock" (persisted): the
-    default "now" of expiry.  The worker reading the partition uses the store;
-    RocksDB's lock keeps any second opener out.  Open it with ``open``.
+    memory: the store is the DB's only writer, so they are never stale.
+
+    Each commit also records the last applied offset of each source partition
+    (the shard's watermark): an event at or below it is a replay, even if its
+    user's session has since expired or been erased, so neither removal can let
+    a replay apply an event twice.  The "clock" (persisted, whole seconds) is the
+    default "now" of expiry: the median of the latest event times of the last
+    ``CLOCK_VOTERS`` distinct users, never ahead of the wall clock by more than
+    the allowed skew, so no single user's clock can expire the others.  While a
+    crash may still replay events from ``replay_floor`` on (the flow sets it),
+    sessions keep the interactions such a replay needs (see ``Session.with_event``).
+    A session record that cannot be read is moved aside under ``q:`` and its user
+    starts afresh (``counters.quarantined``).  The worker reading the partition
+    uses the store; RocksDB's lock keeps any second opener out.  Open it with
+    ``open``.
     """
 
     def __init__(
@@ -101,17 +138,27 @@ class SessionStore:
         session_length: int,
         ttl_ms: int,
         cache_size: int = 0,
+        skew_ms: int = 24 * 3600 * 1000,
+        wall_ms: Callable[[], float] = wall_clock_ms,
     ) -> None:
         self.shard_index = shard_index
         self.path = path
         self.session_length = session_length
         self.ttl_ms = ttl_ms
         self.counters = StoreCounters()
+        # The lowest source offset a crash may still make the flow read again.
+        self.replay_floor = NO_REPLAY
+        self._max_tail = REPLAY_TAIL_WINDOWS * session_length
         self._db = db
         self._write_options = write_options()
         clock = read_clock(db)
         self._clock_ms = NO_CLOCK if clock is None else clock
         self._next_tick_ms = NO_CLOCK if clock is None else clock + CLOCK_RESOLUTION_MS
+        self._skew_ms = skew_ms
+        self._wall_ms = wall_ms
+        self._voters = _read_voters(db)
+        self._applied = _read_applied(db)
+        self._staged_applied: dict[int, int] = {}
         self._sweep_from = SESSION_PREFIX
         self._cache: OrderedDict[bytes, Session] = OrderedDict()
         self._cache_size = cache_size
@@ -156,33 +203,23 @@ class SessionStore:
                     "it away and let the flow rebuild the sessions from the events"
                 ) from err
             raise
-        ttl_ms = round(settings.session_ttl_s * 1000)
-        return cls(db, path, shard_index, settings.session_length, ttl_ms, settings.session_cache)
+        return cls(
+            db,
+            path,
+            shard_index,
+            settings.session_length,
+            round(settings.session_ttl_s * 1000),
+            settings.session_cache,
+            round(settings.event_time_skew_s * 1000),
+        )
 
     def apply(self, event: Event, partition: int, offset: int) -> ApplyResult:
         """Apply ``event``, read at ``offset`` of source ``partition``, unless already applied.
 
         Written at once, together with anything staged before it.
         """
-        if self._batch is not None:
-            result = self.stage(event, partition, offset)
-            self.commit()
-            return result
-        key = SESSION_PREFIX + event.user_id.encode()
-        result = self._next_session(self._stored(key, event.user_id), event, partition, offset)
-        if result.applied:
-            record = encode_session(result.session)
-            if event.ts < self._next_tick_ms:
-                # RocksDB's Put is a one-entry WriteBatch; the offset stamp is in the record.
-                self._db.put(key, record, self._write_options)
-            else:
-                batch = WriteBatch(raw_mode=True)
-                batch.put(key, record)
-                self._advance_clock(event.ts, batch)
-                self._db.write(batch, self._write_options)
-            self.counters.applied += 1
-            if self._cache_size:
-                self._remember(key, result.session)
+        result = self.stage(event, partition, offset)
+        self.commit()
         return result
 
     def stage(self, event: Event, partition: int, offset: int) -> ApplyResult:
@@ -194,10 +231,16 @@ class SessionStore:
             if batch is None:
                 batch = self._batch = WriteBatch(raw_mode=True)
             batch.put(key, encode_session(result.session))
-            if event.ts >= self._next_tick_ms:
-                self._advance_clock(event.ts, batch)
             self._staged[key] = result.session
             self._staged_events += 1
+            self._staged_applied[partition] = offset
+            # By a hash of the key: the voters record must hold no user id (erasure).
+            voter = crc32(key)
+            voters = self._voters
+            voters[voter] = event.ts
+            voters.move_to_end(voter)
+            if len(voters) > CLOCK_VOTERS:
+                voters.popitem(last=False)
         return result
 
     def commit(self) -> int:
@@ -205,15 +248,39 @@ class SessionStore:
         batch = self._batch
         if batch is None:
             return 0
-        staged, applied = self._staged, self._staged_events
-        self._batch, self._staged, self._staged_events = None, {}, 0
+        staged, applied, offsets = self._staged, self._staged_events, self._staged_applied
+        self._batch, self._staged, self._staged_events, self._staged_applied = None, {}, 0, {}
+        for partition, offset in offsets.items():
+            batch.put(applied_key(partition), _OFFSET_VALUE.pack(offset))
+        # The voters go with the batch, so a store reopened after a crash votes as before it.
+        batch.put(VOTERS_KEY, _pack_voters(self._voters))
+        tick = self._clock_candidate()
+        advance = tick != NO_CLOCK and tick >= self._next_tick_ms
+        if advance:
+            batch.put(CLOCK_KEY, CLOCK.pack(tick))
         # On failure nothing was written and nothing cached: the events are simply unapplied.
-        self._db.write(batch, self._write_options)
+        try:
+            self._db.write(batch, self._write_options)
+        except Exception as err:  # rocksdict raises RocksDB's failures as plain Exception
+            raise StateWriteError(f"cannot write to shard DB {self.path}: {err}") from err
+        self._applied.update(offsets)
+        if advance:
+            self._clock_ms, self._next_tick_ms = tick, tick + CLOCK_RESOLUTION_MS
         self.counters.applied += applied
         if self._cache_size:
             for key, session in staged.items():
                 self._remember(key, session)
         return applied
+
+    def _clock_candidate(self) -> int:
+        """The clock the recent users vote for, in whole seconds; NO_CLOCK without a quorum."""
+        voters = self._voters
+        if len(voters) < MIN_CLOCK_VOTERS:
+            return NO_CLOCK
+        times = sorted(voters.values())
+        # Capped by the wall clock: a majority of wrong clocks still cannot run it far ahead.
+        median = min(times[len(times) // 2], int(self._wall_ms()) + self._skew_ms)
+        return median - median % CLOCK_RESOLUTION_MS
 
     def apply_many(self, records: Iterable[tuple[Event, int, int]]) -> list[ApplyResult]:
         """Apply (event, partition, offset) records in order, with one atomic write for all.
@@ -229,6 +296,10 @@ class SessionStore:
         self, stored: Session | None, event: Event, partition: int, offset: int
     ) -> ApplyResult:
         """The session after ``event``, or ``stored`` unchanged if the event is a duplicate."""
+        if offset <= self._applied.get(partition, -1):
+            # Below the watermark: applied before, even if the session has gone since.
+            self.counters.duplicates += 1
+            return ApplyResult(Session.empty(event.user_id) if stored is None else stored, False)
         if stored is None:
             session = Session.empty(event.user_id)
         else:
@@ -241,7 +312,12 @@ class SessionStore:
                 # The offsets outlive the expired session, so a replay cannot revive it.
                 session = Session.empty(event.user_id, stored.offsets)
                 self.counters.restarted += 1
-        return ApplyResult(session.with_event(event, partition, offset, self.session_length), True)
+        return ApplyResult(
+            session.with_event(
+                event, partition, offset, self.session_length, self.replay_floor, self._max_tail
+            ),
+            True,
+        )
 
     def get(self, user_id: str, now_ms: int | None = None) -> Session | None:
         """``user_id``'s session, or None if there is none or it expired by ``now_ms``."""
@@ -263,6 +339,7 @@ class SessionStore:
         self.commit()  # the user's staged events come before the erasure
         key = session_key(user_id)
         self._cache.pop(key, None)
+        self._voters.pop(crc32(key), None)
         if self._db.get(key) is None:  # a corrupt record can be erased too: no decoding
             return False
         batch = WriteBatch(raw_mode=True)
@@ -288,7 +365,13 @@ class SessionStore:
                 key = cursor.key()
                 # Resume after this key next time, even if its record turns out corrupt.
                 self._sweep_from = key + b"\x00"
-                if now - last_seen_of(key[_PREFIX_LEN:], cursor.value()) > self.ttl_ms:
+                try:
+                    idle = now - last_seen_of(key[_PREFIX_LEN:], cursor.value()) > self.ttl_ms
+                except CorruptSessionError:
+                    batch.put(QUARANTINE_PREFIX + key[_PREFIX_LEN:], cursor.value())
+                    self.counters.quarantined.append(user_of(key))
+                    idle = True
+                if idle:
                     batch.delete(key)
                     expired.append(key)
                 examined += 1
@@ -296,13 +379,17 @@ class SessionStore:
             if not cursor.valid():
                 self._sweep_from = SESSION_PREFIX  # the end: start over next time
         finally:
-            removed = len(batch)
-            if removed:
+            removed = len(expired)
+            if len(batch):
                 self._db.write(batch, self._write_options)
                 self.counters.swept += removed
                 for key in expired:
                     self._cache.pop(key, None)
         return removed
+
+    def applied_offset(self, partition: int) -> int | None:
+        """The offset of the last event this shard applied from ``partition`` (its watermark)."""
+        return self._applied.get(partition)
 
     def load(self, sessions: Iterable[Session], batch_size: int = 1000) -> int:
         """Write ``sessions`` as they are (seeding, restoring); the clock does not move."""
@@ -364,8 +451,12 @@ class SessionStore:
             self.counters.cache_hits += 1
             return session
         self.counters.cache_misses += 1
-        raw = self._read(key, user_id)
-        return None if raw is None else decode_session(user_id, raw)
+        try:
+            raw = self._read(key, user_id)
+            return None if raw is None else decode_session(user_id, raw)
+        except CorruptSessionError:
+            self._quarantine(key, user_id)
+            return None
 
     def _remember(self, key: bytes, session: Session) -> None:
         cache = self._cache
@@ -383,12 +474,19 @@ class SessionStore:
             raise
         return raw
 
-    def _advance_clock(self, ts: int, batch: WriteBatch) -> None:
-        # Whole seconds: the clock is written with about one event per second, not with each.
-        tick = ts - ts % CLOCK_RESOLUTION_MS
-        self._clock_ms = tick
-        self._next_tick_ms = tick + CLOCK_RESOLUTION_MS
-        batch.put(CLOCK_KEY, CLOCK.pack(tick))
+    def _quarantine(self, key: bytes, user_id: str) -> None:
+        # Kept for inspection under q:, out of every session scan; the user starts afresh and
+        # the shard's watermark still keeps replays of their old events from being applied.
+        try:
+            raw = self._db.get(key)
+        except Exception:  # noqa: BLE001 - a record RocksDB cannot read is lost either way
+            raw = None
+        batch = WriteBatch(raw_mode=True)
+        batch.put(QUARANTINE_PREFIX + key[_PREFIX_LEN:], b"" if raw is None else raw)
+        batch.delete(key)
+        self._db.write(batch, self._write_options)
+        self._cache.pop(key, None)
+        self.counters.quarantined.append(user_id)
 
     def _purge(self, key: bytes) -> None:
         # A delete only hides older versions: flush the memtable (retiring the WAL that holds
@@ -397,3 +495,25 @@ class SessionStore:
         options = CompactOptions()
         options.set_bottommost_level_compaction(BottommostLevelCompaction.force_optimized())
         self._db.compact_range(key, key + b"\x00", options)
+
+
+def _read_applied(db: Rdict) -> dict[int, int]:
+    applied = {}
+    for key, value in db.items(from_key=APPLIED_PREFIX):
+        key, value = cast(bytes, key), cast(bytes, value)
+        if not key.startswith(APPLIED_PREFIX):
+            break
+        applied[int(key[len(APPLIED_PREFIX) :])] = int(_OFFSET_VALUE.unpack(value)[0])
+    return applied
+
+
+_VOTER: Final = struct.Struct("<Iq")
+
+
+def _pack_voters(voters: OrderedDict[int, int]) -> bytes:
+    return b"".join([_VOTER.pack(voter, ts) for voter, ts in voters.items()])
+
+
+def _read_voters(db: Rdict) -> OrderedDict[int, int]:
+    raw = db.get(VOTERS_KEY) or b""
+    return OrderedDict(_VOTER.iter_unpack(raw))

@@ -127,14 +127,21 @@ class ForgetRequest:
 
 
 def parse_message(
-    raw: bytes | None, key: bytes | None, max_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    raw: bytes | None,
+    key: bytes | None,
+    max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    latest_ts_ms: int = MAX_TS_MS,
 ) -> Event | ForgetRequest:
     """Validate one record of the events topic: an interaction, or a request to forget a user.
+
+    ``latest_ts_ms`` is the latest event time accepted: the flow passes its wall
+    clock plus the allowed skew, so an event from a client whose clock runs far
+    ahead is a dead letter rather than a session from the future.
 
     >>> parse_message(b'{"event_id":"f1","user_id":"u1","type":"forget","ts":1700000000000}', b"u1")
     ForgetRequest(event_id='f1', user_id='u1', ts=1700000000000)
     """
-    return _parse(raw, key, max_bytes, allow_forget=True)
+    return _parse(raw, key, max_bytes, allow_forget=True, latest_ts_ms=latest_ts_ms)
 
 
 def parse_event(
@@ -147,7 +154,11 @@ def parse_event(
 
 
 def _parse(
-    raw: bytes | None, key: bytes | None, max_bytes: int, allow_forget: bool
+    raw: bytes | None,
+    key: bytes | None,
+    max_bytes: int,
+    allow_forget: bool,
+    latest_ts_ms: int = MAX_TS_MS,
 ) -> Event | ForgetRequest:
     if raw is None:
         raise MalformedJson("empty record: the value is null (a tombstone is not an event)")
@@ -160,13 +171,14 @@ def _parse(
     if not isinstance(doc, dict):
         raise NotAnObject(f"expected a JSON object, got {type(doc).__name__}")
     version = doc.get("v", CONTRACT_VERSION)
-    if version != CONTRACT_VERSION:
+    # The integer 1 only: JSON's true and 1.0 compare equal to it in Python.
+    if type(version) is not int or version != CONTRACT_VERSION:
         raise UnsupportedVersion(
             f"event contract version {version!r} is not supported (this build reads "
             f"{CONTRACT_VERSION})"
         )
     if allow_forget and doc.get("type") == FORGET_TYPE:
-        return _forget_request(doc, key)
+        return _forget_request(doc, key, latest_ts_ms)
     for name in REQUIRED_FIELDS:
         if name not in doc:
             raise MissingField(f"missing field {name!r} (required: {', '.join(REQUIRED_FIELDS)})")
@@ -180,7 +192,7 @@ def _parse(
         raise UnknownEventType(
             f"unknown event type {event_type!r} (known: {', '.join(sorted(EVENT_TYPES))})"
         )
-    ts = _timestamp(doc["ts"])
+    ts = _timestamp(doc["ts"], latest_ts_ms)
     value = doc.get("value")
     if value is not None:
         if type(value) not in (int, float) or not math.isfinite(value):
@@ -190,25 +202,32 @@ def _parse(
     return Event(event_id, user_id, item_id, event_type, ts, value)
 
 
-def _forget_request(doc: dict[str, Any], key: bytes | None) -> ForgetRequest:
+def _forget_request(doc: dict[str, Any], key: bytes | None, latest_ts_ms: int) -> ForgetRequest:
     for name in ("event_id", "user_id", "ts"):
         if name not in doc:
             raise MissingField(
                 f"missing field {name!r} (a forget request needs event_id, user_id, ts)"
             )
     user_id = _identifier(doc, "user_id")
-    request = ForgetRequest(_identifier(doc, "event_id"), user_id, _timestamp(doc["ts"]))
+    request = ForgetRequest(
+        _identifier(doc, "event_id"), user_id, _timestamp(doc["ts"], latest_ts_ms)
+    )
     _check_key(key, user_id)
     return request
 
 
-def _timestamp(ts: Any) -> int:
+def _timestamp(ts: Any, latest_ts_ms: int) -> int:
     if type(ts) is not int:
         raise WrongType(f"field 'ts' must be an integer of epoch milliseconds, got {ts!r}")
     if not MIN_TS_MS <= ts < MAX_TS_MS:
         raise BadTimestamp(
             f"ts {ts} is outside [{MIN_TS_MS}, {MAX_TS_MS}): epoch milliseconds between "
             "1990 and 2100 expected (seconds or microseconds by mistake?)"
+        )
+    if ts > latest_ts_ms:
+        raise BadTimestamp(
+            f"ts {ts} is later than {latest_ts_ms}, the latest accepted (this machine's clock "
+            "plus the allowed skew): the client's clock is wrong"
         )
     return ts
 

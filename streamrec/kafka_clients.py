@@ -78,6 +78,9 @@ def consumer_config(settings: Settings, group: str) -> dict[str, str]:
         "fetch.min.bytes": "1",
         "fetch.wait.max.ms": "100",
         "socket.nagle.disable": "true",
+        # Where a reader's offset is out of range.  The flow checks its resume offsets
+        # itself and says what it chose; this covers retention deleting under a reader.
+        "auto.offset.reset": "earliest",
     }
     return ours | extra_client_settings(settings)
 
@@ -86,9 +89,12 @@ def admin_client(settings: Settings) -> AdminClient:
     """A metadata client that leaves failures to its caller's error message."""
     # Without a broker librdkafka logs a refused connection every 50 ms (hundreds of
     # lines before a timeout); the caller's error says it once, with the way out.
-    return AdminClient(
-        {"bootstrap.servers": settings.brokers, "log_level": "2"} | extra_client_settings(settings)
-    )
+    config: dict[str, str | int | float | bool] = {
+        "bootstrap.servers": settings.brokers,
+        "log_level": 2,
+    }
+    config.update(extra_client_settings(settings))
+    return AdminClient(config)
 
 
 def extra_client_settings(settings: Settings) -> dict[str, str]:
@@ -165,6 +171,20 @@ def topic_partitions(settings: Settings, topic: str) -> list[int]:
     return sorted(found.partitions)
 
 
+def topic_id(settings: Settings, topic: str) -> str:
+    """The broker's id of ``topic``: a deleted and recreated topic of the same name gets a new one."""
+    from confluent_kafka import TopicCollection
+
+    admin = admin_client(settings)
+    try:
+        found = admin.describe_topics(TopicCollection([topic]), request_timeout=METADATA_TIMEOUT_S)
+        return str(found[topic].result().topic_id)
+    except Exception as err:  # noqa: BLE001 - confluent raises KafkaException or a timeout
+        raise KafkaUnavailable(
+            redact(f"cannot describe topic {topic!r} at {settings.brokers}: {err}", settings)
+        ) from None
+
+
 def end_offsets(consumer: Consumer, topic: str, partitions: list[int]) -> list[TopicPartition]:
     """The current end (high watermark) of each partition, fixed now rather than resolved later.
 
@@ -210,3 +230,31 @@ class KafkaConfigError(ValueError):
 
 class KafkaUnavailable(RuntimeError):
     """The broker or a topic a tool needs is not there; the message says how to get it."""
+
+
+# What a topic takes when neither it nor the broker says otherwise (Kafka's message.max.bytes).
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+
+
+def max_message_bytes(settings: Settings, topics: list[str]) -> dict[str, int]:
+    """Each topic's effective ``max.message.bytes``: its own setting, else the broker's default.
+
+    The largest record batch the broker appends to the topic, framing included.
+    """
+    from confluent_kafka.admin import ConfigResource, ResourceType
+
+    admin = admin_client(settings)
+    resources = [ConfigResource(ResourceType.TOPIC, topic) for topic in topics]
+    found: dict[str, int] = {}
+    try:
+        for resource, future in admin.describe_configs(
+            resources, request_timeout=METADATA_TIMEOUT_S
+        ).items():
+            found[resource.name] = int(future.result()["max.message.bytes"].value)
+    except (KafkaException, KeyError, ValueError) as err:
+        raise KafkaUnavailable(
+            redact(
+                f"cannot read max.message.bytes of {topics} at {settings.brokers}: {err}", settings
+            )
+        ) from None
+    return found

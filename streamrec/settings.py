@@ -74,6 +74,11 @@ class Settings:
     data_dir: Path = _setting(
         REPO_ROOT / "data" / "ml-latest-small", "Default interaction dataset (MovieLens format)."
     )
+    replay_event_time: str = _setting(
+        "now",
+        "Event times `streamrec replay` gives a dataset's events: now (each event's send time) "
+        "or recorded (the dataset's own, each lap one dataset span later).",
+    )
 
     # Session state.
     state_dir: Path = _setting(
@@ -82,6 +87,11 @@ class Settings:
     session_length: int = _setting(50, "Interactions kept per user session (the last L).")
     session_ttl_s: float = _setting(
         30 * 24 * 3600.0, "Idle time (event time) after which a session is treated as absent."
+    )
+    event_time_skew_s: float = _setting(
+        24 * 3600.0,
+        "How far ahead of this machine's clock an event's time may be; a later one is a dead "
+        "letter (bad_timestamp). Replayed history, in the past, is fine.",
     )
     session_cache: int = _setting(
         100_000,

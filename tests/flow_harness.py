@@ -299,12 +299,37 @@ def sessions_in(settings: Settings) -> dict[str, dict]:
 
 
 def stored_sessions(stores: Iterable[SessionStore]) -> dict[str, dict]:
-    # Expired sessions are left out: the sweep removes them at wall-clock moments
-    # that differ from run to run, while what counts as expired does not.
-    found = {}
-    for store in stores:
-        for user in store.user_ids():
-            session = store.get(user)
-            if session is not None:
-                found[user] = session.to_dict()
-    return found
+    # Sessions expired by the latest event time of all are left out: the sweep removes
+    # them at wall-clock moments that differ from run to run, and a shard's clock (the
+    # median of its recent users, sampled at each commit) depends on the batches, while
+    # what is expired by that latest time does not.  No clock runs past it.
+    sessions = [
+        (store.ttl_ms, session)
+        for store in stores
+        for user in store.user_ids()
+        if (session := store.get(user, now_ms=-(2**62))) is not None
+    ]
+    now = max((session.last_seen_ms for _, session in sessions), default=0)
+    return {
+        session.user_id: session.to_dict()
+        for ttl_ms, session in sessions
+        if not session.is_expired(now, ttl_ms)
+    }
+
+
+def set_topic_config(settings: Settings, topic: str, name: str, value: str) -> None:
+    """Set one config of ``topic`` and wait until the broker describes the new value."""
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+
+    from streamrec.kafka_clients import admin_client
+
+    admin = admin_client(settings)
+    entry = ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[entry])
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result()
+    deadline = time.monotonic() + 30
+    described = ConfigResource(ResourceType.TOPIC, topic)
+    while admin.describe_configs([described])[described].result()[name].value != value:
+        assert time.monotonic() < deadline, f"{topic}: {name} is not {value} after 30 s"
+        time.sleep(0.1)

@@ -7,11 +7,13 @@ import pytest
 
 from streamrec import contracts as c
 from streamrec.contracts import (
+    BadTimestamp,
     DeadLetter,
     Event,
     ForgetRequest,
     Recommendation,
     ScoredItem,
+    UnsupportedVersion,
     parse_event,
     parse_message,
 )
@@ -152,3 +154,20 @@ def test_parse_event_does_not_accept_forget_requests() -> None:
             b'"ts": 1700000000000}',
             b"u-7",
         )
+
+
+@pytest.mark.parametrize("version", ["true", "1.0", '"1"', "2"])
+def test_only_the_integer_1_is_a_supported_contract_version(version: str) -> None:
+    raw = (
+        b'{"v":' + version.encode() + b',"event_id":"e1","user_id":"u1","item_id":"i1",'
+        b'"type":"view","ts":1700000000000}'
+    )
+    with pytest.raises(UnsupportedVersion):
+        parse_event(raw, b"u1")
+
+
+def test_an_event_later_than_the_latest_accepted_time_is_a_bad_timestamp() -> None:
+    raw = b'{"event_id":"e1","user_id":"u1","item_id":"i1","type":"view","ts":1700000000001}'
+    with pytest.raises(BadTimestamp, match="clock"):
+        parse_message(raw, b"u1", latest_ts_ms=1_700_000_000_000)
+    assert parse_message(raw, b"u1", latest_ts_ms=1_700_000_000_001)

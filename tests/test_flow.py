@@ -263,6 +263,11 @@ def test_after_kill_9_at_random_points_nothing_is_lost_or_applied_twice(
 
     assert wanted <= collector.by_event.keys()  # 0 lost
     assert sessions_in(kafka_settings) == sessions_applied_once(kafka_settings, tmp_path / "ref")
+    # Every answer, first or repeated after a kill, comes from the session as of its event.
+    seen = history_after(events, kafka_settings)
+    for event in events:
+        for rec in collector.by_event[event.event_id]:
+            assert not {i.item_id for i in rec.items} & set(seen[event.event_id]), (event, rec)
 
 
 def test_two_processes_give_the_same_sessions_and_recommendations_as_one(

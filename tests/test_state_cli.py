@@ -23,6 +23,11 @@ def state_dir(tmp_path: Path) -> Path:
     settings = Settings(session_ttl_s=24 * 3600.0)
     with SessionStore.open(tmp_path, 0, 2, settings) as store:
         store.apply(Event("e1", "bob", "old-item", "view", T0 - 2 * DAY_MS), 0, 1)
+        # The clock needs several users' votes; these two are forgotten again.
+        store.apply(Event("e4", "cy", "i1", "view", T0), 0, 2)
+        store.apply(Event("e5", "di", "i1", "view", T0), 0, 3)
+        store.forget("cy")
+        store.forget("di")
     with SessionStore.open(tmp_path, 1, 2, settings) as store:
         store.apply(Event("e2", "ann", "i7", "rating", T0, 4.5), 1, 10)
         store.apply(Event("e3", "ann", "i8", "click", T0 + 1), 1, 11)

@@ -126,9 +126,9 @@ def test_a_damaged_record_raises_a_corrupt_session_error_naming_the_user(damage:
 def test_item_id_sizes_that_do_not_match_the_ids_are_caught_when_cutting() -> None:
     session = session_of(event("aaaa"), event("b"), max_items=2)
     raw = bytearray(encode_session(session))
-    # The oldest row's id size: after the header (65 bytes), one partition's offset (12)
-    # and the row's time, type and value (17).
-    struct.pack_into("<H", raw, 65 + 12 + 17, 3)
+    # The oldest row's id size: after the header (67 bytes), one partition's offset (12)
+    # and the row's time, offset, type and value (25).
+    struct.pack_into("<H", raw, 67 + 12 + 25, 3)
     damaged = decode_session("u1", bytes(raw))
     with pytest.raises(CorruptSessionError, match="sizes"):
         damaged.with_event(event("c"), 0, 99, 2)
@@ -161,3 +161,60 @@ def test_any_session_decodes_to_an_equal_session(
     assert decoded == session
     assert decoded.to_dict() == session.to_dict()
     assert decoded.item_ids == [e.item_id for e, _, _ in steps][-max_items:]
+
+
+def replayable_session(floor: int, count: int, max_items: int = 3, max_tail: int = 6) -> Session:
+    session = Session.empty("u1")
+    for offset in range(count):
+        session = session.with_event(
+            event(f"i{offset}", T0 + offset), 0, offset, max_items, floor, max_tail
+        )
+    return session
+
+
+def test_a_replayed_event_sees_its_window_as_it_was_not_the_newest() -> None:
+    # Offsets 4..9 may be read again after a crash: their windows reach back to offset 2.
+    session = replayable_session(floor=4, count=10)
+    assert session.item_ids == ["i7", "i8", "i9"]
+    assert session.item_ids_as_of(4, 3) == ["i2", "i3", "i4"]
+    assert session.item_ids_as_of(8, 3) == ["i6", "i7", "i8"]
+    assert session.item_ids_as_of(9, 3) == session.item_ids
+    assert session.tail_length == 5  # i2..i6, beyond the window of three
+
+
+def test_the_replay_tail_drops_what_no_replay_can_need_and_is_bounded() -> None:
+    # Offset 9's window (i7, i8, i9) is the window itself: nothing else is kept.
+    assert replayable_session(floor=9, count=10).tail_length == 0
+    assert replayable_session(floor=8, count=10).tail_length == 1  # i6, for offset 8
+    assert replayable_session(floor=0, count=30, max_tail=6).tail_length == 6
+    assert replayable_session(floor=0, count=30, max_tail=0).tail_length == 0
+
+
+def test_the_tail_is_not_part_of_the_window_the_counters_or_the_interactions() -> None:
+    session = replayable_session(floor=0, count=5, max_items=2)
+    assert len(session) == 2 and session.tail_length == 3
+    assert [i.item_id for i in session.interactions()] == ["i3", "i4"]
+    assert session.source_offsets == [3, 4]
+    assert decode_session("u1", encode_session(session)) == session
+
+
+def format_2_record(items: list[str], offset: int) -> bytes:
+    header = struct.Struct("<BqqQQQQQiHH")
+    ids = b",".join(b'"' + i.encode() + b'"' for i in items)
+    rows = b"".join(
+        struct.pack("<qBdH", T0 + n, 0, float("nan"), len(i) + 2) for n, i in enumerate(items)
+    )
+    counts = (len(items), 0, 0, 0, 0)
+    head = header.pack(2, T0, T0 + len(items) - 1, *counts, 0, 1, len(items))
+    return head + struct.pack("<iq", 0, offset) + rows + ids
+
+
+def test_a_format_2_record_is_read_and_becomes_format_3_on_its_next_event() -> None:
+    old = decode_session("u1", format_2_record(["a", "b"], offset=41))
+    assert (old.item_ids, old.offsets, old.times_ms) == (["a", "b"], {0: 41}, [T0, T0 + 1])
+    assert old.source_offsets == [-1, -1]  # applied before rows carried their offset
+    assert old.item_ids_as_of(5, 50) == ["a", "b"]
+    newer = old.with_event(event("c", T0 + 2), 0, 42, 50)
+    assert encode_session(newer)[0] == SESSION_FORMAT_VERSION
+    assert decode_session("u1", encode_session(newer)).item_ids == ["a", "b", "c"]
+    assert last_seen_of("u1", format_2_record(["a"], 1)) == T0

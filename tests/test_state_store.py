@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from rocksdict import Rdict
 
-from state.errors import CorruptSessionError, StateError
-from state.keys import session_key
+from state.errors import StateError, UnknownSessionFormatError
+from state.keys import QUARANTINE_PREFIX, session_key
 from state.layout import shard_dir
 from state.rocks import db_options
 from state.session import SESSION_FORMAT_VERSION
@@ -84,10 +84,12 @@ def test_users_do_not_share_sessions(store: SessionStore) -> None:
 def test_sessions_and_offsets_survive_close_and_reopen(state_dir: Path) -> None:
     with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
         before = store.apply(event("u1", "a"), 0, 5).session
+        store.apply(event("u2", "b"), 0, 6)
+        store.apply(event("u3", "c"), 0, 7)
     with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
         assert store.get("u1") == before
         assert not store.apply(event("u1", "a"), 0, 5).applied
-        assert store.clock_ms == T0
+        assert (store.clock_ms, store.applied_offset(0)) == (T0, 7)
 
 
 def kill_after(state_dir: Path, work: str) -> None:
@@ -183,7 +185,7 @@ def test_an_erased_or_swept_session_is_never_served_from_the_cache(store: Sessio
     assert store.get("u1") is None
     later = T0 + TTL_MS + 5000
     store.apply(event("u3", "c", ts=later), 0, 3)
-    assert store.sweep_expired() == 1
+    assert store.sweep_expired(now_ms=later) == 1
     assert store.get("u2", now_ms=T0) is None  # gone from the DB, so not in memory either
 
 
@@ -207,16 +209,61 @@ def test_a_session_idle_longer_than_the_ttl_reads_as_absent(store: SessionStore)
     assert store.get("u1", now_ms=T0 + TTL_MS + 1) is None
 
 
-def test_expiry_is_judged_by_the_latest_event_time_applied_in_whole_seconds(
+def test_expiry_is_judged_by_the_median_latest_event_time_of_recent_users_in_whole_seconds(
     store: SessionStore,
 ) -> None:
     store.apply(event("u1", "a", T0), 0, 1)
-    store.apply(event("u2", "b", T0 + TTL_MS + 999), 0, 2)
+    for offset, user in enumerate(("u2", "u3", "u4"), start=2):
+        store.apply(event(user, "b", T0 + TTL_MS + 999), 0, offset)
     assert store.clock_ms == T0 + TTL_MS
     assert store.get("u1") is not None
-    store.apply(event("u2", "c", T0 + TTL_MS + 1000), 0, 3)
+    store.apply(event("u2", "c", T0 + TTL_MS + 1000), 0, 5)
+    store.apply(event("u3", "c", T0 + TTL_MS + 1000), 0, 6)
     assert store.get("u1") is None
     assert store.get("u2") is not None
+
+
+def test_one_user_with_a_wrong_clock_cannot_expire_the_others(store: SessionStore) -> None:
+    for offset, user in enumerate(("u1", "u2", "u3", "u4")):
+        store.apply(event(user, "a", T0 + offset), 0, offset)
+    store.apply(event("liar", "a", T0 + 31 * 24 * 3600 * 1000), 0, 10)
+    assert store.clock_ms == T0
+    assert store.sweep_expired() == 0
+    assert len(list(store.user_ids())) == 5
+
+
+def test_the_clock_moves_only_once_several_users_agree(store: SessionStore) -> None:
+    store.apply(event("u1", "a", T0), 0, 1)
+    store.apply(event("u2", "a", T0), 0, 2)
+    assert store.clock_ms is None
+    store.apply(event("u3", "a", T0), 0, 3)
+    assert store.clock_ms == T0
+
+
+def test_the_clock_never_runs_ahead_of_the_wall_clock_by_more_than_the_skew(
+    state_dir: Path,
+) -> None:
+    settings = SETTINGS.replace(event_time_skew_s=60.0)
+    store = SessionStore.open(state_dir, 0, 1, settings)
+    store._wall_ms = lambda: float(T0)  # every user's clock is a day ahead of this machine's
+    with store:
+        for offset, user in enumerate(("u1", "u2", "u3")):
+            store.apply(event(user, "a", T0 + 24 * 3600 * 1000), 0, offset)
+        assert store.clock_ms == T0 + 60_000
+
+
+def test_replays_of_a_swept_or_forgotten_users_events_are_not_applied_again(
+    store: SessionStore,
+) -> None:
+    store.apply(event("gone", "a", T0), 0, 1)
+    store.apply(event("erased", "b", T0), 0, 2)
+    store.forget("erased")
+    assert store.sweep_expired(now_ms=T0 + TTL_MS + 1) == 1
+    assert list(store.user_ids()) == []
+    assert not store.apply(event("gone", "a", T0), 0, 1).applied
+    assert not store.apply(event("erased", "b", T0), 0, 2).applied
+    assert list(store.user_ids()) == []
+    assert store.apply(event("erased", "c", T0), 0, 3).applied
 
 
 def test_an_event_after_the_ttl_starts_a_fresh_session_that_keeps_the_offsets(
@@ -262,18 +309,17 @@ def test_a_sweep_starts_over_after_reaching_the_last_session(store: SessionStore
     assert store.sweep_expired(now_ms=T0 + TTL_MS + 1, max_keys=10) == 3
 
 
-def test_a_sweep_reports_a_corrupt_record_once_and_goes_on_past_it(state_dir: Path) -> None:
+def test_a_sweep_quarantines_a_corrupt_record_and_goes_on_past_it(state_dir: Path) -> None:
     with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
-        for user in ("a", "b", "c"):
-            store.apply(event(user, "i", T0), 0, 1)
+        for offset, user in enumerate(("a", "b", "c")):
+            store.apply(event(user, "i", T0), 0, offset)
     raw = Rdict(str(shard_dir(state_dir, 0)), db_options())
     raw[session_key("b")] = b""
     raw.close()
     with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
-        with pytest.raises(CorruptSessionError, match="user 'b' is corrupt"):
-            store.sweep_expired(now_ms=T0 + TTL_MS + 1, max_keys=10)
-        assert store.sweep_expired(now_ms=T0 + TTL_MS + 1, max_keys=10) == 1
-        assert list(store.user_ids()) == ["b"]
+        assert store.sweep_expired(now_ms=T0 + TTL_MS + 1, max_keys=10) == 3
+        assert list(store.user_ids()) == []
+        assert store.counters.quarantined == ["b"]
 
 
 def test_forget_erases_the_user_and_a_later_event_starts_afresh(store: SessionStore) -> None:
@@ -310,19 +356,32 @@ def test_forget_leaves_the_users_data_in_no_file_of_the_store(state_dir: Path) -
         assert store.get("u2") is not None
 
 
-def test_a_corrupt_record_raises_a_named_error_with_the_user_key(state_dir: Path) -> None:
+def test_a_corrupt_record_is_quarantined_and_its_user_starts_afresh(state_dir: Path) -> None:
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        store.apply(event("u1", "a"), 0, 1)
+    garbage = bytes([SESSION_FORMAT_VERSION]) + b"garbage"
+    raw = Rdict(str(shard_dir(state_dir, 0)), db_options())
+    raw[session_key("u1")] = garbage
+    raw.close()
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        assert store.get("u1") is None
+        assert store.counters.quarantined == ["u1"]
+        assert not store.apply(event("u1", "a"), 0, 1).applied  # still a replay
+        assert store.apply(event("u1", "b"), 0, 2).session.item_ids == ["b"]
+    raw = Rdict(str(shard_dir(state_dir, 0)), db_options())
+    assert raw[QUARANTINE_PREFIX + b"u1"] == garbage  # kept aside for inspection
+    raw.close()
+
+
+def test_a_record_of_a_newer_format_is_refused_not_quarantined(state_dir: Path) -> None:
     with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
         store.apply(event("u1", "a"), 0, 1)
     raw = Rdict(str(shard_dir(state_dir, 0)), db_options())
-    raw[session_key("u1")] = bytes([SESSION_FORMAT_VERSION]) + b"garbage"
+    raw[session_key("u1")] = bytes([SESSION_FORMAT_VERSION + 1]) + b"from the future"
     raw.close()
     with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
-        with pytest.raises(CorruptSessionError, match="'u1'"):
-            store.get("u1")
-        with pytest.raises(CorruptSessionError, match="'u1'"):
+        with pytest.raises(UnknownSessionFormatError, match="format version 4"):
             store.apply(event("u1", "b"), 0, 2)
-        assert store.forget("u1")
-        assert store.apply(event("u1", "b"), 0, 2).session.item_ids == ["b"]
 
 
 def test_a_damaged_table_file_is_refused_at_open_saying_what_to_do(state_dir: Path) -> None:
@@ -348,8 +407,9 @@ def test_loaded_sessions_read_back_as_written(store: SessionStore, tmp_path: Pat
 def test_stats_count_keys_expired_sessions_and_bytes(store: SessionStore) -> None:
     store.apply(event("u1", "a", T0), 0, 1)
     store.apply(event("u2", "b", T0 + TTL_MS + 1000), 0, 2)
+    store.apply(event("u3", "b", T0 + TTL_MS + 1000), 0, 3)
     stats = store.stats()
-    assert (stats.shard_index, stats.sessions, stats.expired) == (0, 2, 1)
+    assert (stats.shard_index, stats.sessions, stats.expired) == (0, 3, 1)
     assert stats.record_bytes > 0 and stats.disk_bytes > 0
     assert stats.clock_ms == T0 + TTL_MS + 1000
 

@@ -1,0 +1,164 @@
+"""No single event, record or operation on the topic may cost sessions: the real flow and broker."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rocksdict import Rdict
+
+from flows.cli import EXIT_CONFIGURATION, EXIT_STATE_UNUSABLE
+from state.keys import session_key
+from state.layout import shard_dir
+from state.rocks import db_options
+from state.store import SessionStore
+from streamrec.contracts import Event
+from streamrec.kafka_clients import topic_partitions
+from streamrec.settings import Settings
+from tests.flow_harness import (
+    FlowProcess,
+    RecommendationCollector,
+    dead_letters,
+    produce,
+    serve_until_answered,
+    sessions_applied_once,
+    sessions_in,
+)
+from tools.topics import create_topics, delete_topics
+
+pytestmark = pytest.mark.kafka
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@pytest.fixture(autouse=True)
+def no_flow_left_behind() -> Iterator[None]:
+    yield
+    FlowProcess.kill_all()
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def events_of(users: int, ts: int, prefix: str = "e") -> list[Event]:
+    return [Event(f"{prefix}{n}", f"u{n}", f"i{n % 7}", "view", ts + n) for n in range(users)]
+
+
+def test_events_from_a_clock_that_lies_never_expire_other_users_sessions(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    # A one-hour TTL: under the old rule, any event an hour ahead expired every other session.
+    settings = kafka_settings.replace(session_ttl_s=3600.0)
+    start = now_ms() - 600_000
+    honest = events_of(35, start)
+    ahead_within_skew = Event("ahead", "u0", "i1", "view", now_ms() + 12 * 3600 * 1000)
+    from_the_future = [
+        Event(f"future{n}", f"liar{n}", "i1", "view", now_ms() + 31 * DAY_MS) for n in range(4)
+    ]
+    produce(settings, [*honest, ahead_within_skew, *from_the_future])
+    flow = FlowProcess(settings).start()
+    collector = RecommendationCollector(settings)
+    try:
+        collector.wait_for({e.event_id for e in honest} | {"ahead"}, flow)
+        # The sweep runs every 5 s of wall time, on a batch: give it batches to run on.
+        for round_ in range(3):
+            time.sleep(6)
+            produce(settings, events_of(3, now_ms(), prefix=f"late{round_}-"))
+        collector.wait_for({f"late2-{n}" for n in range(3)}, flow)
+    finally:
+        collector.close()
+        assert flow.stop() == 0, flow.output()[-2000:]
+
+    letters = dead_letters(settings, expected=4)
+    assert sorted(letter.code for letter in letters) == ["bad_timestamp"] * 4
+    assert not {f"future{n}" for n in range(4)} & collector.by_event.keys()
+    # Every honest user's session is still in RocksDB: no sweep removed it.
+    assert stored_users(settings) == {f"u{n}" for n in range(35)}
+
+
+def stored_users(settings: Settings) -> set[str]:
+    users: set[str] = set()
+    for partition in topic_partitions(settings, settings.events_topic):
+        with SessionStore.open(settings.state_dir, partition, 2, settings) as store:
+            users.update(store.user_ids())
+    return users
+
+
+def test_a_recreated_events_topic_is_refused_until_the_state_is_reset(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    first = events_of(20, now_ms() - 60_000, prefix="old")
+    produce(kafka_settings, first)
+    serve_until_answered(kafka_settings, {e.event_id for e in first})
+
+    delete_topics(kafka_settings, [kafka_settings.events_topic])
+    deadline = time.monotonic() + 60
+    while True:  # deletion completes in the background
+        try:
+            create_topics(kafka_settings)
+            topic_partitions(kafka_settings, kafka_settings.events_topic)
+            break
+        except Exception:
+            assert time.monotonic() < deadline
+            time.sleep(1)
+    second = events_of(20, now_ms(), prefix="new")
+    produce(kafka_settings, second)
+
+    refused = FlowProcess(kafka_settings).start()
+    assert refused.process is not None
+    assert refused.process.wait(120) == EXIT_STATE_UNUSABLE
+    assert "deleted and recreated" in refused.output()
+    assert "streamrec state reset" in refused.output()
+
+    reset = subprocess.run(
+        [sys.executable, "-m", "streamrec", "state", "reset", "--yes"],
+        env={**__import__("os").environ, **kafka_settings.to_env()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert reset.returncode == 0, reset.stderr
+    serve_until_answered(kafka_settings, {e.event_id for e in second})
+    assert sessions_in(kafka_settings) == sessions_applied_once(kafka_settings, tmp_path / "ref")
+
+
+def test_an_unreadable_session_record_is_moved_aside_and_its_user_starts_afresh(
+    kafka_settings: Settings,
+) -> None:
+    first = events_of(10, now_ms() - 60_000, prefix="a")
+    produce(kafka_settings, first)
+    serve_until_answered(kafka_settings, {e.event_id for e in first})
+    damaged = [p for p in range(2) if shard_dir(kafka_settings.state_dir, p).exists()]
+    for partition in damaged:
+        db = Rdict(str(shard_dir(kafka_settings.state_dir, partition)), db_options())
+        for n in range(10):
+            if db.get(session_key(f"u{n}")) is not None:
+                db[session_key(f"u{n}")] = b"\x03garbage"
+                victim = f"u{n}"
+                break
+        db.close()
+    later = Event("b-victim", victim, "i9", "view", now_ms())
+    produce(kafka_settings, [later])
+    flow, collector = serve_until_answered(kafka_settings, {"b-victim"})
+    assert "could not be read; it was moved aside" in flow.output()
+    session = sessions_in(kafka_settings)[victim]
+    assert [i["item_id"] for i in session["interactions"]] == ["i9"]
+
+
+def test_a_model_that_cannot_be_served_stops_the_flow_with_one_line_and_its_exit_code(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    broken = tmp_path / "model"
+    broken.mkdir()
+    shutil.copy(kafka_settings.model_dir / "card.json", broken / "card.json")
+    flow = FlowProcess(kafka_settings.replace(model_dir=broken)).start()
+    assert flow.process is not None
+    assert flow.process.wait(120) == EXIT_CONFIGURATION
+    lines = [line for line in flow.output().splitlines() if "cannot go on" in line]
+    assert len(lines) == 1 and "has no ONNX file" in lines[0], flow.output()
