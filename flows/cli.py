@@ -295,7 +295,7 @@ def run_command(
         try:
             stores.close()
             click.echo("flow: stopped; session stores closed", err=True)
-        except StateError as err:  # a full disk also refuses the last commit
+        except Exception as err:  # noqa: BLE001 - a full disk also refuses the close
             click.echo(f"flow: closing the session stores failed: {err}", err=True)
     if message is not None:
         stop_with(exit_code, message)

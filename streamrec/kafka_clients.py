@@ -172,7 +172,7 @@ def topic_partitions(settings: Settings, topic: str) -> list[int]:
 
 
 def topic_id(settings: Settings, topic: str) -> str:
-    """The broker's id of ``topic``: a deleted and recreated topic of the same name gets a new one."""
+    """The broker's id of ``topic``: a topic deleted and recreated by that name gets a new one."""
     from confluent_kafka import TopicCollection
 
     admin = admin_client(settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from rocksdict import Rdict
 
-from flows.cli import EXIT_CONFIGURATION, EXIT_STATE_UNUSABLE
+from flows.cli import EXIT_CONFIGURATION, EXIT_STATE_UNUSABLE, EXIT_STATE_UNWRITABLE
 from state.keys import session_key
 from state.layout import shard_dir
 from state.rocks import db_options
@@ -118,7 +119,7 @@ def test_a_recreated_events_topic_is_refused_until_the_state_is_reset(
 
     reset = subprocess.run(
         [sys.executable, "-m", "streamrec", "state", "reset", "--yes"],
-        env={**__import__("os").environ, **kafka_settings.to_env()},
+        env={**os.environ, **kafka_settings.to_env()},
         capture_output=True,
         text=True,
         timeout=60,
@@ -162,3 +163,49 @@ def test_a_model_that_cannot_be_served_stops_the_flow_with_one_line_and_its_exit
     assert flow.process.wait(120) == EXIT_CONFIGURATION
     lines = [line for line in flow.output().splitlines() if "cannot go on" in line]
     assert len(lines) == 1 and "has no ONNX file" in lines[0], flow.output()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB filesystem of its own (tmpfs, mounted as root) that a test can fill."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root (CI runs as root)")
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], check=True
+    )
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(directory: Path) -> None:
+    with (directory / "filler").open("wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+        except OSError:
+            pass
+
+
+def test_a_full_disk_stops_the_flow_with_one_line_and_exit_74(
+    kafka_settings: Settings, small_disk: Path, tmp_path: Path
+) -> None:
+    settings = kafka_settings.replace(state_dir=small_disk / "state")
+    first = events_of(10, now_ms() - 60_000, prefix="a")
+    produce(settings, first)
+    # The log on another disk: the flow's last line must have somewhere to go.
+    flow = FlowProcess(settings, log=tmp_path / "flow.log").start()
+    collector = RecommendationCollector(settings)
+    try:
+        collector.wait_for({e.event_id for e in first}, flow)
+        fill(small_disk)
+        produce(settings, events_of(200, now_ms(), prefix="b"))
+        assert flow.process is not None
+        assert flow.process.wait(120) == EXIT_STATE_UNWRITABLE
+    finally:
+        collector.close()
+    lines = [line for line in flow.output().splitlines() if "cannot go on" in line]
+    assert len(lines) == 1 and "No space left on device" in lines[0], flow.output()[-3000:]

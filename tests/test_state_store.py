@@ -379,9 +379,11 @@ def test_a_record_of_a_newer_format_is_refused_not_quarantined(state_dir: Path) 
     raw = Rdict(str(shard_dir(state_dir, 0)), db_options())
     raw[session_key("u1")] = bytes([SESSION_FORMAT_VERSION + 1]) + b"from the future"
     raw.close()
-    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
-        with pytest.raises(UnknownSessionFormatError, match="format version 4"):
-            store.apply(event("u1", "b"), 0, 2)
+    with (
+        SessionStore.open(state_dir, 0, 1, SETTINGS) as store,
+        pytest.raises(UnknownSessionFormatError, match="format version 4"),
+    ):
+        store.apply(event("u1", "b"), 0, 2)
 
 
 def test_a_damaged_table_file_is_refused_at_open_saying_what_to_do(state_dir: Path) -> None:
