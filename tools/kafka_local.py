@@ -167,6 +167,18 @@ class LocalKafka:
         self.log("kafka: stopped")
         return True
 
+    def kill(self) -> bool:
+        """SIGKILL the broker, as a crash would (tests of outages): no clean shutdown."""
+        pid = self._running_pid()
+        if pid is None:
+            return False
+        self.log(f"kafka: killing pid {pid}")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        _wait_gone(pid, 10.0)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
     def _running_pid(self) -> int | None:
         """The pid in our pid file if that process is alive and is our broker (not a reused pid)."""
         try:
