@@ -25,8 +25,6 @@ what happens to it:
 from __future__ import annotations
 
 import hashlib
-import logging
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -37,8 +35,18 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from flows import metrics
+from flows.kafka_log import kafka_logger
 from flows.shutdown import STOP_READING
-from streamrec.contracts import DeadLetter
+from streamrec.contracts import (
+    OUTPUT_REFUSED,
+    STUB_HEADER_KEY_SHA256,
+    STUB_HEADER_KEY_SIZE,
+    STUB_HEADER_REASON,
+    STUB_HEADER_VALUE_SHA256,
+    STUB_HEADER_VALUE_SIZE,
+    STUB_MAX_KEY_BYTES,
+    DeadLetter,
+)
 from streamrec.kafka_clients import (
     KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
     KafkaUnavailable,
@@ -52,24 +60,11 @@ Headers = list[tuple[str, str | bytes | None]]
 # (topic, key, value, headers): what the flow hands the sink, with no wrapper per record.
 OutputRecord = tuple[str, bytes | None, bytes | None, Headers | None]
 
-# A stub keeps the dead letter's own headers and adds these; the payload is left out.
-STUB_HEADER_REASON: Final = "streamrec.stub.reason"
-STUB_HEADER_VALUE_SIZE: Final = "streamrec.stub.value_size"
-STUB_HEADER_VALUE_SHA256: Final = "streamrec.stub.value_sha256"
-STUB_HEADER_KEY_SIZE: Final = "streamrec.stub.key_size"
-STUB_HEADER_KEY_SHA256: Final = "streamrec.stub.key_sha256"
-# A key longer than this is left out of a stub too (size and sha256 in its place).
-STUB_MAX_KEY_BYTES: Final = 1024
-# The error code of a dead letter made of an output record that Kafka refused.
-OUTPUT_REFUSED: Final = "output_refused"
 
 # Every wait is this short, so a second SIGTERM (KeyboardInterrupt) is never held up.
 POLL_S: Final = 0.5
 # A slower delivery is reported as blocked output; shorter stalls are routine (a leader moving).
 BLOCKED_AFTER_S: Final = 5.0
-# librdkafka says a failure each time it retries, about 5 lines a second from a producer
-# while the broker is away: each distinct line is shown once in this many seconds.
-LOG_REPEAT_S: Final = 60.0
 # librdkafka's default batch.size: batches fill up to it, and no topic limit is below it by default.
 _DEFAULT_BATCH_BYTES: Final = 1_000_000
 # The bounds librdkafka accepts for message.max.bytes.
@@ -127,46 +122,11 @@ def is_stub(headers: Headers | None) -> bool:
     return any(name == STUB_HEADER_REASON for name, _ in headers or ())
 
 
-class _RepeatFilter(logging.Filter):
-    """Passes each distinct log line once per ``LOG_REPEAT_S``; numbers in it do not count."""
-
-    _NUMBERS = re.compile(r"\d+")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._shown: dict[str, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        line = self._NUMBERS.sub("#", record.getMessage())
-        now = time.monotonic()
-        shown = self._shown.get(line)
-        if shown is not None and now - shown < LOG_REPEAT_S:
-            return False
-        if len(self._shown) >= 1024:
-            self._shown.clear()
-        self._shown[line] = now
-        return True
-
-
-def _kafka_logger() -> logging.Logger:
-    """Where the producers' librdkafka log goes: stderr, as before, without the repeats."""
-    logger = logging.getLogger("streamrec.flow.producer")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("kafka %(levelname)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.addFilter(_RepeatFilter())
-        # librdkafka's own log_level decides what is said; this logger passes it all.
-        logger.setLevel(logging.DEBUG)
-        logger.propagate = False
-    return logger
-
-
 class _BatchWriter(StatelessSinkPartition[OutputRecord]):
     """One worker's producer: delivers every batch whole before it returns, whatever fails."""
 
     def __init__(self, config: dict[str, Any], settings: Settings, limits: dict[str, int]) -> None:
-        self._config = config | {"error_cb": self._on_error, "logger": _kafka_logger()}
+        self._config = config | {"error_cb": self._on_error, "logger": kafka_logger("producer")}
         self._producer = Producer(self._config)
         self._settings = settings
         self._limits = limits

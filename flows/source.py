@@ -22,6 +22,7 @@ from confluent_kafka import (
 )
 
 from flows import metrics
+from flows.kafka_log import kafka_logger
 from flows.shutdown import STOP_READING
 from state.session import NO_REPLAY
 from streamrec.kafka_clients import consumer_config, topic_partitions
@@ -52,7 +53,7 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
         batch: int,
         resumable: bool,
     ):
-        self._consumer = Consumer(config)
+        self._consumer = Consumer({**config, "logger": kafka_logger("consumer")})
         self._consumer.assign([TopicPartition(topic, partition, offset)])
         self._topic = topic
         self._partition = partition

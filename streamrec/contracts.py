@@ -343,6 +343,17 @@ DLQ_HEADER_MESSAGE: Final = "streamrec.error.message"
 DLQ_HEADER_TOPIC: Final = "streamrec.source.topic"
 DLQ_HEADER_PARTITION: Final = "streamrec.source.partition"
 DLQ_HEADER_OFFSET: Final = "streamrec.source.offset"
+# A dead letter too large for the dead-letter topic is written as a stub: no value, its
+# own headers and these (the key too goes when longer than STUB_MAX_KEY_BYTES).
+STUB_HEADER_REASON: Final = "streamrec.stub.reason"
+STUB_HEADER_VALUE_SIZE: Final = "streamrec.stub.value_size"
+STUB_HEADER_VALUE_SHA256: Final = "streamrec.stub.value_sha256"
+STUB_HEADER_KEY_SIZE: Final = "streamrec.stub.key_size"
+STUB_HEADER_KEY_SHA256: Final = "streamrec.stub.key_sha256"
+STUB_MAX_KEY_BYTES: Final = 1024
+# The code of a dead letter holding an output record that Kafka refused (a recommendation
+# too large for its topic); its source partition and offset are -1.
+OUTPUT_REFUSED: Final = "output_refused"
 
 
 @dataclass(frozen=True, slots=True)

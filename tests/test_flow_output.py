@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 from confluent_kafka import KafkaError, Message, Producer
 
-from flows.sink import (
+from streamrec.contracts import (
     OUTPUT_REFUSED,
     STUB_HEADER_REASON,
     STUB_HEADER_VALUE_SHA256,
     STUB_HEADER_VALUE_SIZE,
+    DeadLetter,
+    Event,
+    Recommendation,
 )
-from streamrec.contracts import DeadLetter, Event, Recommendation
 from streamrec.datasets import load_events
 from streamrec.kafka_clients import max_message_bytes, producer_config
 from streamrec.settings import Settings

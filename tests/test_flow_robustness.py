@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Producer
 from rocksdict import Rdict
 
 from flows.cli import EXIT_CONFIGURATION, EXIT_STATE_UNUSABLE, EXIT_STATE_UNWRITABLE
@@ -19,7 +20,7 @@ from state.layout import shard_dir
 from state.rocks import db_options
 from state.store import SessionStore
 from streamrec.contracts import Event
-from streamrec.kafka_clients import topic_partitions
+from streamrec.kafka_clients import producer_config, topic_partitions
 from streamrec.settings import Settings
 from tests.flow_harness import (
     FlowProcess,
@@ -209,3 +210,59 @@ def test_a_full_disk_stops_the_flow_with_one_line_and_exit_74(
         collector.close()
     lines = [line for line in flow.output().splitlines() if "cannot go on" in line]
     assert len(lines) == 1 and "No space left on device" in lines[0], flow.output()[-3000:]
+
+
+def produce_to(settings: Settings, partition: int, events: list[Event]) -> None:
+    """Events on a partition of our choosing (the flow needs only key == user_id)."""
+    producer = Producer(producer_config(settings))
+    for event in events:
+        producer.produce(settings.events_topic, event.to_json(), event.key, partition=partition)
+    assert producer.flush(30) == 0
+
+
+def test_a_partition_hours_behind_and_events_far_in_the_past_expire_no_one_else(
+    kafka_settings: Settings,
+) -> None:
+    settings = kafka_settings.replace(session_ttl_s=3600.0)
+    behind = now_ms() - 5 * 3600 * 1000  # partition 0 replays traffic five hours old
+    produce_to(
+        settings, 0, [Event(f"p0-{n}", f"a{n}", "i1", "view", behind + n) for n in range(15)]
+    )
+    produce_to(settings, 1, [Event(f"p1-{n}", f"b{n}", "i2", "view", now_ms()) for n in range(15)])
+    produce_to(settings, 1, [Event("ancient", "b-1995", "i3", "view", 800_000_000_000)])
+    flow = FlowProcess(settings).start()
+    collector = RecommendationCollector(settings)
+    try:
+        collector.wait_for({f"p0-{n}" for n in range(15)} | {"ancient"}, flow)
+        for round_ in range(3):  # sweeps run on batches, every 5 s of wall time
+            time.sleep(6)
+            produce_to(settings, 0, [Event(f"late0-{round_}", "a0", "i4", "view", behind + 9)])
+            produce_to(settings, 1, [Event(f"late1-{round_}", "b0", "i4", "view", now_ms())])
+        collector.wait_for({"late0-2", "late1-2"}, flow)
+    finally:
+        collector.close()
+        assert flow.stop() == 0, flow.output()[-2000:]
+    # The 1995 session is idle by its shard's clock and may be swept; nobody else's is.
+    assert stored_users(settings) - {"b-1995"} == {f"a{n}" for n in range(15)} | {
+        f"b{n}" for n in range(15)
+    }
+
+
+def test_a_damaged_rocksdb_stops_the_flow_with_one_line_and_exit_65(
+    kafka_settings: Settings,
+) -> None:
+    first = events_of(10, now_ms() - 60_000, prefix="a")
+    produce_to(kafka_settings, 0, first)
+    serve_until_answered(kafka_settings, {e.event_id for e in first})
+    with SessionStore.open(kafka_settings.state_dir, 0, 2, kafka_settings):
+        pass  # reopening moves the write-ahead log into a table file
+    for table in shard_dir(kafka_settings.state_dir, 0).glob("*.sst"):
+        damaged = bytearray(table.read_bytes())
+        damaged[20] ^= 0xFF
+        table.write_bytes(bytes(damaged))
+    produce_to(kafka_settings, 0, events_of(1, now_ms(), prefix="b"))
+    flow = FlowProcess(kafka_settings).start()
+    assert flow.process is not None
+    assert flow.process.wait(120) == EXIT_STATE_UNUSABLE
+    lines = [line for line in flow.output().splitlines() if "cannot go on" in line]
+    assert len(lines) == 1 and "is damaged" in lines[0], flow.output()[-3000:]

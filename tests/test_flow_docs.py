@@ -1,0 +1,16 @@
+"""The examples in the flow modules' docstrings run, and print what they claim."""
+
+from __future__ import annotations
+
+import doctest
+from types import ModuleType
+
+import pytest
+
+from flows import sink
+
+
+@pytest.mark.parametrize("module", [sink], ids=lambda m: m.__name__)
+def test_the_docstring_examples_hold(module: ModuleType) -> None:
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
