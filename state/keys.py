@@ -19,10 +19,11 @@ META_PREFIX: Final = b"m:"
 SHAPE_KEY: Final = META_PREFIX + b"shape"
 # The shard's event-time "now" (q, ms): the median latest event time of its recent users.
 CLOCK_KEY: Final = META_PREFIX + b"clock"
-# The latest event time of each of the shard's recent distinct users: the clock's voters.
+# The latest event time of each of the shard's recent distinct users, the clock's voters,
+# by a hash of the user key (no user id), oldest vote first.
 VOTERS_KEY: Final = META_PREFIX + b"voters"
-# The offset of the last event applied from each source partition (q), written in the same
-# batch as the sessions: what makes a replay harmless even for a session since removed.
+# The offset of the last event applied from each source partition (q), written with every
+# removal of sessions: what makes a replay harmless even for a session since removed.
 APPLIED_PREFIX: Final = META_PREFIX + b"applied:"
 # Session records that could not be read, kept aside for inspection (never read again).
 QUARANTINE_PREFIX: Final = b"q:"

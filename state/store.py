@@ -115,10 +115,11 @@ class SessionStore:
     is read again).  The latest ``cache_size`` sessions written stay decoded in
     memory: the store is the DB's only writer, so they are never stale.
 
-    Each commit also records the last applied offset of each source partition
-    (the shard's watermark): an event at or below it is a replay, even if its
-    user's session has since expired or been erased, so neither removal can let
-    a replay apply an event twice.  The "clock" (persisted, whole seconds) is the
+    The store also keeps the last applied offset of each source partition (the
+    shard's watermark), written in the same batch as any removal of sessions
+    (sweep, erasure, quarantine): an event at or below it is a replay even if its
+    user's session has gone since, so no removal can let a replay apply an event
+    twice (a session that exists carries its own offsets).  The "clock" (persisted, whole seconds) is the
     default "now" of expiry: the median of the latest event times of the last
     ``CLOCK_VOTERS`` distinct users, never ahead of the wall clock by more than
     the allowed skew, so no single user's clock can expire the others.  While a
@@ -157,14 +158,17 @@ class SessionStore:
         self._skew_ms = skew_ms
         self._wall_ms = wall_ms
         self._voters = _read_voters(db)
+        # Whether a vote since the last count could move the clock (only one at or past
+        # its next tick can: the median of votes below it stays below it).
+        self._clock_due = True
         self._applied = _read_applied(db)
+        self._applied_written = dict(self._applied)
         self._staged_applied: dict[int, int] = {}
         self._sweep_from = SESSION_PREFIX
         self._cache: OrderedDict[bytes, Session] = OrderedDict()
         self._cache_size = cache_size
         # Staged since the last commit: the sessions by key, their writes, the events.
         self._staged: dict[bytes, Session] = {}
-        self._batch: WriteBatch | None = None
         self._staged_events = 0
         self._closed = False
 
@@ -227,43 +231,48 @@ class SessionStore:
         key = SESSION_PREFIX + event.user_id.encode()
         result = self._next_session(self._stored(key, event.user_id), event, partition, offset)
         if result.applied:
-            batch = self._batch
-            if batch is None:
-                batch = self._batch = WriteBatch(raw_mode=True)
-            batch.put(key, encode_session(result.session))
             self._staged[key] = result.session
             self._staged_events += 1
             self._staged_applied[partition] = offset
-            # By a hash of the key: the voters record must hold no user id (erasure).
+            # By a hash of the key: the voters' keys must hold no user id (erasure).
             voter = crc32(key)
             voters = self._voters
             voters[voter] = event.ts
             voters.move_to_end(voter)
+            if event.ts >= self._next_tick_ms:
+                self._clock_due = True
             if len(voters) > CLOCK_VOTERS:
                 voters.popitem(last=False)
         return result
 
     def commit(self) -> int:
         """Write everything staged in one atomic batch; how many events it applied."""
-        batch = self._batch
-        if batch is None:
+        staged = self._staged
+        if not staged:
             return 0
-        staged, applied, offsets = self._staged, self._staged_events, self._staged_applied
-        self._batch, self._staged, self._staged_events, self._staged_applied = None, {}, 0, {}
-        for partition, offset in offsets.items():
-            batch.put(applied_key(partition), _OFFSET_VALUE.pack(offset))
-        # The voters go with the batch, so a store reopened after a crash votes as before it.
-        batch.put(VOTERS_KEY, _pack_voters(self._voters))
-        tick = self._clock_candidate()
+        applied, offsets = self._staged_events, self._staged_applied
+        self._staged, self._staged_events, self._staged_applied = {}, 0, {}
+        self._applied.update(offsets)
+        tick = self._clock_candidate() if self._clock_due else NO_CLOCK
+        self._clock_due = False
         advance = tick != NO_CLOCK and tick >= self._next_tick_ms
-        if advance:
-            batch.put(CLOCK_KEY, CLOCK.pack(tick))
         # On failure nothing was written and nothing cached: the events are simply unapplied.
         try:
-            self._db.write(batch, self._write_options)
+            if len(staged) == 1 and not advance:
+                # One session (a quiet stream, or `apply`): RocksDB's Put is a one-entry batch.
+                ((key, session),) = staged.items()
+                self._db.put(key, encode_session(session), self._write_options)
+            else:
+                batch = WriteBatch(raw_mode=True)
+                for key, session in staged.items():
+                    batch.put(key, encode_session(session))
+                if advance:
+                    # About once a second of event time: the clock, with what voted for it.
+                    batch.put(CLOCK_KEY, CLOCK.pack(tick))
+                    self._write_marks(batch)
+                self._db.write(batch, self._write_options)
         except Exception as err:  # rocksdict raises RocksDB's failures as plain Exception
             raise StateWriteError(f"cannot write to shard DB {self.path}: {err}") from err
-        self._applied.update(offsets)
         if advance:
             self._clock_ms, self._next_tick_ms = tick, tick + CLOCK_RESOLUTION_MS
         self.counters.applied += applied
@@ -344,6 +353,7 @@ class SessionStore:
             return False
         batch = WriteBatch(raw_mode=True)
         batch.delete(key)
+        self._write_marks(batch)
         self._db.write(batch, self._write_options)
         if purge:
             self._purge(key)
@@ -381,6 +391,7 @@ class SessionStore:
         finally:
             removed = len(expired)
             if len(batch):
+                self._write_marks(batch)
                 self._db.write(batch, self._write_options)
                 self.counters.swept += removed
                 for key in expired:
@@ -427,6 +438,9 @@ class SessionStore:
         if not self._closed:
             try:
                 self.commit()
+                marks = WriteBatch(raw_mode=True)
+                self._write_marks(marks)
+                self._db.write(marks, self._write_options)
             finally:
                 self._closed = True
                 self._cache.clear()
@@ -474,6 +488,19 @@ class SessionStore:
             raise
         return raw
 
+    def _write_marks(self, batch: WriteBatch) -> None:
+        """Add the applied offsets and the clock's voters to ``batch``, where they changed.
+
+        Not with every commit: a session that exists carries its own offsets, so the
+        watermark must be on disk only before a session goes (sweep, erasure), and the
+        voters only as of the clock they voted for (and at close).
+        """
+        for partition, offset in self._applied.items():
+            if self._applied_written.get(partition) != offset:
+                batch.put(applied_key(partition), _OFFSET_VALUE.pack(offset))
+        self._applied_written = dict(self._applied)
+        batch.put(VOTERS_KEY, _pack_voters(self._voters))
+
     def _quarantine(self, key: bytes, user_id: str) -> None:
         # Kept for inspection under q:, out of every session scan; the user starts afresh and
         # the shard's watermark still keeps replays of their old events from being applied.
@@ -484,6 +511,7 @@ class SessionStore:
         batch = WriteBatch(raw_mode=True)
         batch.put(QUARANTINE_PREFIX + key[_PREFIX_LEN:], b"" if raw is None else raw)
         batch.delete(key)
+        self._write_marks(batch)
         self._db.write(batch, self._write_options)
         self._cache.pop(key, None)
         self.counters.quarantined.append(user_id)
@@ -515,5 +543,4 @@ def _pack_voters(voters: OrderedDict[int, int]) -> bytes:
 
 
 def _read_voters(db: Rdict) -> OrderedDict[int, int]:
-    raw = db.get(VOTERS_KEY) or b""
-    return OrderedDict(_VOTER.iter_unpack(raw))
+    return OrderedDict(_VOTER.iter_unpack(db.get(VOTERS_KEY) or b""))

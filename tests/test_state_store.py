@@ -391,10 +391,10 @@ def test_a_damaged_table_file_is_refused_at_open_saying_what_to_do(state_dir: Pa
         store.apply(event("u1", "a"), 0, 1)
     with SessionStore.open(state_dir, 0, 1, SETTINGS):
         pass  # reopening moves the write-ahead log into a table file
-    (table,) = shard_dir(state_dir, 0).glob("*.sst")
-    damaged = bytearray(table.read_bytes())
-    damaged[20] ^= 0xFF  # inside the first data block, which holds the store's metadata
-    table.write_bytes(bytes(damaged))
+    for table in shard_dir(state_dir, 0).glob("*.sst"):
+        damaged = bytearray(table.read_bytes())
+        damaged[20] ^= 0xFF  # inside the first data block, which holds the store's metadata
+        table.write_bytes(bytes(damaged))
     with pytest.raises(StateError, match="is damaged.*restore it"):
         SessionStore.open(state_dir, 0, 1, SETTINGS)
 
