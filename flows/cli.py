@@ -217,6 +217,7 @@ def run_command(
     from state.errors import StateError, StateWriteError
     from state.layout import check_topic_incarnation, ensure_layout
     from streamrec.kafka_clients import (
+        KafkaAuthenticationFailed,
         KafkaConfigError,
         KafkaUnavailable,
         topic_id,
@@ -236,6 +237,8 @@ def run_command(
     try:
         partitions = len(topic_partitions(settings, settings.events_topic))
         incarnation = topic_id(settings, settings.events_topic)
+    except KafkaAuthenticationFailed as err:  # retrying cannot help: the settings are wrong
+        stop_with(EXIT_CONFIGURATION, str(err))
     except KafkaUnavailable as err:
         stop_with(EXIT_KAFKA_UNAVAILABLE, str(err))
     except KafkaConfigError as err:

@@ -119,8 +119,8 @@ class SessionStore:
     shard's watermark), written in the same batch as any removal of sessions
     (sweep, erasure, quarantine): an event at or below it is a replay even if its
     user's session has gone since, so no removal can let a replay apply an event
-    twice (a session that exists carries its own offsets).  The "clock" (persisted, whole seconds) is the
-    default "now" of expiry: the median of the latest event times of the last
+    twice (a session that exists carries its own offsets).  The "clock" (persisted,
+    whole seconds) is the default "now" of expiry: the median of the latest event times of the last
     ``CLOCK_VOTERS`` distinct users, never ahead of the wall clock by more than
     the allowed skew, so no single user's clock can expire the others.  While a
     crash may still replay events from ``replay_floor`` on (the flow sets it),

@@ -23,10 +23,12 @@ ours, so they win.  Values are strings: that is what librdkafka takes.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ClusterMetadata
 
 from streamrec.settings import Settings
 
@@ -85,16 +87,30 @@ def consumer_config(settings: Settings, group: str) -> dict[str, str]:
     return ours | extra_client_settings(settings)
 
 
-def admin_client(settings: Settings) -> AdminClient:
-    """A metadata client that leaves failures to its caller's error message."""
+def admin_client(
+    settings: Settings, on_error: Callable[[KafkaError], None] | None = None
+) -> AdminClient:
+    """A metadata client that leaves failures to its caller's error message.
+
+    ``on_error`` receives the client's own errors (a refused login among
+    them) when the client is polled.
+    """
     # Without a broker librdkafka logs a refused connection every 50 ms (hundreds of
     # lines before a timeout); the caller's error says it once, with the way out.
-    config: dict[str, str | int | float | bool] = {
+    config: dict[str, Any] = {
         "bootstrap.servers": settings.brokers,
         "log_level": 2,
     }
     config.update(extra_client_settings(settings))
-    return AdminClient(config)
+    if on_error is not None:
+        config["error_cb"] = on_error
+    try:
+        return AdminClient(config)
+    except KafkaException as err:
+        # An unknown setting or a bad value: librdkafka names it; the value is masked.
+        raise KafkaConfigError(
+            redact(f"librdkafka refuses the Kafka client settings: {err.args[0].str()}", settings)
+        ) from None
 
 
 def extra_client_settings(settings: Settings) -> dict[str, str]:
@@ -115,6 +131,12 @@ def extra_client_settings(settings: Settings) -> dict[str, str]:
         found.update(parse_properties(text, str(path)))
     if settings.kafka_options:
         found.update(parse_properties(settings.kafka_options, "kafka options"))
+    if "bootstrap.servers" in found:
+        # One place for the brokers, the one every message names.
+        raise KafkaConfigError(
+            "bootstrap.servers is not taken from the Kafka client settings: set the brokers "
+            "with STREAMREC_BROKERS or --brokers"
+        )
     return found
 
 
@@ -150,19 +172,14 @@ def redact(text: str, settings: Settings) -> str:
 
 def topic_partitions(settings: Settings, topic: str) -> list[int]:
     """The partition ids of ``topic``; a clear error when it or the broker is missing."""
-    admin = admin_client(settings)
-    try:
-        metadata = admin.list_topics(topic=topic, timeout=METADATA_TIMEOUT_S)
-    except Exception as err:  # noqa: BLE001 - confluent raises KafkaException or a timeout
-        del admin  # closes the client now, not when the traceback goes
-        raise KafkaUnavailable(
-            redact(
-                f"cannot reach Kafka at {settings.brokers}: {err}. Is it running? "
-                "(`streamrec kafka up` starts a local broker)",
-                settings,
-            )
-        ) from None
+    metadata = cluster_metadata(settings, topic)
     found = metadata.topics.get(topic)
+    if found is not None and found.error is not None and found.error.code() in _NOT_ALLOWED:
+        raise KafkaUnavailable(
+            f"not allowed to describe topic {topic!r} at {settings.brokers} "
+            f"({found.error.name()}): the cluster's ACLs must let {_principal(settings)} "
+            "describe, read and write streamrec's topics"
+        )
     if found is None or found.error is not None or not found.partitions:
         raise KafkaUnavailable(
             f"topic {topic!r} does not exist at {settings.brokers}; "
@@ -258,3 +275,81 @@ def max_message_bytes(settings: Settings, topics: list[str]) -> dict[str, int]:
             )
         ) from None
     return found
+
+
+# How long one metadata request may wait before the client's errors are looked at.
+_METADATA_POLL_S = 0.25
+
+# A login or TLS handshake the cluster refused: waiting longer cannot help.
+_REFUSED = {
+    KafkaError._AUTHENTICATION,
+    KafkaError.SASL_AUTHENTICATION_FAILED,
+    KafkaError._SSL,
+}
+_NOT_ALLOWED = {
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+}
+
+
+class KafkaAuthenticationFailed(KafkaUnavailable):
+    """The cluster refused the client's credentials or its TLS handshake; the message says which."""
+
+
+def cluster_metadata(settings: Settings, topic: str | None = None) -> ClusterMetadata:
+    """The cluster's metadata (of ``topic`` alone, if given); a refused login fails at once.
+
+    librdkafka treats a refused login like a lost connection and retries, so a
+    wrong password would look like a broker that is not there, after the whole
+    timeout.  The client's error callback tells the two apart; it is served
+    between short metadata requests, so a refusal ends the wait within a
+    second of the broker saying it.
+    """
+    refused: list[KafkaError] = []
+
+    def on_error(error: KafkaError) -> None:
+        if error.code() in _REFUSED:
+            refused.append(error)
+
+    admin = admin_client(settings, on_error)
+    deadline = time.monotonic() + METADATA_TIMEOUT_S
+    while True:
+        try:
+            return admin.list_topics(topic=topic, timeout=_METADATA_POLL_S)
+        except KafkaException as err:
+            admin.poll(0)  # runs on_error for what happened meanwhile
+            failure: KafkaUnavailable
+            if refused:
+                failure = KafkaAuthenticationFailed(_refusal(settings, refused[0]))
+            elif time.monotonic() >= deadline:
+                failure = KafkaUnavailable(
+                    redact(
+                        f"cannot reach Kafka at {settings.brokers}: {err}. Is it running? "
+                        "(`streamrec kafka up` starts a local broker)",
+                        settings,
+                    )
+                )
+            else:
+                continue
+            del admin  # closes the client now, not when the traceback goes
+            raise failure from None
+
+
+def _refusal(settings: Settings, error: KafkaError) -> str:
+    where = "STREAMREC_KAFKA_CONFIG / STREAMREC_KAFKA_OPTIONS / --kafka-config"
+    if error.code() == KafkaError._SSL:
+        what = (
+            f"TLS handshake with Kafka at {settings.brokers} failed: {error.str()}. Check "
+            f"ssl.ca.location (the CA that signed the brokers' certificates) in {where}"
+        )
+    else:
+        what = (
+            f"authentication failed at {settings.brokers} for {_principal(settings)}: "
+            f"{error.str()}. Check sasl.username, sasl.password and sasl.mechanism in {where}"
+        )
+    return redact(what, settings)
+
+
+def _principal(settings: Settings) -> str:
+    user = extra_client_settings(settings).get("sasl.username")
+    return f"user {user!r}" if user else "this client"

@@ -35,6 +35,16 @@ class Settings:
     )
     dlq_topic: str = _setting("events.dlq", "Dead letters: events that failed validation.")
     events_partitions: int = _setting(4, "Partitions of the events topic when created.")
+    topic_replication_factor: int = _setting(
+        1,
+        "Replicas of each partition of the topics `streamrec topics create` creates "
+        "(managed clusters refuse 1; 3 is usual there).",
+    )
+    topic_min_insync_replicas: int = _setting(
+        1,
+        "min.insync.replicas of the topics `streamrec topics create` creates: replicas that "
+        "must have a record before the flow's acks=all write succeeds (at most the factor).",
+    )
     kafka_linger_ms: float = _setting(
         1.0, "Producer linger: how long a record may wait to share a request (latency vs load)."
     )

@@ -16,7 +16,12 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 from flows.shutdown import STARTING
 from state.store import SessionStore
 from streamrec.contracts import DeadLetter, Event, ForgetRequest, Recommendation, parse_message
-from streamrec.kafka_clients import end_offsets, producer_config, topic_partitions
+from streamrec.kafka_clients import (
+    consumer_config,
+    end_offsets,
+    producer_config,
+    topic_partitions,
+)
 from streamrec.settings import Settings
 
 
@@ -152,13 +157,8 @@ class TopicReader:
     """Reads a whole topic from the beginning, remembering where it got to."""
 
     def __init__(self, settings: Settings, topic: str) -> None:
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": settings.brokers,
-                "group.id": "tests",
-                "enable.auto.commit": False,
-            }
-        )
+        # The shared settings, so that a test reads through a secured listener too.
+        self.consumer = Consumer(consumer_config(settings, group="tests"))
         self.consumer.assign(
             [TopicPartition(topic, p, OFFSET_BEGINNING) for p in topic_partitions(settings, topic)]
         )

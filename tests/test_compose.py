@@ -40,6 +40,24 @@ def test_the_launchers_heap_matches_the_compose_broker(tmp_path: Path) -> None:
     assert launcher["process.roles"] == environment["KAFKA_PROCESS_ROLES"]
 
 
+def test_the_compose_broker_sets_every_setting_the_launcher_sets(tmp_path: Path) -> None:
+    environment = compose()["services"]["kafka"]["environment"]
+    launcher = LocalKafka(Settings.from_env(kafka_dir=tmp_path)).broker_properties()
+    assert {env_name(k) for k in launcher} - set(environment) == set()
+
+
+def test_both_brokers_serve_their_clients_plaintext(tmp_path: Path) -> None:
+    # The SASL_SSL listener needs certificates and users made for it: the tests make
+    # their own, a deployment has its cluster's.  Neither broker ships one by default.
+    environment = compose()["services"]["kafka"]["environment"]
+    launcher = LocalKafka(Settings.from_env(kafka_dir=tmp_path)).broker_properties()
+    for protocol_map in (
+        environment["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"],
+        launcher["listener.security.protocol.map"],
+    ):
+        assert {pair.split(":")[1] for pair in protocol_map.split(",")} == {"PLAINTEXT"}
+
+
 def test_the_flow_services_use_only_known_settings() -> None:
     known = {f"STREAMREC_{name.upper()}" for name in Settings.__dataclass_fields__}
     for name in ("topics-init", "flow"):

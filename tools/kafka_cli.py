@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from streamrec.kafka_clients import KafkaConfigError, KafkaUnavailable
 from streamrec.settings import Settings
 from tools.kafka_local import KafkaLauncherError, LocalKafka
 from tools.topics import TopicError, create_topics
@@ -71,6 +72,8 @@ def kafka_status(port: int | None, controller_port: int | None, kafka_dir: Path 
     status = _local_kafka(port, controller_port, kafka_dir).status()
     click.echo(status.describe())
     if status.running:
+        # The local broker's own PLAINTEXT listener: a deployment's client settings
+        # (for its cluster) do not apply here.
         from confluent_kafka.admin import AdminClient
 
         topics = AdminClient({"bootstrap.servers": status.bootstrap}).list_topics(timeout=5).topics
@@ -92,11 +95,42 @@ def topics_group() -> None:
     help="Partitions of the events and recommendations topics [default: 4]. Events are keyed "
     "by user, so this bounds how many processes can share the load.",
 )
-def topics_create(brokers: str | None, partitions: int | None) -> None:
-    """Create the events, recommendations, dead-letter and control topics (idempotent)."""
-    settings = Settings.from_env(brokers=brokers)
+@click.option(
+    "--replication-factor",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Replicas of every partition [default: 1, for the local broker]. Managed clusters "
+    "(Confluent Cloud, MSK, Aiven) refuse 1: use 3.",
+)
+@click.option(
+    "--min-insync-replicas",
+    type=click.IntRange(min=1),
+    default=None,
+    help="min.insync.replicas of every topic: replicas that must hold a record before a write "
+    "succeeds [default: 1]; at most the replication factor (2 with a factor of 3).",
+)
+def topics_create(
+    brokers: str | None,
+    partitions: int | None,
+    replication_factor: int | None,
+    min_insync_replicas: int | None,
+) -> None:
+    """Create the events, recommendations and dead-letter topics (idempotent).
+
+    Topics that exist are left as they are and reported with their shape.
+    On a secured cluster, give the client settings first:
+
+    \b
+      streamrec --kafka-config client.properties topics create \\
+          --replication-factor 3 --min-insync-replicas 2
+    """
+    settings = Settings.from_env(
+        brokers=brokers,
+        topic_replication_factor=replication_factor,
+        topic_min_insync_replicas=min_insync_replicas,
+    )
     try:
         for report in create_topics(settings, partitions):
             click.echo(report.describe())
-    except TopicError as err:
+    except (TopicError, KafkaUnavailable, KafkaConfigError) as err:
         raise click.ClickException(str(err)) from None

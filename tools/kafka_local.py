@@ -4,6 +4,9 @@
 outside the checkout), formats KRaft storage, and runs one combined
 broker+controller on 127.0.0.1 with the machine's Java 17.  It owns the
 broker's process: ``up`` is idempotent, ``down`` leaves nothing behind.
+Clients use its PLAINTEXT listener; with a ``SecuredListener`` it also
+serves SASL_SSL (SCRAM-SHA-512 over TLS), as managed clusters do, so that
+the secured client path can be tested end to end.
 
 >>> kafka = LocalKafka(Settings())          # doctest: +SKIP
 >>> kafka.up(); kafka.status().running      # doctest: +SKIP
@@ -12,7 +15,9 @@ True
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -21,8 +26,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -51,6 +56,36 @@ SINGLE_NODE_PROPERTIES: dict[str, str] = {
 }
 
 
+# The secured listener's name is its protocol: clients name it in security.protocol.
+SASL_SSL = "SASL_SSL"
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+# Kafka's own default; stored with each credential, so a client needs no setting for it.
+SCRAM_ITERATIONS = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class SecuredListener:
+    """A SASL_SSL listener beside PLAINTEXT: SCRAM-SHA-512 logins over TLS.
+
+    ``keystore`` is a PEM file holding the broker's private key (PKCS#8, not
+    encrypted) and its certificate chain; the certificate must name 127.0.0.1
+    (an IP SAN), which clients verify.  ``users`` (name -> password) get SCRAM
+    credentials when the storage is formatted, that is at the broker's first
+    start: a broker's users are fixed then.  With ``super_users`` the broker
+    checks ACLs, as managed clusters do: those users may do anything, the
+    others nothing (no ACLs are made); without, every user may do anything.
+    """
+
+    port: int
+    keystore: Path
+    users: Mapping[str, str] = field(default_factory=dict)
+    super_users: frozenset[str] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
 class KafkaLauncherError(RuntimeError):
     """The local broker could not be prepared, started or stopped; the message says what to do."""
 
@@ -63,12 +98,19 @@ class BrokerStatus:
     controller_port: int
     data_dir: Path
     log_file: Path
+    secured_bootstrap: str | None = None
 
     def describe(self) -> str:
         state = f"running (pid {self.pid})" if self.running else "not running"
+        secured = (
+            f"  sasl_ssl:   {self.secured_bootstrap} ({SCRAM_MECHANISM})\n"
+            if self.secured_bootstrap
+            else ""
+        )
         return (
             f"kafka: {state}\n"
             f"  bootstrap:  {self.bootstrap}\n"
+            f"{secured}"
             f"  controller: 127.0.0.1:{self.controller_port}\n"
             f"  data:       {self.data_dir}\n"
             f"  log:        {self.log_file}"
@@ -78,9 +120,15 @@ class BrokerStatus:
 class LocalKafka:
     """Prepares, starts, inspects and stops the broker whose files are in ``settings.kafka_dir``."""
 
-    def __init__(self, settings: Settings, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log: Callable[[str], None] = print,
+        secured: SecuredListener | None = None,
+    ) -> None:
         self.settings = settings
         self.log = log
+        self.secured = secured
         self.home = settings.kafka_dir
         self.data_dir = self.home / "data"
         self.logs_dir = self.home / "logs"
@@ -103,6 +151,7 @@ class LocalKafka:
             controller_port=self.settings.kafka_controller_port,
             data_dir=self.data_dir,
             log_file=self.log_file,
+            secured_bootstrap=self.secured.bootstrap if self.secured else None,
         )
 
     def up(self) -> BrokerStatus:
@@ -111,7 +160,11 @@ class LocalKafka:
             self.log(f"kafka: already running (pid {pid}) at {self.bootstrap}")
             return self.status()
         java = find_java()
-        for port in (self.settings.kafka_port, self.settings.kafka_controller_port):
+        ports = [self.settings.kafka_port, self.settings.kafka_controller_port]
+        if self.secured is not None:
+            _check_scram_users(self.secured.users)
+            ports.append(self.secured.port)
+        for port in ports:
             if _port_in_use(port):
                 raise KafkaLauncherError(
                     f"port {port} on 127.0.0.1 is already taken by another process; stop it or "
@@ -196,13 +249,14 @@ class LocalKafka:
     def broker_properties(self) -> dict[str, str]:
         """The broker's server.properties; docker-compose.yml sets the same (a test checks)."""
         s = self.settings
-        return {
+        plaintext = f"PLAINTEXT://127.0.0.1:{s.kafka_port}"
+        controller = f"CONTROLLER://127.0.0.1:{s.kafka_controller_port}"
+        properties = {
             "process.roles": "broker,controller",
             "node.id": str(NODE_ID),
             "controller.quorum.voters": f"{NODE_ID}@127.0.0.1:{s.kafka_controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{s.kafka_port},"
-            f"CONTROLLER://127.0.0.1:{s.kafka_controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{s.kafka_port}",
+            "listeners": f"{plaintext},{controller}",
+            "advertised.listeners": plaintext,
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
@@ -210,6 +264,9 @@ class LocalKafka:
             # One node: every internal topic must fit a replication factor of 1.
             **SINGLE_NODE_PROPERTIES,
         }
+        if self.secured is not None:
+            properties |= _secured_listener_properties(self.secured, properties)
+        return properties
 
     def _write_config(self) -> None:
         self.properties_file.write_text(
@@ -247,6 +304,9 @@ class LocalKafka:
             .strip()
             .splitlines()[-1]
         )
+        # SCRAM users live in the cluster metadata, so they are written with it.
+        users = self.secured.users if self.secured is not None else {}
+        scram = [arg for user in users.items() for arg in ("--add-scram", _scram_credential(*user))]
         _run(
             [
                 java,
@@ -259,6 +319,7 @@ class LocalKafka:
                 "-c",
                 str(self.properties_file),
                 "--ignore-formatted",
+                *scram,
             ],
             "format KRaft storage",
         )
@@ -288,6 +349,67 @@ class LocalKafka:
             if path.exists():
                 chunks.extend(path.read_text(errors="replace").splitlines()[-lines:])
         return "\n".join(chunks) or "(no log written)"
+
+
+def _secured_listener_properties(secured: SecuredListener, plain: dict[str, str]) -> dict[str, str]:
+    # Only client connections are secured; the controller and the broker itself keep
+    # PLAINTEXT on 127.0.0.1, so no inter-broker credentials are needed.
+    address = f"{SASL_SSL}://{secured.bootstrap}"
+    prefix = f"listener.name.{SASL_SSL.lower()}."
+    mechanism = SCRAM_MECHANISM.lower()
+    return {
+        "listeners": f"{plain['listeners']},{address}",
+        "advertised.listeners": f"{plain['advertised.listeners']},{address}",
+        "listener.security.protocol.map": (
+            f"{plain['listener.security.protocol.map']},{SASL_SSL}:{SASL_SSL}"
+        ),
+        f"{prefix}sasl.enabled.mechanisms": SCRAM_MECHANISM,
+        # The server side of SCRAM needs a login module but no credentials of its own.
+        f"{prefix}{mechanism}.sasl.jaas.config": (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        ),
+        f"{prefix}ssl.keystore.type": "PEM",
+        f"{prefix}ssl.keystore.location": str(secured.keystore),
+    } | _authorizer_properties(secured.super_users)
+
+
+def _authorizer_properties(super_users: frozenset[str] | None) -> dict[str, str]:
+    if super_users is None:
+        return {}
+    # ANONYMOUS is whoever comes over PLAINTEXT: the controller, the broker itself and
+    # local tools keep every right; SCRAM users have those of their ACLs.
+    principals = ["User:ANONYMOUS", *(f"User:{user}" for user in sorted(super_users))]
+    return {
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "super.users": ";".join(principals),
+    }
+
+
+def _check_scram_users(users: Mapping[str, str]) -> None:
+    # The storage tool parses name=... inside [..., ...]: these characters would break it.
+    for name, password in users.items():
+        if not name or any(c in name for c in '=,[]" '):
+            raise KafkaLauncherError(
+                f'SCRAM user name {name!r} must be non-empty, without spaces or any of =,[]"'
+            )
+        if not password:
+            raise KafkaLauncherError(f"SCRAM user {name!r} needs a non-empty password")
+
+
+def _scram_credential(name: str, password: str) -> str:
+    """A ``--add-scram`` value that carries the salted password, never the password itself.
+
+    What the broker stores is derived from the salted password alone (RFC 5802), so
+    the password does not appear in the storage tool's command line, where ``ps``
+    would show it.
+    """
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, SCRAM_ITERATIONS)
+    return (
+        f"{SCRAM_MECHANISM}=[name={name},iterations={SCRAM_ITERATIONS},"
+        f'salt="{base64.b64encode(salt).decode()}",'
+        f'saltedpassword="{base64.b64encode(salted).decode()}"]'
+    )
 
 
 def find_java() -> str:

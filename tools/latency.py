@@ -42,7 +42,13 @@ from hdrh.histogram import HdrHistogram
 from tqdm import tqdm
 
 from streamrec.contracts import ContractError, Recommendation
-from streamrec.kafka_clients import KafkaUnavailable, consumer_config, end_offsets, topic_partitions
+from streamrec.kafka_clients import (
+    KafkaConfigError,
+    KafkaUnavailable,
+    consumer_config,
+    end_offsets,
+    topic_partitions,
+)
 from streamrec.settings import Settings
 
 # Latencies are recorded in microseconds, from 1 µs to one hour, to 3 significant digits.
@@ -461,7 +467,7 @@ def latency_command(
     )
     try:
         matcher = measure(settings, rule, ready=ready)
-    except KafkaUnavailable as err:
+    except (KafkaUnavailable, KafkaConfigError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(matcher.describe())
     if matcher.stats.matched == 0:

@@ -28,7 +28,13 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from tqdm import tqdm
 
-from streamrec.kafka_clients import KafkaUnavailable, consumer_config, end_offsets, topic_partitions
+from streamrec.kafka_clients import (
+    KafkaConfigError,
+    KafkaUnavailable,
+    consumer_config,
+    end_offsets,
+    topic_partitions,
+)
 from streamrec.settings import Settings
 
 TIMESTAMP_TYPES = {0: "none", 1: "create", 2: "log_append"}
@@ -300,6 +306,6 @@ def record_command(
             duration_s=duration,
             progress=progress,
         )
-    except KafkaUnavailable as err:
+    except (KafkaUnavailable, KafkaConfigError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(report.describe())

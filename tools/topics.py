@@ -2,7 +2,9 @@
 
 Topic names come from ``Settings``; this module only decides their shapes:
 the events and recommendations topics share one partition count (both are
-keyed by user), the dead-letter topic needs one partition.
+keyed by user), the dead-letter topic needs one partition.  Every topic gets
+the replication factor and ``min.insync.replicas`` of the settings: 1 and 1
+suit the local broker, a managed cluster wants more (and refuses 1).
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streamrec.kafka_clients import METADATA_TIMEOUT_S, admin_client
+from streamrec.kafka_clients import admin_client, cluster_metadata
 from streamrec.settings import Settings
 
 
@@ -27,10 +29,14 @@ class TopicReport:
     name: str
     partitions: int
     created: bool
+    replication_factor: int = 1
 
     def describe(self) -> str:
         verb = "created" if self.created else "exists"
-        return f"{self.name}: {verb}, {self.partitions} partition(s)"
+        return (
+            f"{self.name}: {verb}, {self.partitions} partition(s), "
+            f"replication factor {self.replication_factor}"
+        )
 
 
 def wanted_topics(settings: Settings, partitions: int | None = None) -> dict[str, int]:
@@ -48,19 +54,25 @@ def wanted_topics(settings: Settings, partitions: int | None = None) -> dict[str
 def create_topics(
     settings: Settings, partitions: int | None = None, timeout_s: float = 30.0
 ) -> list[TopicReport]:
-    """Create the missing topics; existing ones are left as they are and reported."""
-    admin = admin_client(settings)
-    try:
-        # Reachability first, as quickly as every other command finds a missing broker.
-        existing = admin.list_topics(timeout=min(timeout_s, METADATA_TIMEOUT_S)).topics
-    except KafkaException as err:
-        raise TopicError(
-            f"cannot reach Kafka at {settings.brokers}: {err}. Is it running? "
-            "(`streamrec kafka up` starts a local broker)"
-        ) from None
+    """Create the missing topics; existing ones are left as they are and reported.
+
+    Raises ``KafkaUnavailable`` (``KafkaAuthenticationFailed`` for a refused
+    login) when the cluster cannot be reached, ``TopicError`` when it refuses
+    a topic.
+    """
+    replication, min_insync = replication_of(settings)
     wanted = wanted_topics(settings, partitions)
+    # Reachability and credentials first, as quickly as every other command finds them.
+    metadata = cluster_metadata(settings)
+    existing = metadata.topics
+    admin = admin_client(settings)
     missing = [
-        NewTopic(name, num_partitions=count, replication_factor=1)
+        NewTopic(
+            name,
+            num_partitions=count,
+            replication_factor=replication,
+            config={"min.insync.replicas": str(min_insync)},
+        )
         for name, count in wanted.items()
         if name not in existing
     ]
@@ -72,10 +84,61 @@ def create_topics(
                 created.add(name)
             except KafkaException as err:
                 # Another client may have created it between our listing and our request.
-                if "TOPIC_ALREADY_EXISTS" not in str(err):
-                    raise TopicError(f"could not create topic {name!r}: {err}") from None
+                if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    refusal = _refused(name, err.args[0], settings, len(metadata.brokers), wanted)
+                    raise TopicError(refusal) from None
         existing = _wait_until_listed(admin, list(wanted), timeout_s)
-    return [TopicReport(name, len(existing[name].partitions), name in created) for name in wanted]
+    return [
+        TopicReport(
+            name,
+            len(existing[name].partitions),
+            name in created,
+            len(next(iter(existing[name].partitions.values())).replicas),
+        )
+        for name in wanted
+    ]
+
+
+def replication_of(settings: Settings) -> tuple[int, int]:
+    """The (replication factor, min.insync.replicas) new topics get; refused when impossible."""
+    factor, min_insync = settings.topic_replication_factor, settings.topic_min_insync_replicas
+    if factor < 1:
+        raise TopicError(f"a topic needs a replication factor of at least 1, got {factor}")
+    if not 1 <= min_insync <= factor:
+        # More would make every acks=all write fail with NOT_ENOUGH_REPLICAS.
+        raise TopicError(
+            f"min.insync.replicas must lie between 1 and the replication factor ({factor}), "
+            f"got {min_insync}"
+        )
+    return factor, min_insync
+
+
+def _refused(
+    name: str, error: KafkaError, settings: Settings, brokers: int, wanted: dict[str, int]
+) -> str:
+    said = f"the cluster refused to create topic {name!r}: {error.str().rstrip('.')}"
+    factor, min_insync = settings.topic_replication_factor, settings.topic_min_insync_replicas
+    code = error.code()
+    if code == KafkaError.INVALID_REPLICATION_FACTOR:
+        return (
+            f"{said}. Replication factor {factor} was asked of a cluster of {brokers} "
+            "broker(s); choose one it allows with --replication-factor "
+            "(STREAMREC_TOPIC_REPLICATION_FACTOR)"
+        )
+    if code in (KafkaError.POLICY_VIOLATION, KafkaError.INVALID_CONFIG):
+        return (
+            f"{said}. Asked: replication factor {factor}, min.insync.replicas {min_insync}; "
+            "managed clusters usually require --replication-factor 3 and accept "
+            "--min-insync-replicas 2 (STREAMREC_TOPIC_REPLICATION_FACTOR, "
+            "STREAMREC_TOPIC_MIN_INSYNC_REPLICAS)"
+        )
+    if code in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED):
+        shapes = ", ".join(f"{topic} ({count} partition(s))" for topic, count in wanted.items())
+        return (
+            f"{said}. These credentials may not create topics: ask for that right, or have "
+            f"them created by the cluster's own means: {shapes}"
+        )
+    return said
 
 
 def _wait_until_listed(admin: AdminClient, names: list[str], timeout_s: float) -> dict[str, Any]:
