@@ -128,6 +128,12 @@ def _is_interrupt(err: BaseException) -> bool:
     "skip events already applied.",
 )
 @click.option(
+    "--changelog/--no-changelog",
+    default=None,
+    help="Write session changes to the changelog topic and rebuild a missing or stale shard "
+    "from it [default: on; STREAMREC_CHANGELOG].",
+)
+@click.option(
     "--epoch-interval",
     type=float,
     default=None,
@@ -162,6 +168,7 @@ def run_command(
     state_dir: Path | None,
     recovery_dir: Path | None,
     no_recovery: bool,
+    changelog: bool | None,
     epoch_interval: float | None,
     top_k: int | None,
     candidates: int | None,
@@ -195,6 +202,7 @@ def run_command(
         workers=workers,
         state_dir=state_dir,
         recovery_dir=recovery_dir,
+        changelog=changelog,
         epoch_interval_s=epoch_interval,
         top_k=top_k,
         candidates=candidates,
@@ -211,9 +219,10 @@ def run_command(
     from bytewax.run import cli_main
 
     from flows.dataflow import build_dataflow
-    from flows.processor import PartitionStores
     from flows.source import ResumeOffsetError
+    from flows.stores import PartitionStores
     from model.serving import ArtifactError, Recommender
+    from state.changelog import ChangelogWriter
     from state.errors import StateError, StateWriteError
     from state.layout import check_topic_incarnation, ensure_layout
     from streamrec.kafka_clients import (
@@ -237,6 +246,15 @@ def run_command(
     try:
         partitions = len(topic_partitions(settings, settings.events_topic))
         incarnation = topic_id(settings, settings.events_topic)
+        if settings.changelog:
+            changelog_partitions = len(topic_partitions(settings, settings.sessions_changelog))
+            if changelog_partitions != partitions:
+                stop_with(
+                    EXIT_STATE_UNUSABLE,
+                    f"changelog {settings.sessions_changelog!r} has {changelog_partitions} "
+                    f"partitions, the events topic {partitions}: shard p writes to changelog "
+                    "partition p, so they must match (recreate the changelog topic)",
+                )
     except KafkaAuthenticationFailed as err:  # retrying cannot help: the settings are wrong
         stop_with(EXIT_CONFIGURATION, str(err))
     except KafkaUnavailable as err:
@@ -263,7 +281,8 @@ def run_command(
     else:
         metrics_note = ""
 
-    stores = PartitionStores(settings, partitions)
+    writer = ChangelogWriter(settings, incarnation) if settings.changelog else None
+    stores = PartitionStores(settings, partitions, writer, incarnation)
     flow = build_dataflow(settings, stores, variant, resumable=not no_recovery, model=model)
     click.echo(
         f"flow: {settings.events_topic} ({partitions} partitions) -> "

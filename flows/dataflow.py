@@ -8,9 +8,10 @@ from __future__ import annotations
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
-from flows.processor import PartitionStores, processor_factory
+from flows.processor import processor_factory
 from flows.sink import OutputSink
 from flows.source import EventSource
+from flows.stores import PartitionStores
 from model.serving import Recommender
 from streamrec.settings import Settings
 
@@ -28,7 +29,9 @@ def build_dataflow(
     the topic from its start).  ``model``: already loaded, for the first worker.
     """
     flow = Dataflow("streamrec")
-    source = EventSource(settings, batch=settings.batch_max_events, resumable=resumable)
+    source = EventSource(
+        settings, batch=settings.batch_max_events, resumable=resumable, stores=stores
+    )
     records = op.input("events", flow, source)
     # flat_map_batch sees the records that arrived together: they are scored
     # as one micro-batch, with no waiting added to fill it.

@@ -53,6 +53,10 @@ REPLAYED_ANSWERS = Counter(
     "streamrec_replayed_answers_total",
     "Events read again after a restart, answered from the session as of that event.",
 )
+SHARDS_REBUILT = Counter(
+    "streamrec_shards_rebuilt_total",
+    "Shards rebuilt from the changelog because their local store was missing or behind it.",
+)
 RECOMMENDATIONS = Counter("streamrec_recommendations_total", "Recommendations emitted.")
 SESSION_READS = Counter(
     "streamrec_session_reads_total",

@@ -21,6 +21,7 @@ from confluent_kafka import Message
 from flows import metrics
 from flows.sink import OutputRecord
 from flows.source import REPLAY_FLOORS
+from flows.stores import PartitionStores
 from model.serving import Recommender
 from state.store import SessionStore
 from streamrec.contracts import (
@@ -37,34 +38,6 @@ from streamrec.settings import Settings
 # wall time, so the sweep never holds up the events behind it.
 SWEEP_INTERVAL_S = 5.0
 SWEEP_MAX_KEYS = 256
-
-
-class PartitionStores:
-    """The open session store of each Kafka partition this process reads; closed together."""
-
-    def __init__(self, settings: Settings, partitions: int) -> None:
-        self._settings = settings
-        self._partitions = partitions
-        self._stores: dict[int, SessionStore] = {}
-        self._lock = threading.Lock()
-
-    def get(self, partition: int) -> SessionStore:
-        store = self._stores.get(partition)
-        if store is None:
-            with self._lock:
-                store = self._stores.get(partition)
-                if store is None:
-                    store = SessionStore.open(
-                        self._settings.state_dir, partition, self._partitions, self._settings
-                    )
-                    self._stores[partition] = store
-        return store
-
-    def close(self) -> None:
-        with self._lock:
-            for store in self._stores.values():
-                store.close()
-            self._stores.clear()
 
 
 class EventProcessor:
@@ -114,7 +87,7 @@ class EventProcessor:
             store = self._own.get(partition)
             if store is None:
                 store = self._own[partition] = self._stores.get(partition)
-                store.replay_floor = REPLAY_FLOORS.get(partition, store.replay_floor)
+                store.replay_floor = self._replay_floor(partition, store)
             if isinstance(parsed, ForgetRequest):
                 if store.forget(parsed.user_id):
                     metrics.FORGOTTEN.inc()
@@ -142,7 +115,7 @@ class EventProcessor:
         # Before anything is emitted: a batch lost to a crash has no output and is read again.
         for partition, store in self._own.items():
             store.commit()
-            store.replay_floor = REPLAY_FLOORS.get(partition, store.replay_floor)
+            store.replay_floor = self._replay_floor(partition, store)
             if store.counters.quarantined:
                 self._report_quarantined(store)
         self._report_reads()
@@ -191,6 +164,12 @@ class EventProcessor:
                 metrics.EXPIRED.inc(removed)
             if store.counters.quarantined:
                 self._report_quarantined(store)
+
+    def _replay_floor(self, partition: int, store: SessionStore) -> int:
+        # The lowest offset a restart may read again: from the recovery store's snapshots,
+        # or, lower, from the last progress the changelog holds (a rebuild resumes there).
+        floor = REPLAY_FLOORS.get(partition, store.replay_floor)
+        return min(floor, self._stores.changelog_floor(partition))
 
     def _report_quarantined(self, store: SessionStore) -> None:
         for user in store.counters.quarantined:

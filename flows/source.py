@@ -24,6 +24,7 @@ from confluent_kafka import (
 from flows import metrics
 from flows.kafka_log import kafka_logger
 from flows.shutdown import STOP_READING
+from flows.stores import PartitionStores
 from state.session import NO_REPLAY
 from streamrec.kafka_clients import consumer_config, topic_partitions
 from streamrec.settings import Settings
@@ -107,10 +108,17 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
 class EventSource(FixedPartitionedSource[Message, int]):
     """The events topic, one Bytewax input partition per Kafka partition."""
 
-    def __init__(self, settings: Settings, batch: int, resumable: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        batch: int,
+        resumable: bool = True,
+        stores: PartitionStores | None = None,
+    ) -> None:
         self._settings = settings
         self._batch = batch
         self._resumable = resumable
+        self._stores = stores
 
     def list_parts(self) -> list[str]:
         # The topic is part of the name, so resume offsets never carry over to another topic.
@@ -121,8 +129,14 @@ class EventSource(FixedPartitionedSource[Message, int]):
         partition, topic = for_part.split("-", 1)
         config = consumer_config(self._settings, group="streamrec-flow")
         offset = OFFSET_BEGINNING if resume_state is None else resume_state
-        if resume_state is not None:
-            offset = checked_resume_offset(config, topic, int(partition), resume_state)
+        if self._stores is not None:
+            # The shard first, rebuilt if needed: its state decides where reading may resume.
+            self._stores.get(int(partition))
+            rebuilt_to = self._stores.rebuilt_to.get(int(partition))
+            if rebuilt_to is not None and resume_state is not None:
+                offset = min(resume_state, rebuilt_to)
+        if offset != OFFSET_BEGINNING:
+            offset = checked_resume_offset(config, topic, int(partition), offset)
         return _PartitionReader(config, topic, int(partition), offset, self._batch, self._resumable)
 
 

@@ -1,4 +1,4 @@
-"""The command line of session state: ``streamrec state show|stats|reset``, ``bench state``.
+"""The command line of session state: ``streamrec state show|dump|stats|reset``, ``bench state``.
 
 ``state_group`` and ``bench_state`` are mounted by ``streamrec.cli``; the work
 itself lives in ``state.view`` and ``state.bench``.
@@ -6,20 +6,30 @@ itself lives in ``state.view`` and ``state.bench``.
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Final
 
 import click
 import orjson
+from tqdm import tqdm
 
 from state.bench import run_state_bench
 from state.errors import StateError
+from state.layout import shard_dir
 from state.rocks import ShardStats
-from state.view import open_state_view
+from state.session import EVENT_TYPES
+from state.view import DamagedShard, FoundSession, StateView, UnreadableRecord, open_state_view
 from streamrec.settings import Settings
+
+# A damaged store can hold many unreadable records: name this many, count them all.
+UNREADABLE_NAMED: Final = 20
 
 state_dir_option = click.option(
     "--state-dir",
@@ -33,8 +43,8 @@ state_dir_option = click.option(
 def state_group() -> None:
     """Look into the per-user session state: one RocksDB per shard.
 
-    Shard i holds the users of partition i of the events topic.  `show` and
-    `stats` open the shard DBs read-only, so they work while the flow runs
+    Shard i holds the users of partition i of the events topic.  `show`, `dump`
+    and `stats` open the shard DBs read-only, so they work while the flow runs
     (they see the state as of the moment they start).
     """
 
@@ -49,22 +59,37 @@ def state_group() -> None:
 )
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def reset(state_dir: Path | None, recovery_dir: Path | None, yes: bool) -> None:
-    """Delete the session state and the recovery store: the next run starts afresh.
+    """Delete the session state, the recovery store and the changelog: start afresh.
 
     For state that no longer fits its events topic (deleted and recreated, or
-    recreated with another partition count).  Stop the flow first.  The next
-    run reads the events topic from its start and rebuilds the sessions.
+    recreated with another partition count).  Stop the flow first.  The
+    changelog topic is recreated empty, with the events topic's partition count
+    (STREAMREC_CHANGELOG=false leaves it alone).  The next run reads the events
+    topic from its start and rebuilds the sessions.
     """
+    from streamrec.kafka_clients import KafkaUnavailable, topic_partitions
+    from streamrec.topics import TopicError, recreate_topic
+
     settings = Settings.from_env(state_dir=state_dir, recovery_dir=recovery_dir)
-    targets = [d for d in (settings.state_dir, settings.recovery_dir) if d.exists()]
-    if not targets:
-        click.echo("nothing to reset: neither directory exists")
-        return
+    targets = [str(d) for d in (settings.state_dir, settings.recovery_dir) if d.exists()]
+    if settings.changelog:
+        targets.append(f"every record of topic {settings.sessions_changelog!r}")
     if not yes:
-        click.confirm(f"delete {' and '.join(map(str, targets))}?", abort=True)
-    for directory in targets:
-        shutil.rmtree(directory)
-        click.echo(f"deleted {directory}")
+        click.confirm(f"delete {' and '.join(targets)}?", abort=True)
+    for directory in (settings.state_dir, settings.recovery_dir):
+        if directory.exists():
+            shutil.rmtree(directory)
+            click.echo(f"deleted {directory}")
+    if settings.changelog:
+        try:
+            partitions = len(topic_partitions(settings, settings.events_topic))
+            recreate_topic(settings, settings.sessions_changelog, partitions)
+        except (KafkaUnavailable, TopicError) as err:
+            raise click.ClickException(
+                f"the changelog {settings.sessions_changelog!r} was not cleared ({err}); run "
+                "this again once Kafka answers, or the flow would rebuild the old sessions"
+            ) from None
+        click.echo(f"recreated {settings.sessions_changelog}, empty, {partitions} partition(s)")
 
 
 @state_group.command("show")
@@ -107,19 +132,104 @@ def show(user_id: str, state_dir: Path | None, now_ms: int | None, include_expir
     click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
 
 
+@state_group.command("dump")
+@state_dir_option
+@click.option(
+    "--include-expired",
+    is_flag=True,
+    help='Print expired sessions too (with "expired": true).',
+)
+@click.option(
+    "--partition",
+    "partitions",
+    type=click.IntRange(min=0),
+    multiple=True,
+    metavar="P",
+    help="Dump only the shard of events partition P (repeatable; default: every shard).",
+)
+@click.option(
+    "--now-ms",
+    type=int,
+    default=None,
+    help="Judge expiry at this event time, epoch ms (default: each shard's own clock, as the "
+    "flow does).",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    help="Show a progress bar on stderr (only while stderr is a terminal and stdout is not).",
+)
+def dump(
+    state_dir: Path | None,
+    include_expired: bool,
+    partitions: tuple[int, ...],
+    now_ms: int | None,
+    progress: bool,
+) -> None:
+    """Print every session as JSON Lines: one JSON object per line on stdout.
+
+    Each object: user_id; partition (the shard, which is the events partition);
+    offset (the source offset of the last event applied); items (the item ids of
+    the session's window, oldest first: the scorer's input, without the replay
+    tail); first_seen_ms and last_seen_ms; counts by event type; expired.  Shard
+    by shard, in key order.  Sessions expired by their shard's clock are left
+    out unless --include-expired.
+
+    Reads the shard DBs read-only, so it works while the flow runs (it sees the
+    state as of the moment it starts), and streams: memory stays flat however
+    many sessions there are.  Only sessions go to stdout; the progress bar, notes
+    and a summary go to stderr.  A record that cannot be read is skipped, named
+    on stderr and counted in the summary.  Exits with status 1 only if a shard DB
+    is damaged (RocksDB cannot read it to its end), after printing all it could.
+
+    \b
+    streamrec state dump --partition 3 > sessions.jsonl
+    streamrec state dump | jq -c 'select(.counts.purchase > 0)'
+    """
+    settings = Settings.from_env(state_dir=state_dir)
+    with _state_errors(), open_state_view(settings.state_dir, settings) as view:
+        shards = _dumped_shards(view, partitions)
+        report = _write_dump(view, shards, include_expired, now_ms, progress)
+    if report.reader_gone:
+        return  # e.g. `| head`: the reader has what it wanted
+    summary = (
+        f"dumped {report.printed:,} sessions from {_many(len(shards), 'shard DB')} of "
+        f"{settings.state_dir}"
+    )
+    if report.expired_left_out:
+        summary += f"; {report.expired_left_out:,} expired left out (--include-expired prints them)"
+    if report.unreadable:
+        named = "named above" if report.unreadable <= UNREADABLE_NAMED else "the first named above"
+        summary += (
+            f"; skipped {_many(report.unreadable, 'unreadable record')} ({named}: the flow "
+            "sets each aside under q: when it next reads it)"
+        )
+    click.echo(summary, err=True)
+    if report.damaged:
+        raise click.ClickException(
+            "; ".join(_damage(settings.state_dir, d) for d in report.damaged)
+            + ". The sessions before the damage were printed. Restore the shard DB from a "
+            "backup, or stop the flow, move it away and let the flow rebuild its sessions from "
+            "the events."
+        )
+
+
 @state_group.command("stats")
 @state_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def stats(state_dir: Path | None, as_json: bool) -> None:
-    """Print keys, expired sessions and bytes per shard DB.
+    """Print keys, expired sessions, quarantined records and bytes per shard DB.
 
-    Keys are sessions, one per user; expired ones await the sweep.  Record bytes
-    are the keys and encoded sessions; disk bytes are the DB's files (tables,
-    write-ahead log, manifest).  Counting is a full scan.
+    Keys are sessions, one per user; expired ones await the sweep.  Quarantined
+    records are session records the flow could not read, set aside under q: for
+    inspection (their users started afresh).  Record bytes are the keys and
+    encoded sessions; disk bytes are the DB's files (tables, write-ahead log,
+    manifest).  Counting is a full scan.
     """
     settings = Settings.from_env(state_dir=state_dir)
     with _state_errors(), open_state_view(settings.state_dir, settings) as view:
         shards = view.stats()
+        quarantined = view.quarantined()
         layout = view.layout
         clock_ms = view.clock_ms
         missing = view.missing_shards
@@ -129,20 +239,25 @@ def stats(state_dir: Path | None, as_json: bool) -> None:
             "format_version": layout.format_version,
             "shard_count": layout.shard_count,
             "clock_ms": clock_ms,
-            "shards": [_shard_doc(s) for s in shards],
-            "total": _shard_doc(_total(shards)),
+            "shards": [_shard_doc(s, quarantined.get(s.shard_index, 0)) for s in shards],
+            "total": _shard_doc(_total(shards), sum(quarantined.values())),
         }
         click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         return
     click.echo(f"state directory {settings.state_dir}: {layout.describe()}")
     click.echo(f"latest event applied: {_when(clock_ms) if clock_ms is not None else 'none'}")
-    header = f"{'shard':>8} {'keys':>12} {'expired':>10} {'record bytes':>15} {'disk bytes':>15}"
-    click.echo(header)
+    click.echo(
+        f"{'shard':>8} {'keys':>12} {'expired':>10} {'quarantined':>12} {'record bytes':>15} "
+        f"{'disk bytes':>15}"
+    )
     for s in [*shards, _total(shards)]:
-        name = "total" if s.shard_index < 0 else str(s.shard_index)
+        if s.shard_index < 0:
+            name, held_aside = "total", sum(quarantined.values())
+        else:
+            name, held_aside = str(s.shard_index), quarantined.get(s.shard_index, 0)
         click.echo(
-            f"{name:>8} {s.sessions:>12,} {s.expired:>10,} {s.record_bytes:>15,} "
-            f"{s.disk_bytes:>15,}"
+            f"{name:>8} {s.sessions:>12,} {s.expired:>10,} {held_aside:>12,} "
+            f"{s.record_bytes:>15,} {s.disk_bytes:>15,}"
         )
     if missing:
         click.echo(
@@ -217,6 +332,125 @@ def bench_state(users: int, applies: int, json_path: Path | None) -> None:
         click.echo(f"figures written to {json_path}")
 
 
+@dataclass(slots=True)
+class _DumpReport:
+    printed: int = 0
+    expired_left_out: int = 0
+    unreadable: int = 0
+    damaged: list[DamagedShard] = field(default_factory=list)
+    reader_gone: bool = False
+
+
+def _dumped_shards(view: StateView, partitions: tuple[int, ...]) -> list[int]:
+    """The shards to dump, ascending: those asked for (checked against the layout), or all."""
+    count = view.layout.shard_count
+    beyond = sorted({p for p in partitions if p >= count})
+    if beyond:
+        raise click.BadParameter(
+            f"{', '.join(map(str, beyond))}: this state has {_many(count, 'shard')}, one per "
+            f"partition of the events topic (0 to {count - 1})",
+            param_hint="--partition",
+        )
+    chosen = sorted(set(partitions)) if partitions else list(range(count))
+    absent = [p for p in chosen if p in view.missing_shards]
+    if absent:
+        click.echo(
+            f"no shard DB yet for partition {', '.join(map(str, absent))} (no event of it "
+            "processed): nothing to dump there",
+            err=True,
+        )
+    return [p for p in chosen if p not in absent]
+
+
+def _write_dump(
+    view: StateView, shards: list[int], include_expired: bool, now_ms: int | None, progress: bool
+) -> _DumpReport:
+    """Write the sessions of ``shards`` to stdout, one JSON line each, as the scan yields them."""
+    report = _DumpReport()
+    out = sys.stdout.buffer
+    bar = tqdm(
+        total=view.estimated_keys(shards) or None,  # an estimate: ETA, not an exact count
+        desc="dump",
+        unit=" sessions",
+        file=sys.stderr,
+        leave=False,
+        disable=not (progress and sys.stderr.isatty() and not sys.stdout.isatty()),
+    )
+    # The scan holds a RocksDB cursor: close it before the view closes its DBs.
+    with bar, closing(view.scan(shards, now_ms)) as records:
+        try:
+            for record in records:
+                if isinstance(record, FoundSession):
+                    bar.update()
+                    if record.expired and not include_expired:
+                        report.expired_left_out += 1
+                        continue
+                    out.write(orjson.dumps(_dump_doc(record), option=orjson.OPT_APPEND_NEWLINE))
+                    report.printed += 1
+                elif isinstance(record, UnreadableRecord):
+                    bar.update()
+                    report.unreadable += 1
+                    if report.unreadable <= UNREADABLE_NAMED:
+                        bar.write(
+                            f"skipped the record of user {record.user_key!r} in shard "
+                            f"{record.shard_index}: {record.reason}",
+                            file=sys.stderr,
+                        )
+                else:
+                    report.damaged.append(record)  # said once, at the end, with what to do
+            out.flush()
+        except BrokenPipeError:
+            report.reader_gone = True
+            _silence_stdout()
+        except OSError as err:
+            raise click.ClickException(
+                f"stdout refused the dump after {report.printed:,} sessions: {err.strerror}"
+            ) from None
+    return report
+
+
+def _dump_doc(found: FoundSession) -> dict[str, Any]:
+    """One line of `dump`; a field that `show` also prints has the same name there."""
+    session = found.session
+    return {
+        "user_id": session.user_id,
+        "partition": found.shard_index,
+        # A session loaded without events (never by the flow) has no last offset.
+        "offset": session.last_offset if len(session) else None,
+        "items": session.item_ids,
+        "first_seen_ms": session.first_seen_ms,
+        "last_seen_ms": session.last_seen_ms,
+        "counts": dict(zip(EVENT_TYPES, session.counts, strict=True)),
+        "expired": found.expired,
+    }
+
+
+def _damage(state_dir: Path, damaged: DamagedShard) -> str:
+    where = (
+        "before its first session"
+        if damaged.after_user_key is None
+        else f"after the session of user {damaged.after_user_key!r}"
+    )
+    return (
+        f"shard DB {shard_dir(state_dir, damaged.shard_index)} is damaged: its scan stopped "
+        f"{where} ({damaged.reason})"
+    )
+
+
+def _silence_stdout() -> None:
+    # The reader closed the pipe: point stdout at /dev/null, so that flushing it at exit
+    # cannot raise BrokenPipeError again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass  # not a real file (a test runner's buffer): nothing will flush it
+
+
+def _many(n: int, thing: str) -> str:
+    return f"{n:,} {thing}" if n == 1 else f"{n:,} {thing}s"
+
+
 @contextmanager
 def _state_errors() -> Iterator[None]:
     try:
@@ -241,11 +475,12 @@ def _total(shards: list[ShardStats]) -> ShardStats:
     )
 
 
-def _shard_doc(s: ShardStats) -> dict[str, int | None]:
+def _shard_doc(s: ShardStats, quarantined: int) -> dict[str, int | None]:
     return {
         "shard": None if s.shard_index < 0 else s.shard_index,
         "keys": s.sessions,
         "expired": s.expired,
+        "quarantined": quarantined,
         "record_bytes": s.record_bytes,
         "disk_bytes": s.disk_bytes,
         "clock_ms": s.clock_ms,

@@ -35,7 +35,7 @@ class CorruptSessionError(StateError):
         self.reason = reason
         super().__init__(
             f"session record of user {self.user_key!r} is corrupt: {reason}. "
-            "Erase it with `forget` (the next event starts a fresh session) or restore the store."
+            "The flow moves such a record aside (key q:<user id>) and starts the user afresh."
         )
 
 

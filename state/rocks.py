@@ -25,7 +25,7 @@ from rocksdict import (
     WriteOptions,
 )
 
-from state.errors import StateError, StateLockedError, StateNotFoundError
+from state.errors import CorruptSessionError, StateError, StateLockedError, StateNotFoundError
 from state.keys import CLOCK_KEY, SESSION_PREFIX, SESSIONS_END
 from state.session import last_seen_of
 
@@ -139,8 +139,11 @@ def scan_stats(
     for key, record in session_records(db):
         sessions += 1
         record_bytes += len(key) + len(record)
-        if now_ms is not None and now_ms - last_seen_of(key[_PREFIX_LEN:], record) > ttl_ms:
-            expired += 1
+        try:
+            if now_ms is not None and now_ms - last_seen_of(key[_PREFIX_LEN:], record) > ttl_ms:
+                expired += 1
+        except CorruptSessionError:
+            continue  # counted as a session; the flow quarantines it when it meets it
     clock = read_clock(db)
     return ShardStats(shard_index, sessions, expired, record_bytes, disk_bytes(path), clock)
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Final, NamedTuple, cast
+from typing import Final, NamedTuple, Protocol, cast
 from zlib import crc32
 
 from rocksdict import BottommostLevelCompaction, CompactOptions, Rdict, WriteBatch
@@ -76,6 +76,14 @@ _OFFSET_VALUE: Final = CLOCK  # one signed 64-bit integer, as the clock
 
 def wall_clock_ms() -> float:
     return time.time() * 1000.0
+
+
+class ChangeListener(Protocol):
+    """Where a store sends each commit's changes (the changelog): never blocks for long."""
+
+    def send(
+        self, partition: int, changes: Iterable[tuple[bytes, bytes | None]], applied: int | None
+    ) -> None: ...
 
 
 class ApplyResult(NamedTuple):
@@ -149,6 +157,8 @@ class SessionStore:
         self.counters = StoreCounters()
         # The lowest source offset a crash may still make the flow read again.
         self.replay_floor = NO_REPLAY
+        # Told of every commit and removal, after RocksDB has it (the changelog).
+        self.changes: ChangeListener | None = None
         self._max_tail = REPLAY_TAIL_WINDOWS * session_length
         self._db = db
         self._write_options = write_options()
@@ -275,6 +285,12 @@ class SessionStore:
             raise StateWriteError(f"cannot write to shard DB {self.path}: {err}") from err
         if advance:
             self._clock_ms, self._next_tick_ms = tick, tick + CLOCK_RESOLUTION_MS
+        if self.changes is not None:
+            self.changes.send(
+                self.shard_index,
+                [(key[_PREFIX_LEN:], encode_session(s)) for key, s in staged.items()],
+                self._applied.get(self.shard_index),
+            )
         self.counters.applied += applied
         if self._cache_size:
             for key, session in staged.items():
@@ -355,6 +371,7 @@ class SessionStore:
         batch.delete(key)
         self._write_marks(batch)
         self._db.write(batch, self._write_options)
+        self._removed([key])
         if purge:
             self._purge(key)
         self.counters.forgotten += 1
@@ -393,6 +410,7 @@ class SessionStore:
             if len(batch):
                 self._write_marks(batch)
                 self._db.write(batch, self._write_options)
+                self._removed(expired)
                 self.counters.swept += removed
                 for key in expired:
                     self._cache.pop(key, None)
@@ -488,6 +506,36 @@ class SessionStore:
             raise
         return raw
 
+    def _removed(self, keys: list[bytes]) -> None:
+        if self.changes is not None:
+            tombstones = [(key[_PREFIX_LEN:], None) for key in keys]
+            self.changes.send(self.shard_index, tombstones, self._applied.get(self.shard_index))
+
+    def restore(self, records: Iterable[tuple[bytes, bytes | None]], applied: int | None) -> int:
+        """Rebuild an empty store from (user id, record or None) pairs, oldest first.
+
+        ``applied``: the last events offset these records reflect (the shard's
+        watermark from then on).  Returns the number of sessions written.
+        """
+        batch = WriteBatch(raw_mode=True)
+        written = 0
+        for user, record in records:
+            key = SESSION_PREFIX + user
+            if record is None:
+                batch.delete(key)
+            else:
+                batch.put(key, record)
+                written += 1
+            if len(batch) >= SWEEP_BATCH_DEFAULT:
+                self._db.write(batch, self._write_options)
+                batch = WriteBatch(raw_mode=True)
+        if applied is not None:
+            self._applied[self.shard_index] = applied
+        self._write_marks(batch)
+        self._db.write(batch, self._write_options)
+        self._cache.clear()
+        return written
+
     def _write_marks(self, batch: WriteBatch) -> None:
         """Add the applied offsets and the clock's voters to ``batch``, where they changed.
 
@@ -513,6 +561,7 @@ class SessionStore:
         batch.delete(key)
         self._write_marks(batch)
         self._db.write(batch, self._write_options)
+        self._removed([key])
         self._cache.pop(key, None)
         self.counters.quarantined.append(user_id)
 

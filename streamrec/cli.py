@@ -84,7 +84,7 @@ def cli(kafka_config: tuple[str, ...]) -> None:
     \b
     Quick start:
       streamrec kafka up          # a local Apache Kafka broker (KRaft, Java 17)
-      streamrec topics create     # events, recommendations, events.dlq, control
+      streamrec topics create     # events, recommendations, dead letters, changelog
       streamrec run               # the dataflow: events -> top-K recommendations
       streamrec replay --count 1000 --rate 500
       streamrec latency --count 1000

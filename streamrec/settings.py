@@ -91,6 +91,14 @@ class Settings:
     )
 
     # Session state.
+    changelog: bool = _setting(
+        True,
+        "Write every committed session change to a compacted changelog topic and rebuild a "
+        "shard from it when its local store is missing or behind (state that survives disks).",
+    )
+    changelog_topic: str = _setting(
+        "", "The sessions' changelog topic [default: '<events_topic>.sessions-changelog']."
+    )
     state_dir: Path = _setting(
         REPO_ROOT / "run" / "state", "RocksDB session stores, one per events partition."
     )
@@ -136,6 +144,11 @@ class Settings:
         32, "Most records read from one partition at a time (bounds a micro-batch's share)."
     )
     metrics_port: int = _setting(9464, "Port of the flow's Prometheus metrics endpoint (0: off).")
+
+    @property
+    def sessions_changelog(self) -> str:
+        """The name of the sessions' changelog topic."""
+        return self.changelog_topic or f"{self.events_topic}.sessions-changelog"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

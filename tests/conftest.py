@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from streamrec.settings import Settings
+from streamrec.topics import create_topics, delete_topics, wanted_topics
 from tools.kafka_local import LocalKafka
-from tools.topics import create_topics, delete_topics, wanted_topics
 
 
 def free_port() -> int:

@@ -273,7 +273,7 @@ def test_after_kill_9_at_random_points_nothing_is_lost_or_applied_twice(
 def test_two_processes_give_the_same_sessions_and_recommendations_as_one(
     kafka_settings: Settings, movielens: list[Event], tmp_path: Path
 ) -> None:
-    from tools.topics import create_topics
+    from streamrec.topics import create_topics
 
     events = movielens[:1500]
     produce(kafka_settings, events)
@@ -291,8 +291,10 @@ def test_two_processes_give_the_same_sessions_and_recommendations_as_one(
         one.close()
         flow.stop()
 
+    # Its own state from scratch: its own changelog too (else it would be rebuilt from the first).
     pair = single.replace(
         recommendations_topic=single.recommendations_topic + "-pair",
+        changelog_topic=single.sessions_changelog + "-pair",
         state_dir=tmp_path / "pair-state",
         recovery_dir=tmp_path / "pair-recovery",
     )
@@ -336,7 +338,7 @@ def test_more_workers_on_existing_state_carry_on_from_it(
 def test_a_topic_with_another_partition_count_than_the_state_is_refused(
     kafka_settings: Settings, movielens: list[Event]
 ) -> None:
-    from tools.topics import create_topics
+    from streamrec.topics import create_topics
 
     produce(kafka_settings, movielens[:10])
     flow = FlowProcess(kafka_settings).start()

@@ -27,6 +27,7 @@ from streamrec.contracts import (
 from streamrec.datasets import load_events
 from streamrec.kafka_clients import max_message_bytes, producer_config
 from streamrec.settings import Settings
+from streamrec.topics import create_topics
 from tests.conftest import free_port
 from tests.flow_harness import (
     FlowProcess,
@@ -41,7 +42,6 @@ from tests.flow_harness import (
     set_topic_config,
 )
 from tools.kafka_local import LocalKafka
-from tools.topics import create_topics
 
 pytestmark = pytest.mark.kafka
 

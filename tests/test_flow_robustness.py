@@ -22,6 +22,7 @@ from state.store import SessionStore
 from streamrec.contracts import Event
 from streamrec.kafka_clients import producer_config, topic_partitions
 from streamrec.settings import Settings
+from streamrec.topics import create_topics, delete_topics
 from tests.flow_harness import (
     FlowProcess,
     RecommendationCollector,
@@ -31,7 +32,6 @@ from tests.flow_harness import (
     sessions_applied_once,
     sessions_in,
 )
-from tools.topics import create_topics, delete_topics
 
 pytestmark = pytest.mark.kafka
 

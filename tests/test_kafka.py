@@ -13,6 +13,7 @@ from confluent_kafka import Consumer, Producer
 from streamrec.contracts import Event, parse_event
 from streamrec.kafka_clients import admin_client, consumer_config, producer_config
 from streamrec.settings import Settings
+from streamrec.topics import TopicError, create_topics, wanted_topics
 from tests.conftest import free_port
 from tests.flow_harness import partition_of
 from tools.kafka_local import (
@@ -23,7 +24,6 @@ from tools.kafka_local import (
     _scram_credential,
     ensure_jars,
 )
-from tools.topics import TopicError, create_topics, wanted_topics
 
 pytestmark = pytest.mark.kafka
 

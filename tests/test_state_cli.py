@@ -1,14 +1,19 @@
-"""`streamrec state show|stats` and `streamrec bench state`, driven through their click commands."""
+"""`streamrec state show|dump|stats` and `streamrec bench state`, through their click commands."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from click.testing import CliRunner
 
 from state.cli import bench_state, state_group
+from state.layout import shard_dir
+from state.rocks import open_read_write
+from state.session import Session, encode_session
 from state.store import SessionStore
 from streamrec.contracts import Event
 from streamrec.settings import Settings
@@ -43,6 +48,37 @@ def run(command: object, *args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def dump(state_dir: Path, *args: str) -> tuple[int, list[dict[str, Any]], str]:
+    """Run `state dump`: its exit code, every stdout line parsed as JSON, and its stderr."""
+    result = CliRunner().invoke(
+        state_group,
+        ["dump", "--state-dir", str(state_dir), *args],
+        env={"STREAMREC_SESSION_TTL_S": str(24 * 3600.0)},
+    )
+    return (
+        result.exit_code,
+        [orjson.loads(line) for line in result.stdout.splitlines()],
+        (result.stderr),
+    )
+
+
+def put_raw(state_dir: Path, shard: int, records: dict[bytes, bytes]) -> None:
+    """Write records as they are into a shard DB (the flow stopped): how damage looks on disk."""
+    db = open_read_write(shard_dir(state_dir, shard))
+    try:
+        for key, record in records.items():
+            db.put(key, record)
+    finally:
+        db.close()
+
+
+def add_sessions(state_dir: Path, shard: int, events: list[tuple[str, str, int]]) -> None:
+    """Apply (user, item, offset) events at T0 to a shard of the fixture's state."""
+    with SessionStore.open(state_dir, shard, 2, Settings(session_ttl_s=24 * 3600.0)) as store:
+        for user, item, offset in events:
+            store.apply(Event(f"e{offset}", user, item, "view", T0), shard, offset)
+
+
 def test_show_prints_the_users_session_as_json_from_whichever_shard_holds_it(
     state_dir: Path,
 ) -> None:
@@ -75,6 +111,153 @@ def test_show_of_a_directory_without_state_explains_what_to_check(tmp_path: Path
     assert code == 1 and "LAYOUT.json is missing" in output
 
 
+def test_dump_prints_one_json_line_per_session_in_shard_then_key_order(state_dir: Path) -> None:
+    add_sessions(state_dir, 1, [("zoe", "i1", 12), ("al", "i2", 13)])
+    code, lines, stderr = dump(state_dir, "--include-expired")
+    assert code == 0, stderr
+    assert [(s["partition"], s["user_id"]) for s in lines] == [
+        (0, "bob"),
+        (1, "al"),
+        (1, "ann"),
+        (1, "zoe"),
+    ]
+    assert lines[2] == {
+        "user_id": "ann",
+        "partition": 1,
+        "offset": 11,
+        "items": ["i7", "i8"],
+        "first_seen_ms": T0,
+        "last_seen_ms": T0 + 1,
+        "counts": {"view": 0, "click": 1, "add_to_cart": 0, "purchase": 0, "rating": 1},
+        "expired": False,
+    }
+    assert "dumped 4 sessions from 2 shard DBs" in stderr
+
+
+def test_dump_leaves_sessions_expired_by_their_shards_clock_out_unless_asked(
+    state_dir: Path,
+) -> None:
+    code, lines, stderr = dump(state_dir)
+    assert code == 0, stderr
+    assert [s["user_id"] for s in lines] == ["ann"]
+    assert "1 expired left out" in stderr
+    code, lines, _ = dump(state_dir, "--include-expired")
+    assert [(s["user_id"], s["expired"]) for s in lines] == [("bob", True), ("ann", False)]
+
+
+def test_dump_judges_expiry_by_each_shards_own_clock_unless_given_a_now(
+    state_dir: Path,
+) -> None:
+    # Shard 1 has two users: too few voters for a clock, so it expires nothing, as the flow.
+    with SessionStore.open(state_dir, 1, 2, Settings(session_ttl_s=24 * 3600.0)) as store:
+        store.apply(Event("e9", "old", "i1", "view", T0 - 2 * DAY_MS), 1, 12)
+    code, lines, _ = dump(state_dir, "--include-expired")
+    assert [(s["user_id"], s["expired"]) for s in lines] == [
+        ("bob", True),
+        ("ann", False),
+        ("old", False),
+    ]
+    code, lines, _ = dump(state_dir, "--now-ms", str(T0))
+    assert [s["user_id"] for s in lines] == ["ann"]
+
+
+def test_dump_of_chosen_partitions_prints_only_their_shards(state_dir: Path) -> None:
+    code, lines, _ = dump(state_dir, "--partition", "0", "--include-expired")
+    assert code == 0 and [s["user_id"] for s in lines] == ["bob"]
+    code, lines, _ = dump(state_dir, "--partition", "1", "--partition", "0", "--include-expired")
+    assert code == 0 and [s["user_id"] for s in lines] == ["bob", "ann"]
+
+
+def test_dump_of_a_partition_the_state_does_not_have_says_how_many_it_has(
+    state_dir: Path,
+) -> None:
+    code, lines, stderr = dump(state_dir, "--partition", "2")
+    assert code == 2 and lines == []
+    assert "2 shards" in stderr and "0 to 1" in stderr
+
+
+def _ann_record(state_dir: Path) -> bytes:
+    db = open_read_write(shard_dir(state_dir, 1))
+    try:
+        record = db.get(b"s:ann")
+    finally:
+        db.close()
+    assert isinstance(record, bytes)
+    return record
+
+
+@pytest.mark.parametrize(
+    ("key", "damage"),
+    [
+        (b"s:carl", lambda record: b""),
+        (b"s:carl", lambda record: b"\x09" + record[1:]),  # a format from the future
+        (b"s:carl", lambda record: record[:40]),
+        (b"s:carl", lambda record: record[:-2] + b"\x00\x00"),  # the item ids
+        (b"s:\xff\xfe", lambda record: record),  # a key that is not UTF-8
+    ],
+    ids=["empty", "unknown-format", "truncated", "bad-item-ids", "key-not-utf8"],
+)
+def test_dump_skips_an_unreadable_record_names_it_and_counts_it(
+    state_dir: Path, key: bytes, damage: Callable[[bytes], bytes]
+) -> None:
+    put_raw(state_dir, 1, {key: damage(_ann_record(state_dir))})
+    code, lines, stderr = dump(state_dir, "--include-expired")
+    assert code == 0, stderr
+    assert [s["user_id"] for s in lines] == ["bob", "ann"]
+    assert "skipped the record of user" in stderr and "in shard 1" in stderr
+    assert "skipped 1 unreadable record" in stderr
+
+
+def test_dump_while_a_store_is_open_for_writing_sees_what_it_has_written(
+    state_dir: Path,
+) -> None:
+    with SessionStore.open(state_dir, 1, 2, Settings(session_ttl_s=24 * 3600.0)) as store:
+        store.apply(Event("e9", "eve", "i3", "purchase", T0 + 5), 1, 12)
+        code, lines, stderr = dump(state_dir, "--partition", "1")
+        store.apply(Event("e10", "fay", "i3", "view", T0 + 6), 1, 13)
+    assert code == 0, stderr
+    assert [(s["user_id"], s["offset"]) for s in lines] == [("ann", 11), ("eve", 12)]
+
+
+def test_the_replay_tail_is_not_part_of_a_dumped_sessions_items(tmp_path: Path) -> None:
+    with SessionStore.open(tmp_path, 0, 1, Settings(session_length=2)) as store:
+        store.replay_floor = 0  # every event may be replayed: the store keeps a tail
+        for offset, item in enumerate(["i1", "i2", "i3"]):
+            store.apply(Event(f"e{offset}", "ann", item, "view", T0 + offset), 0, offset)
+        session = store.get("ann")
+        assert session is not None and session.tail_length == 1
+    code, lines, stderr = dump(tmp_path)
+    assert code == 0, stderr
+    assert [(s["items"], s["offset"]) for s in lines] == [(["i2", "i3"], 2)]
+
+
+def test_dump_of_a_damaged_shard_db_prints_what_it_can_and_exits_1(state_dir: Path) -> None:
+    # Enough sessions for many data blocks in one table file; then one block is overwritten.
+    sessions = {
+        f"s:u{i:05d}".encode(): encode_session(
+            Session.empty(f"u{i:05d}").with_event(
+                Event(f"e{i}", f"u{i:05d}", f"item-{i}", "view", T0), 0, 100 + i, max_items=50
+            )
+        )
+        for i in range(3000)
+    }
+    db = open_read_write(shard_dir(state_dir, 0))
+    for key, record in sessions.items():
+        db.put(key, record)
+    db.flush()
+    db.close()
+    table = max(shard_dir(state_dir, 0).glob("*.sst"), key=lambda t: t.stat().st_size)
+    data = bytearray(table.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 64] = bytes(64)
+    table.write_bytes(bytes(data))
+
+    code, lines, stderr = dump(state_dir, "--include-expired")
+    assert code == 1
+    assert "shard-0 is damaged" in stderr and "after the session of user 'u0" in stderr
+    users = [s["user_id"] for s in lines]
+    assert 0 < users.index("ann") < 3000 and users[-1] == "ann"  # shard 1 dumped after it
+
+
 def test_stats_print_keys_expired_and_bytes_per_shard_and_in_total(state_dir: Path) -> None:
     code, output = run(state_group, "stats", "--state-dir", str(state_dir), "--json")
     assert code == 0, output
@@ -85,6 +268,21 @@ def test_stats_print_keys_expired_and_bytes_per_shard_and_in_total(state_dir: Pa
         (1, 1, 0),
     ]
     assert stats["total"]["keys"] == 2 and stats["total"]["disk_bytes"] > 0
+    assert stats["total"]["quarantined"] == 0
+
+
+def test_stats_count_the_records_the_flow_set_aside_as_unreadable(state_dir: Path) -> None:
+    put_raw(state_dir, 1, {b"s:carl": b""})
+    with SessionStore.open(state_dir, 1, 2, Settings(session_ttl_s=24 * 3600.0)) as store:
+        assert store.get("carl") is None  # the store reads it, fails, and quarantines it
+    code, output = run(state_group, "stats", "--state-dir", str(state_dir), "--json")
+    assert code == 0, output
+    stats = orjson.loads(output)
+    assert [s["quarantined"] for s in stats["shards"]] == [0, 1]
+    assert stats["total"]["quarantined"] == 1
+    code, output = run(state_group, "stats", "--state-dir", str(state_dir))
+    assert "quarantined" in output.splitlines()[2]
+    assert output.splitlines()[-1].split()[:4] == ["total", "2", "1", "1"]
 
 
 def test_stats_as_a_table_name_every_shard_and_the_total(state_dir: Path) -> None:
@@ -98,6 +296,7 @@ def test_stats_as_a_table_name_every_shard_and_the_total(state_dir: Path) -> Non
     ("command", "args", "option"),
     [
         (state_group, ["show"], "--include-expired"),
+        (state_group, ["dump"], "--partition"),
         (state_group, ["stats"], "--state-dir"),
         (bench_state, [], "--users"),
     ],

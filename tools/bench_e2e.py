@@ -36,6 +36,7 @@ from streamrec.contracts import Event
 from streamrec.datasets import DatasetError, load_events
 from streamrec.kafka_clients import KafkaUnavailable
 from streamrec.settings import REPO_ROOT, Settings
+from streamrec.topics import TopicError, create_topics, delete_topics, wanted_topics
 from tools.bench_report import section_markdown, write_section
 from tools.bench_services import (
     VARIANTS,
@@ -52,7 +53,6 @@ from tools.bench_services import (
 from tools.latency import LatencyCollector, LatencyMatcher
 from tools.load_generator import LoadGenerator, LoadPoint
 from tools.replay import DatasetSource, KafkaSender
-from tools.topics import TopicError, create_topics, delete_topics, wanted_topics
 
 FULL_RATES = (100.0, 250.0, 500.0, 1000.0, 2000.0, 3000.0, 4000.0, 6000.0)
 # A point whose p99 passes this is past any useful operating point: the ladder stops.

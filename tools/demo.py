@@ -23,6 +23,7 @@ from streamrec.contracts import Recommendation
 from streamrec.datasets import load_events
 from streamrec.kafka_clients import consumer_config, end_offsets, topic_partitions
 from streamrec.settings import REPO_ROOT, Settings
+from streamrec.topics import create_topics, delete_topics, wanted_topics
 from tools.bench_e2e import BenchPlan, wait_until_serving
 from tools.bench_services import (
     STUDENT,
@@ -35,7 +36,6 @@ from tools.kafka_local import KafkaLauncherError, LocalKafka
 from tools.latency import LatencyCollector, StopRule
 from tools.replay import DatasetSource, replay
 from tools.schedule import Timing
-from tools.topics import create_topics, delete_topics, wanted_topics
 
 DEMO_DIR = REPO_ROOT / "run" / "demo"
 READINESS = BenchPlan(warmup_events=50, ready_timeout_s=180.0)

@@ -1,4 +1,4 @@
-"""The topics of the design (`events`, `recommendations`, `events.dlq`), created idempotently.
+"""The topics of the design (events, recommendations, dead letters, changelog), made idempotently.
 
 Topic names come from ``Settings``; this module only decides their shapes:
 the events and recommendations topics share one partition count (both are
@@ -44,11 +44,24 @@ def wanted_topics(settings: Settings, partitions: int | None = None) -> dict[str
     n = partitions or settings.events_partitions
     if n < 1:
         raise TopicError(f"a topic needs at least one partition, got {n}")
-    return {
+    topics = {
         settings.events_topic: n,
         settings.recommendations_topic: n,
         settings.dlq_topic: 1,
     }
+    if settings.changelog:
+        # One changelog partition per events partition: shard p's changes go to partition p.
+        topics[settings.sessions_changelog] = n
+    return topics
+
+
+def topic_config(settings: Settings, name: str) -> dict[str, str]:
+    """The settings a new topic gets, beyond its partition count and replication."""
+    config = {"min.insync.replicas": str(settings.topic_min_insync_replicas)}
+    if settings.changelog and name == settings.sessions_changelog:
+        # Only the latest record of each user is needed to rebuild a shard.
+        config["cleanup.policy"] = "compact"
+    return config
 
 
 def create_topics(
@@ -71,7 +84,7 @@ def create_topics(
             name,
             num_partitions=count,
             replication_factor=replication,
-            config={"min.insync.replicas": str(min_insync)},
+            config=topic_config(settings, name),
         )
         for name, count in wanted.items()
         if name not in existing
@@ -166,3 +179,29 @@ def delete_topics(settings: Settings, names: list[str], timeout_s: float = 30.0)
             future.result()
         except KafkaException as err:
             raise TopicError(f"could not delete topic {name!r}: {err}") from None
+
+
+def recreate_topic(settings: Settings, name: str, partitions: int, timeout_s: float = 60.0) -> None:
+    """Delete topic ``name`` with every record in it and create it anew, empty, as designed."""
+    delete_topics(settings, [name], timeout_s)
+    admin = admin_client(settings)
+    replication, _ = replication_of(settings)
+    topic = NewTopic(
+        name,
+        num_partitions=partitions,
+        replication_factor=replication,
+        config=topic_config(settings, name),
+    )
+    deadline = time.monotonic() + timeout_s
+    while True:  # the deletion completes in the background
+        (future,) = admin.create_topics([topic], operation_timeout=timeout_s).values()
+        try:
+            future.result()
+            break
+        except KafkaException as err:
+            if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise TopicError(f"could not create topic {name!r}: {err}") from None
+            if time.monotonic() > deadline:
+                raise TopicError(f"topic {name!r} was deleted but is still listed") from None
+            time.sleep(0.5)
+    _wait_until_listed(admin, [name], timeout_s)

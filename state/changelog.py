@@ -1,0 +1,281 @@
+"""The sessions' changelog: a compacted Kafka topic from which any machine can rebuild a shard.
+
+Shard ``p`` (the users of events partition ``p``) writes to changelog
+partition ``p``.  Every commit of the store sends the sessions it changed
+(key: the user id, value: the session record) and ends with a *marks* record
+naming the last events offset the shard has applied and the events topic's id;
+an erasure, an expiry or a quarantined record sends a tombstone, so a removed
+user never comes back from the changelog.  Compaction keeps the latest record
+of each key, so the topic stays about as large as the state.
+
+A shard whose local store is missing, or behind the changelog's marks (another
+machine served the partition since, or this one stopped uncleanly before it
+recorded its progress), is rebuilt from the changelog before its events are
+read, and its events are then read from no later than the marks' offset + 1:
+state and resume point cannot disagree.  The producer is idempotent and never
+gives up on a record (``message.timeout.ms=0``), so the changelog of a
+partition is a gapless prefix of its commits; when it lags behind the local
+store, that store is used as it is, and a rebuild elsewhere replays the rest.
+
+>>> decode_marks(encode_marks(Marks(applied=41, events_topic_id="t-1")))
+Marks(applied=41, events_topic_id='t-1')
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Final
+
+import orjson
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from state.errors import StateError
+from state.layout import shard_dir
+from state.store import SessionStore
+from streamrec.kafka_clients import consumer_config, producer_config
+from streamrec.settings import Settings
+
+# Not valid UTF-8, so never the key of a user (user ids are text).
+MARKS_KEY: Final = b"\xff\xfestreamrec.marks"
+# How far back from its end the last marks record of a partition is looked for, at first.
+MARKS_SEARCH: Final = 256
+READ_TIMEOUT_S: Final = 10.0
+
+
+class ChangelogError(StateError):
+    """The changelog cannot be read, or belongs to another events topic."""
+
+
+@dataclass(frozen=True, slots=True)
+class Marks:
+    """A shard's progress as the changelog knows it: the last events offset applied."""
+
+    applied: int
+    events_topic_id: str
+
+
+def encode_marks(marks: Marks) -> bytes:
+    return orjson.dumps({"applied": marks.applied, "events_topic_id": marks.events_topic_id})
+
+
+def decode_marks(raw: bytes) -> Marks:
+    doc = orjson.loads(raw)
+    return Marks(int(doc["applied"]), str(doc["events_topic_id"]))
+
+
+class ChangelogWriter:
+    """Sends each shard's committed changes to its changelog partition; one per process.
+
+    ``send`` returns at once (the producer delivers in the background, in order,
+    retrying for as long as it takes); when librdkafka's queue is full it waits,
+    which holds the flow back rather than dropping a change.
+    """
+
+    def __init__(self, settings: Settings, events_topic_id: str) -> None:
+        self.topic = settings.sessions_changelog
+        self._events_topic_id = events_topic_id
+        # Per partition: the last events offset whose marks the broker has acknowledged.
+        self.durable: dict[int, int] = {}
+        self._failed: list[str] = []
+        self._producer = Producer(
+            {
+                **producer_config(settings),
+                # Never give up on a change: a gap would make a rebuilt shard wrong.
+                "message.timeout.ms": "0",
+                "error_cb": self._on_error,
+            }
+        )
+
+    def send(
+        self, partition: int, changes: Iterable[tuple[bytes, bytes | None]], applied: int | None
+    ) -> None:
+        """``changes``: (user id, session record, or None for a removal) of one commit."""
+        for key, value in changes:
+            self._produce(partition, key, value)
+        if applied is not None:
+            marks = encode_marks(Marks(applied, self._events_topic_id))
+            self._produce(partition, MARKS_KEY, marks, partial(self._marks_delivered, applied))
+        self._producer.poll(0)
+
+    def _marks_delivered(self, applied: int, err: KafkaError | None, message: Message) -> None:
+        if err is None:
+            partition = message.partition()
+            if partition is not None and applied > self.durable.get(partition, -1):
+                self.durable[partition] = applied
+        else:
+            self._on_delivery(err, message)
+
+    def _produce(
+        self,
+        partition: int,
+        key: bytes,
+        value: bytes | None,
+        on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
+    ) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    self.topic,
+                    value,
+                    key,
+                    partition=partition,
+                    on_delivery=on_delivery or self._on_delivery,
+                )
+                return
+            except BufferError:
+                self._producer.poll(0.5)  # the queue is full: let it drain
+
+    def _on_delivery(self, err: KafkaError | None, _message: Message) -> None:
+        if err is not None:  # with no timeout, only a refusal of the record itself lands here
+            self._failed.append(err.str())
+            print(f"flow: a changelog record was refused: {err.str()}", file=sys.stderr)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            print(f"flow: the changelog producer failed: {err.str()}", file=sys.stderr)
+
+    def flush(self, timeout_s: float = 30.0) -> int:
+        """Wait for the changes in flight; how many are still undelivered."""
+        return int(self._producer.flush(timeout_s))
+
+
+def latest_marks(settings: Settings, partition: int) -> Marks | None:
+    """The last marks record of changelog ``partition``, or None if it has none."""
+    topic = settings.sessions_changelog
+    consumer = Consumer(consumer_config(settings, group="streamrec-restore"))
+    try:
+        low, high = consumer.get_watermark_offsets(
+            TopicPartition(topic, partition), timeout=READ_TIMEOUT_S
+        )
+        search = MARKS_SEARCH
+        while True:
+            start = max(low, high - search)
+            found = None
+            for key, value, _ in _read(consumer, topic, partition, start, high):
+                if key == MARKS_KEY and value is not None:
+                    found = value
+            if found is not None:
+                return decode_marks(found)
+            if start <= low:
+                return None
+            search *= 4
+    finally:
+        consumer.close()
+
+
+def changelog_records(
+    settings: Settings, partition: int
+) -> Iterator[tuple[bytes, bytes | None, int]]:
+    """(key, value, offset) of every record of changelog ``partition``, up to its end as of now."""
+    topic = settings.sessions_changelog
+    consumer = Consumer(consumer_config(settings, group="streamrec-restore"))
+    try:
+        low, high = consumer.get_watermark_offsets(
+            TopicPartition(topic, partition), timeout=READ_TIMEOUT_S
+        )
+        yield from _read(consumer, topic, partition, low, high)
+    finally:
+        consumer.close()
+
+
+def _read(
+    consumer: Consumer, topic: str, partition: int, start: int, end: int
+) -> Iterator[tuple[bytes, bytes | None, int]]:
+    if start >= end:
+        return
+    consumer.assign([TopicPartition(topic, partition, start if start > 0 else OFFSET_BEGINNING)])
+    deadline = time.monotonic() + READ_TIMEOUT_S
+    while True:
+        records = consumer.consume(1000, 0.5)
+        if not records and time.monotonic() > deadline:
+            raise ChangelogError(
+                f"changelog {topic!r} partition {partition}: no record arrived for "
+                f"{READ_TIMEOUT_S:g} s before its end ({end})"
+            )
+        for record in records:
+            error = record.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise ChangelogError(f"reading changelog {topic!r}: {error.str()}")
+            offset = record.offset()
+            key = record.key()
+            if offset is None or key is None:
+                continue
+            if offset >= end:
+                return
+            yield key, record.value(), offset
+            if offset + 1 >= end:
+                return
+        if records:
+            deadline = time.monotonic() + READ_TIMEOUT_S
+
+
+def open_shard(
+    settings: Settings,
+    partition: int,
+    shard_count: int,
+    writer: ChangelogWriter,
+    events_topic_id: str,
+) -> tuple[SessionStore, Marks | None]:
+    """Open shard ``partition``, rebuilt from the changelog first if its store is behind it.
+
+    Returns the store, its changes going to ``writer``, and the marks it was
+    rebuilt to (None if the local store was used as it was): the events of the
+    partition must then be read again from ``marks.applied + 1`` at the latest.
+    """
+    store = SessionStore.open(settings.state_dir, partition, shard_count, settings)
+    try:
+        marks = latest_marks(settings, partition)
+        if marks is not None and marks.events_topic_id != events_topic_id:
+            raise ChangelogError(
+                f"changelog {settings.sessions_changelog!r} was written for another "
+                f"incarnation of the events topic (id {marks.events_topic_id}, now "
+                f"{events_topic_id}): delete and recreate the changelog topic, and start "
+                "afresh with `streamrec state reset`"
+            )
+        local = store.applied_offset(partition)
+        if marks is not None:
+            writer.durable[partition] = marks.applied
+        if marks is None or (local is not None and local >= marks.applied):
+            store.changes = writer
+            return store, None
+    except BaseException:
+        store.close()
+        raise
+    store.close()
+    shutil.rmtree(shard_dir(settings.state_dir, partition))
+    store = SessionStore.open(settings.state_dir, partition, shard_count, settings)
+    started = time.monotonic()
+    print(
+        f"flow: rebuilding shard {partition} from {settings.sessions_changelog!r} (its local "
+        f"store {'is missing' if local is None else f'is at offset {local}'}; the changelog "
+        f"at {marks.applied})",
+        file=sys.stderr,
+        flush=True,
+    )
+    records = changelog_records(settings, partition)
+    sessions = store.restore(
+        ((key, value) for key, value, _ in records if key != MARKS_KEY), marks.applied
+    )
+    print(
+        f"flow: shard {partition} rebuilt: {sessions} session records in "
+        f"{time.monotonic() - started:.1f} s; reading its events from offset "
+        f"{marks.applied + 1} at the latest",
+        file=sys.stderr,
+        flush=True,
+    )
+    store.changes = writer
+    return store, marks
