@@ -90,3 +90,60 @@ def test_a_forgotten_user_stays_forgotten_after_a_rebuild(
 
     assert gone not in sessions_in(kafka_settings)
     assert sessions_in(kafka_settings) == sessions_applied_once(kafka_settings, tmp_path / "ref")
+
+
+def sessions_across(settings: Settings, state_dirs: list[Path]) -> dict[str, dict]:
+    """Every session in any of ``state_dirs``; a user in two of them must have one content."""
+    found: dict[str, dict] = {}
+    for state_dir in state_dirs:
+        for user, session in sessions_in(settings.replace(state_dir=state_dir)).items():
+            assert found.get(user, session) == session, f"{user} differs between machines"
+            found[user] = session
+    return found
+
+
+def test_a_cluster_moved_to_new_machines_keeps_every_session(
+    kafka_settings: Settings, movielens: list[Event], tmp_path: Path
+) -> None:
+    from tests.conftest import free_port
+    from tests.flow_harness import RecommendationCollector, stop_all
+
+    events = movielens[:3000]
+    produce(kafka_settings, events[:1500])
+
+    def machine(name: str) -> Settings:
+        return kafka_settings.replace(
+            state_dir=tmp_path / name / "state", recovery_dir=tmp_path / name / "recovery"
+        )
+
+    def cluster(names: list[str]) -> list[FlowProcess]:
+        addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in names)
+        return [
+            FlowProcess(machine(name), ["-i", str(i), "-a", addresses]).start()
+            for i, name in enumerate(names)
+        ]
+
+    collector = RecommendationCollector(kafka_settings)
+    try:
+        pair = cluster(["a", "b"])
+        collector.wait_for({e.event_id for e in events[:750]}, pair)
+        pair[1].kill()  # machine b is gone; a's process exits with it (Bytewax's cluster)
+        for flow in pair:
+            assert flow.process is not None
+            flow.process.wait(60)
+
+        produce(kafka_settings, events[1500:])
+        alone = cluster(["c"])  # one new machine, empty directories
+        collector.wait_for({e.event_id for e in events}, alone)
+        stop_all(alone)
+
+        again = cluster(["d", "e"])  # two new machines again
+        final = Event("final", events[0].user_id, "1", "view", events[-1].ts)
+        produce(kafka_settings, [final])
+        collector.wait_for({"final"}, again)
+        assert stop_all(again) == [0, 0]
+    finally:
+        collector.close()
+
+    moved = sessions_across(kafka_settings, [tmp_path / "d" / "state", tmp_path / "e" / "state"])
+    assert moved == sessions_applied_once(kafka_settings, tmp_path / "ref")
