@@ -168,7 +168,7 @@ def _wait_until_listed(admin: AdminClient, names: list[str], timeout_s: float) -
 
 
 def delete_topics(settings: Settings, names: list[str], timeout_s: float = 30.0) -> None:
-    """Delete topics (tests and benchmarks start from fresh ones)."""
+    """Delete topics and wait until they are gone (tests and benchmarks start from fresh ones)."""
     admin = admin_client(settings)
     present = admin.list_topics(timeout=timeout_s).topics
     doomed = [n for n in names if n in present]
@@ -179,6 +179,13 @@ def delete_topics(settings: Settings, names: list[str], timeout_s: float = 30.0)
             future.result()
         except KafkaException as err:
             raise TopicError(f"could not delete topic {name!r}: {err}") from None
+    # Deletion completes in the background: a topic created again before it is gone would be
+    # reported as existing, then vanish.
+    deadline = time.monotonic() + timeout_s
+    while any(n in admin.list_topics(timeout=timeout_s).topics for n in doomed):
+        if time.monotonic() > deadline:
+            raise TopicError(f"topics {doomed} were deleted but are still listed")
+        time.sleep(0.2)
 
 
 def recreate_topic(settings: Settings, name: str, partitions: int, timeout_s: float = 60.0) -> None:
