@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+import numpy as np
 from confluent_kafka import Message
 
 from flows import metrics
@@ -71,6 +72,8 @@ class EventProcessor:
         events: list[Event] = []
         keys: list[bytes | None] = []
         histories: list[list[str]] = []
+        # Per event: the hashes of what its user consumed beyond the window, never recommended.
+        consumed: list[np.ndarray] = []
         parse_s = 0.0
         for record in records:
             t0 = time.perf_counter()
@@ -112,6 +115,7 @@ class EventProcessor:
             events.append(parsed)
             keys.append(key)
             histories.append(history)
+            consumed.append(store.consumed(parsed.user_id))
         # Before anything is emitted: a batch lost to a crash has no output and is read again.
         for partition, store in self._own.items():
             store.commit()
@@ -121,7 +125,7 @@ class EventProcessor:
         self._report_reads()
         state_done = time.perf_counter()
         if events:
-            ranked = self._recommender.recommend(histories, self._top_k)
+            ranked = self._recommender.recommend(histories, self._top_k, consumed)
             scored = time.perf_counter()
             emitted_ms = time.time() * 1000.0
             model = self._recommender.version

@@ -9,6 +9,11 @@ calls, so it is not shared between threads) and calls it once per micro-batch:
 >>> len(top), all(item not in {"1", "50", "260"} for item, _ in top)
 (3, True)
 >>> rec.observe("260", "1196")  # online co-visitation and popularity update
+>>> from streamrec.item_hashes import item_hashes
+>>> consumed = item_hashes([item for item, _ in top])  # e.g. rated long ago
+>>> [again] = rec.recommend([["1", "50", "260"]], k=3, exclude=[consumed])
+>>> any(item in {i for i, _ in top} for item, _ in again)
+False
 
 A session's answer does not depend on the sessions batched with it, except
 under dynamic int8 quantization, whose activation scales come from the whole
@@ -18,6 +23,9 @@ For each session: the item ids known to the vocabulary are the model's input
 (unknown ones are cold: invisible to the model but still seen); the candidate
 index proposes unseen items; the ONNX model scores them; the best ``k`` are
 returned best first.  A session with no known item gets the popular items.
+Items whose hash is in the session's ``exclude`` (what the user consumed
+beyond the window, ``state.consumed``) are replaced, before scoring, by the
+most popular items the session has neither seen nor excluded.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import orjson
 
 from model.candidates import CandidateIndex
 from model.data import PAD, Vocab
+from streamrec.item_hashes import EMPTY, HASH_DTYPE, isin_sorted, item_hashes
 
 CARD_FILE = "card.json"
 VOCAB_FILE = "vocab.json"
@@ -91,6 +100,9 @@ class Recommender:
         # Reused input buffers: a call slices contiguous views instead of allocating.
         self._items = np.zeros(MAX_BATCH * self.max_len, dtype=np.int64)
         self._candidates = np.zeros(MAX_BATCH * self.n_candidates, dtype=np.int64)
+        # The hash of every item by its code (PAD's is 0), to match exclusions without decoding.
+        self._hashes = np.zeros(vocab.size, dtype=HASH_DTYPE)
+        self._hashes[1:] = item_hashes(vocab.items)
 
     @classmethod
     def load(
@@ -129,14 +141,22 @@ class Recommender:
         )
 
     def recommend(
-        self, histories: Sequence[Sequence[str]], k: int
+        self,
+        histories: Sequence[Sequence[str]],
+        k: int,
+        exclude: Sequence[np.ndarray] | None = None,
     ) -> list[list[tuple[str, float]]]:
-        """Top ``k`` (item id, score) per session, best first, none already in the session."""
+        """Top ``k`` (item id, score) per session, best first, none already in the session.
+
+        ``exclude``: per session, hashes (``streamrec.item_hashes.item_hash``) of items never
+        to recommend either.
+        """
         out: list[list[tuple[str, float]]] = []
         if k <= 0:
             return [[] for _ in histories]
         for lo in range(0, len(histories), MAX_BATCH):
-            out += self._recommend_batch(histories[lo : lo + MAX_BATCH], k)
+            batch_exclude = None if exclude is None else exclude[lo : lo + MAX_BATCH]
+            out += self._recommend_batch(histories[lo : lo + MAX_BATCH], k, batch_exclude)
         return out
 
     def observe(self, prev_item: str | None, item: str) -> None:
@@ -145,18 +165,22 @@ class Recommender:
         self.index.observe(prev, self.vocab.encode(item))
 
     def _recommend_batch(
-        self, histories: Sequence[Sequence[str]], k: int
+        self, histories: Sequence[Sequence[str]], k: int, exclude: Sequence[np.ndarray] | None
     ) -> list[list[tuple[str, float]]]:
         known = [self._known(h) for h in histories]
         rows = [r for r, h in enumerate(known) if len(h)]
         out: list[list[tuple[str, float]]] = [[] for _ in histories]
         for r, h in enumerate(known):
             if not len(h):
-                out[r] = self._popular(h, k)
+                out[r] = self._popular(h, k, EMPTY if exclude is None else exclude[r])
         if not rows:
             return out
         sessions = [known[r] for r in rows]
         candidates, counts = self.index.candidate_matrix(sessions, self.n_candidates)
+        if exclude is not None:
+            for i, r in enumerate(rows):
+                if len(exclude[r]):
+                    self._replace_excluded(candidates, counts, i, sessions[i], exclude[r])
         width = min(self.max_len, max(len(h) for h in sessions))
         items = self._items[: len(rows) * width].reshape(len(rows), width)
         n_rows, n_cands = candidates.shape
@@ -193,10 +217,39 @@ class Recommender:
         encoded = self.vocab.encode_many(history)
         return encoded[encoded != PAD]
 
-    def _popular(self, seen: np.ndarray, k: int) -> list[tuple[str, float]]:
+    def _replace_excluded(
+        self,
+        candidates: np.ndarray,
+        counts: np.ndarray,
+        row: int,
+        seen: np.ndarray,
+        exclude: np.ndarray,
+    ) -> None:
+        """Put the most popular items neither seen nor excluded in place of excluded candidates."""
+        count = int(counts[row])
+        proposed = candidates[row, :count]
+        exclude = np.sort(exclude)
+        excluded = isin_sorted(self._hashes[proposed], exclude)
+        if not excluded.any():
+            return
+        kept = proposed[~excluded]
+        pool = self.index.popular(count + len(seen) + len(exclude))
+        pool = pool[
+            (pool != PAD)
+            & ~np.isin(pool, kept)
+            & ~np.isin(pool, seen)
+            & ~isin_sorted(self._hashes[pool], exclude)
+        ][: count - len(kept)]
+        filled = len(kept) + len(pool)
+        candidates[row, : len(kept)] = kept
+        candidates[row, len(kept) : filled] = pool
+        candidates[row, filled:] = PAD
+        counts[row] = filled
+
+    def _popular(self, seen: np.ndarray, k: int, exclude: np.ndarray) -> list[tuple[str, float]]:
         """Cold start: the most popular unseen items, scored by their interaction counts."""
-        top = self.index.popular(k + len(seen))
-        top = top[~np.isin(top, seen)][:k]
+        top = self.index.popular(k + len(seen) + len(exclude))
+        top = top[~np.isin(top, seen) & ~isin_sorted(self._hashes[top], np.sort(exclude))][:k]
         return [(self.vocab.decode(int(i)), float(self.index.popularity[i])) for i in top]
 
 

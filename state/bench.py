@@ -7,7 +7,10 @@ cache, as a running flow's would be), and then ``applies`` events of random
 users are applied and timed one by one; then as many again staged and committed
 in micro-batches, as the flow applies them; then, reopened with the cache off,
 ``applies`` more one by one: the cost of a session read from RocksDB.  Not a
-test: the figures go to BENCHMARKS.md.
+test: the figures go to BENCHMARKS.md.  The rated and bought items of the timed
+events go to their users' consumed-items records (``state.consumed``): their
+count and bytes are reported too (``STREAMREC_CONSUMED_CAP=0`` turns them off, to
+compare the apply cost without them).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any, Final
 import orjson
 from tqdm import tqdm
 
+from state.keys import CONSUMED_PREFIX
 from state.layout import shard_dir
 from state.rocks import disk_bytes
 from state.session import Session, decode_session
@@ -67,6 +71,9 @@ class StateBenchResult:
     rss_mb: float
     bytes_per_session: float
     disk_bytes_per_session: float
+    consumed_records: int
+    consumed_bytes_per_record: float
+    consumed_items_per_record: float
     fill_s: float
     machine: dict[str, Any]
 
@@ -139,6 +146,8 @@ def _bench(
             per_event_ns.append((time.perf_counter_ns() - t0) / len(batch))
         _check_all_new(store)
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with SessionStore.open(state_dir, 0, 1, settings) as store:
+        consumed_records, consumed_bytes, consumed_items = _consumed_sizes(store)
     with SessionStore.open(state_dir, 0, 1, settings.replace(session_cache=0)) as store:
         uncached = _events(users, applies, clock, rng, first_offset=1 << 43)
         uncached_ns = sorted(_time_applies(store, uncached)[0])
@@ -165,6 +174,9 @@ def _bench(
         rss_mb=round(rss_mb, 1),
         bytes_per_session=round(stats.record_bytes / max(stats.sessions, 1), 1),
         disk_bytes_per_session=round(on_disk / max(stats.sessions, 1), 1),
+        consumed_records=consumed_records,
+        consumed_bytes_per_record=round(consumed_bytes / max(consumed_records, 1), 1),
+        consumed_items_per_record=round(consumed_items / max(consumed_records, 1), 2),
         fill_s=round(fill_s, 1),
         machine=_machine(),
     )
@@ -186,6 +198,19 @@ def _time_applies(
         latencies_ns[i] = t1 - t0
         item_ids_ns[i] = clock_ns() - t1
     return latencies_ns, item_ids_ns, time.thread_time_ns() - cpu_started
+
+
+def _consumed_sizes(store: SessionStore) -> tuple[int, int, int]:
+    """Consumed-items records, their bytes (key and value) and their items, by a scan."""
+    records = size = items = 0
+    for user in store.user_ids():
+        consumed = store.consumed(user)
+        if len(consumed):
+            records += 1
+            items += len(consumed)
+            # The key, one version byte, 8 bytes an item.
+            size += len(CONSUMED_PREFIX) + len(user.encode()) + 1 + consumed.nbytes
+    return records, size, items
 
 
 def _check_all_new(store: SessionStore) -> None:

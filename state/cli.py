@@ -327,6 +327,11 @@ def bench_state(users: int, applies: int, json_path: Path | None) -> None:
         f"encoded, {result.disk_bytes_per_session} bytes on disk; {result.users:,} users, "
         f"filled in {result.fill_s} s"
     )
+    click.echo(
+        f"consumed items (STREAMREC_CONSUMED_TYPES): {result.consumed_records:,} users hold a "
+        f"record, {result.consumed_items_per_record} items and "
+        f"{result.consumed_bytes_per_record} bytes each on average"
+    )
     if json_path is not None:
         json_path.write_bytes(result.to_json())
         click.echo(f"figures written to {json_path}")

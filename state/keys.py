@@ -27,11 +27,21 @@ VOTERS_KEY: Final = META_PREFIX + b"voters"
 APPLIED_PREFIX: Final = META_PREFIX + b"applied:"
 # Session records that could not be read, kept aside for inspection (never read again).
 QUARANTINE_PREFIX: Final = b"q:"
+# The items each user consumed in their current session (state.consumed), beside ``s:``.
+CONSUMED_PREFIX: Final = b"c:"
+# In the changelog, whose keys are raw user ids, a consumed-items record's key is this tag
+# and the user id: not valid UTF-8, so never a user id (which is text) on its own.
+CHANGELOG_CONSUMED_TAG: Final = b"\xff\xfdc:"
 
 
 def session_key(user_id: str) -> bytes:
     """The RocksDB key of ``user_id``'s session."""
     return SESSION_PREFIX + user_id.encode()
+
+
+def consumed_key(user_id: str) -> bytes:
+    """The RocksDB key of the items ``user_id`` consumed in their current session."""
+    return CONSUMED_PREFIX + user_id.encode()
 
 
 def applied_key(partition: int) -> bytes:

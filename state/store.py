@@ -30,12 +30,23 @@ from types import TracebackType
 from typing import Final, NamedTuple, Protocol, cast
 from zlib import crc32
 
+import numpy as np
 from rocksdict import BottommostLevelCompaction, CompactOptions, Rdict, WriteBatch
 
+from state.consumed import (
+    EMPTY,
+    decode_consumed,
+    encode_consumed,
+    item_hash,
+    parse_types,
+    with_item,
+)
 from state.errors import CorruptSessionError, StateError, StateWriteError
 from state.keys import (
     APPLIED_PREFIX,
+    CHANGELOG_CONSUMED_TAG,
     CLOCK_KEY,
+    CONSUMED_PREFIX,
     QUARANTINE_PREFIX,
     SESSION_PREFIX,
     SHAPE_KEY,
@@ -55,7 +66,14 @@ from state.rocks import (
     session_bounds,
     write_options,
 )
-from state.session import NO_REPLAY, Session, decode_session, encode_session, last_seen_of
+from state.session import (
+    EVENT_TYPES,
+    NO_REPLAY,
+    Session,
+    decode_session,
+    encode_session,
+    last_seen_of,
+)
 from streamrec.contracts import Event
 from streamrec.settings import Settings
 
@@ -133,6 +151,9 @@ class SessionStore:
     the allowed skew, so no single user's clock can expire the others.  While a
     crash may still replay events from ``replay_floor`` on (the flow sets it),
     sessions keep the interactions such a replay needs (see ``Session.with_event``).
+    The items of consumption events (``consumed_types``) are kept apart from the
+    session, under ``c:``, beyond its window (``consumed``): written in the same
+    batch as the session, dropped with it when it expires or is erased.
     A session record that cannot be read is moved aside under ``q:`` and its user
     starts afresh (``counters.quarantined``).  The worker reading the partition
     uses the store; RocksDB's lock keeps any second opener out.  Open it with
@@ -149,6 +170,8 @@ class SessionStore:
         cache_size: int = 0,
         skew_ms: int = 24 * 3600 * 1000,
         wall_ms: Callable[[], float] = wall_clock_ms,
+        consumed_types: frozenset[str] = frozenset(),
+        consumed_cap: int = 0,
     ) -> None:
         self.shard_index = shard_index
         self.path = path
@@ -180,6 +203,12 @@ class SessionStore:
         # Staged since the last commit: the sessions by key, their writes, the events.
         self._staged: dict[bytes, Session] = {}
         self._staged_events = 0
+        # The same for consumed-items records (None: delete), and the latest read or written
+        # (EMPTY where the user has none, so that users who never consume cost no read).
+        self._consumed_types = consumed_types if consumed_cap > 0 else frozenset()
+        self._consumed_cap = consumed_cap
+        self._staged_consumed: dict[bytes, np.ndarray | None] = {}
+        self._consumed_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._closed = False
 
     @classmethod
@@ -200,6 +229,9 @@ class SessionStore:
             raise ValueError(f"session_length must be at least 1, got {settings.session_length}")
         if settings.session_cache < 0:
             raise ValueError(f"session_cache must be 0 or more, got {settings.session_cache}")
+        if settings.consumed_cap < 0:
+            raise ValueError(f"consumed_cap must be 0 or more, got {settings.consumed_cap}")
+        consumed_types = parse_types(settings.consumed_types, EVENT_TYPES)
         ensure_layout(state_dir, shard_count)
         path = shard_dir(state_dir, shard_index)
         db = open_read_write(path)
@@ -225,6 +257,8 @@ class SessionStore:
             round(settings.session_ttl_s * 1000),
             settings.session_cache,
             round(settings.event_time_skew_s * 1000),
+            consumed_types=consumed_types,
+            consumed_cap=settings.consumed_cap,
         )
 
     def apply(self, event: Event, partition: int, offset: int) -> ApplyResult:
@@ -238,10 +272,15 @@ class SessionStore:
 
     def stage(self, event: Event, partition: int, offset: int) -> ApplyResult:
         """Like ``apply``, but the write waits for ``commit``; reads see it at once."""
-        key = SESSION_PREFIX + event.user_id.encode()
-        result = self._next_session(self._stored(key, event.user_id), event, partition, offset)
+        user = event.user_id.encode()
+        key = SESSION_PREFIX + user
+        stored = self._stored(key, event.user_id)
+        result = self._next_session(stored, event, partition, offset)
         if result.applied:
             self._staged[key] = result.session
+            restarted = stored is not None and self._has_expired(stored, event)
+            if restarted or event.type in self._consumed_types:
+                self._stage_consumed(CONSUMED_PREFIX + user, event, restarted)
             self._staged_events += 1
             self._staged_applied[partition] = offset
             # By a hash of the key: the voters' keys must hold no user id (erasure).
@@ -255,6 +294,47 @@ class SessionStore:
                 voters.popitem(last=False)
         return result
 
+    def _stage_consumed(self, key: bytes, event: Event, restarted: bool) -> None:
+        before = self._consumed_of(key, event.user_id)
+        if restarted and len(before):
+            before = EMPTY  # the consumed items expire with the session
+            self._staged_consumed[key] = None
+        if event.type in self._consumed_types:
+            after = with_item(before, item_hash(event.item_id), self._consumed_cap)
+            if after is not None:
+                self._staged_consumed[key] = after
+
+    def consumed(self, user_id: str) -> np.ndarray:
+        """The hashes (``state.consumed.item_hash``) of the items ``user_id`` consumed.
+
+        As of their latest event, staged ones included; read-only, oldest first.
+        """
+        return self._consumed_of(CONSUMED_PREFIX + user_id.encode(), user_id)
+
+    def _consumed_of(self, key: bytes, user_id: str) -> np.ndarray:
+        if key in self._staged_consumed:
+            staged = self._staged_consumed[key]
+            return EMPTY if staged is None else staged
+        cached = self._consumed_cache.get(key)
+        if cached is not None:
+            return cached
+        try:
+            raw = self._read(key, user_id)
+            consumed = EMPTY if raw is None else decode_consumed(user_id, raw)
+        except CorruptSessionError:
+            # Only the exclusion is lost: the next consumption writes a fresh record.
+            consumed = EMPTY
+        if self._cache_size:
+            self._remember_consumed(key, consumed)
+        return consumed
+
+    def _remember_consumed(self, key: bytes, consumed: np.ndarray) -> None:
+        cache = self._consumed_cache
+        cache[key] = consumed
+        cache.move_to_end(key)
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+
     def commit(self) -> int:
         """Write everything staged in one atomic batch; how many events it applied."""
         staged = self._staged
@@ -262,13 +342,19 @@ class SessionStore:
             return 0
         applied, offsets = self._staged_events, self._staged_applied
         self._staged, self._staged_events, self._staged_applied = {}, 0, {}
+        consumed = self._staged_consumed
+        if consumed:
+            self._staged_consumed = {}
+            consumed_records = [
+                (key, None if c is None else encode_consumed(c)) for key, c in consumed.items()
+            ]
         self._applied.update(offsets)
         tick = self._clock_candidate() if self._clock_due else NO_CLOCK
         self._clock_due = False
         advance = tick != NO_CLOCK and tick >= self._next_tick_ms
         # On failure nothing was written and nothing cached: the events are simply unapplied.
         try:
-            if len(staged) == 1 and not advance:
+            if len(staged) == 1 and not advance and not consumed:
                 # One session (a quiet stream, or `apply`): RocksDB's Put is a one-entry batch.
                 ((key, session),) = staged.items()
                 self._db.put(key, encode_session(session), self._write_options)
@@ -276,6 +362,12 @@ class SessionStore:
                 batch = WriteBatch(raw_mode=True)
                 for key, session in staged.items():
                     batch.put(key, encode_session(session))
+                if consumed:
+                    for key, record in consumed_records:
+                        if record is None:
+                            batch.delete(key)
+                        else:
+                            batch.put(key, record)
                 if advance:
                     # About once a second of event time: the clock, with what voted for it.
                     batch.put(CLOCK_KEY, CLOCK.pack(tick))
@@ -286,15 +378,21 @@ class SessionStore:
         if advance:
             self._clock_ms, self._next_tick_ms = tick, tick + CLOCK_RESOLUTION_MS
         if self.changes is not None:
-            self.changes.send(
-                self.shard_index,
-                [(key[_PREFIX_LEN:], encode_session(s)) for key, s in staged.items()],
-                self._applied.get(self.shard_index),
-            )
+            changes: list[tuple[bytes, bytes | None]] = [
+                (key[_PREFIX_LEN:], encode_session(s)) for key, s in staged.items()
+            ]
+            if consumed:
+                changes += [
+                    (CHANGELOG_CONSUMED_TAG + key[_PREFIX_LEN:], record)
+                    for key, record in consumed_records
+                ]
+            self.changes.send(self.shard_index, changes, self._applied.get(self.shard_index))
         self.counters.applied += applied
         if self._cache_size:
             for key, session in staged.items():
                 self._remember(key, session)
+            for key, c in consumed.items():
+                self._remember_consumed(key, EMPTY if c is None else c)
         return applied
 
     def _clock_candidate(self) -> int:
@@ -333,7 +431,7 @@ class SessionStore:
                 self.counters.duplicates += 1
                 return ApplyResult(stored, False)
             session = stored
-            if event.ts - stored.last_seen_ms > self.ttl_ms:
+            if self._has_expired(stored, event):
                 # The offsets outlive the expired session, so a replay cannot revive it.
                 session = Session.empty(event.user_id, stored.offsets)
                 self.counters.restarted += 1
@@ -343,6 +441,9 @@ class SessionStore:
             ),
             True,
         )
+
+    def _has_expired(self, stored: Session, event: Event) -> bool:
+        return event.ts - stored.last_seen_ms > self.ttl_ms
 
     def get(self, user_id: str, now_ms: int | None = None) -> Session | None:
         """``user_id``'s session, or None if there is none or it expired by ``now_ms``."""
@@ -363,17 +464,21 @@ class SessionStore:
         """
         self.commit()  # the user's staged events come before the erasure
         key = session_key(user_id)
+        consumed = _consumed_key_of(key)
         self._cache.pop(key, None)
+        self._consumed_cache.pop(consumed, None)
         self._voters.pop(crc32(key), None)
         if self._db.get(key) is None:  # a corrupt record can be erased too: no decoding
             return False
         batch = WriteBatch(raw_mode=True)
         batch.delete(key)
+        batch.delete(consumed)
         self._write_marks(batch)
         self._db.write(batch, self._write_options)
         self._removed([key])
         if purge:
             self._purge(key)
+            self._purge(consumed)
         self.counters.forgotten += 1
         return True
 
@@ -400,6 +505,7 @@ class SessionStore:
                     idle = True
                 if idle:
                     batch.delete(key)
+                    batch.delete(_consumed_key_of(key))
                     expired.append(key)
                 examined += 1
                 cursor.next()
@@ -414,6 +520,7 @@ class SessionStore:
                 self.counters.swept += removed
                 for key in expired:
                     self._cache.pop(key, None)
+                    self._consumed_cache.pop(_consumed_key_of(key), None)
         return removed
 
     def applied_offset(self, partition: int) -> int | None:
@@ -462,6 +569,7 @@ class SessionStore:
             finally:
                 self._closed = True
                 self._cache.clear()
+                self._consumed_cache.clear()
                 self._db.close()
 
     def __enter__(self) -> SessionStore:
@@ -508,24 +616,31 @@ class SessionStore:
 
     def _removed(self, keys: list[bytes]) -> None:
         if self.changes is not None:
-            tombstones = [(key[_PREFIX_LEN:], None) for key in keys]
+            tombstones: list[tuple[bytes, bytes | None]] = []
+            for key in keys:
+                user = key[_PREFIX_LEN:]
+                tombstones += [(user, None), (CHANGELOG_CONSUMED_TAG + user, None)]
             self.changes.send(self.shard_index, tombstones, self._applied.get(self.shard_index))
 
     def restore(self, records: Iterable[tuple[bytes, bytes | None]], applied: int | None) -> int:
         """Rebuild an empty store from (user id, record or None) pairs, oldest first.
+
+        A key of ``CHANGELOG_CONSUMED_TAG`` and a user id holds that user's consumed items.
 
         ``applied``: the last events offset these records reflect (the shard's
         watermark from then on).  Returns the number of sessions written.
         """
         batch = WriteBatch(raw_mode=True)
         written = 0
+        tag = len(CHANGELOG_CONSUMED_TAG)
         for user, record in records:
-            key = SESSION_PREFIX + user
+            is_session = not user.startswith(CHANGELOG_CONSUMED_TAG)
+            key = SESSION_PREFIX + user if is_session else CONSUMED_PREFIX + user[tag:]
             if record is None:
                 batch.delete(key)
             else:
                 batch.put(key, record)
-                written += 1
+                written += is_session
             if len(batch) >= SWEEP_BATCH_DEFAULT:
                 self._db.write(batch, self._write_options)
                 batch = WriteBatch(raw_mode=True)
@@ -534,6 +649,7 @@ class SessionStore:
         self._write_marks(batch)
         self._db.write(batch, self._write_options)
         self._cache.clear()
+        self._consumed_cache.clear()
         return written
 
     def _write_marks(self, batch: WriteBatch) -> None:
@@ -559,10 +675,12 @@ class SessionStore:
         batch = WriteBatch(raw_mode=True)
         batch.put(QUARANTINE_PREFIX + key[_PREFIX_LEN:], b"" if raw is None else raw)
         batch.delete(key)
+        batch.delete(_consumed_key_of(key))
         self._write_marks(batch)
         self._db.write(batch, self._write_options)
         self._removed([key])
         self._cache.pop(key, None)
+        self._consumed_cache.pop(_consumed_key_of(key), None)
         self.counters.quarantined.append(user_id)
 
     def _purge(self, key: bytes) -> None:
@@ -572,6 +690,10 @@ class SessionStore:
         options = CompactOptions()
         options.set_bottommost_level_compaction(BottommostLevelCompaction.force_optimized())
         self._db.compact_range(key, key + b"\x00", options)
+
+
+def _consumed_key_of(session_key: bytes) -> bytes:
+    return CONSUMED_PREFIX + session_key[_PREFIX_LEN:]
 
 
 def _read_applied(db: Rdict) -> dict[int, int]:

@@ -117,6 +117,17 @@ class Settings:
         "used first (about 2.4 kB each at full length); 0 reads every session from RocksDB.",
     )
 
+    consumed_types: str = _setting(
+        "purchase,rating",
+        "Event types (comma separated) whose item counts as consumed: never recommended to "
+        "that user again while their session lives, even beyond the last L interactions.",
+    )
+    consumed_cap: int = _setting(
+        5000,
+        "Most consumed items remembered per user (8 bytes each; the oldest leaves first); "
+        "0 turns the record off.",
+    )
+
     # Model and scoring.
     model_dir: Path = _setting(
         REPO_ROOT / "model" / "artifacts", "Trained model artifacts served by the flow."

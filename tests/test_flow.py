@@ -355,3 +355,29 @@ def test_a_topic_with_another_partition_count_than_the_state_is_refused(
     assert refused.process.wait(60) != 0
     output = refused.output()
     assert "2" in output and "3" in output and "partition" in output, output[-2000:]
+
+
+def test_no_recommendation_names_an_item_the_user_rated_within_the_ttl(
+    kafka_settings: Settings, movielens: list[Event]
+) -> None:
+    # A short window: most of what a user rated has left it, only the consumed record holds it.
+    settings = kafka_settings.replace(session_length=5)
+    events = movielens[:3000]
+    produce(settings, events)
+    flow, collector = serve_until_answered(settings, {e.event_id for e in events})
+
+    rated: dict[str, set[str]] = {}
+    last_ts: dict[str, int] = {}
+    beyond_window = 0
+    for event in events:
+        if event.ts - last_ts.get(event.user_id, event.ts) > settings.session_ttl_s * 1000:
+            rated[event.user_id] = set()
+        last_ts[event.user_id] = event.ts
+        mine = rated.setdefault(event.user_id, set())
+        mine.add(event.item_id)
+        (rec,) = collector.by_event[event.event_id]
+        named = {i.item_id for i in rec.items}
+        assert not named & mine, (event, named & mine)
+        assert len(rec.items) == TOP_K
+        beyond_window += len(mine) > settings.session_length
+    assert beyond_window > len(events) // 2  # the window alone would not have covered them
