@@ -180,7 +180,7 @@ class Recommender:
         if exclude is not None:
             for i, r in enumerate(rows):
                 if len(exclude[r]):
-                    self._replace_excluded(candidates, counts, i, sessions[i], exclude[r])
+                    self._replace_excluded(candidates, counts, i, sessions[i], exclude[r], k)
         width = min(self.max_len, max(len(h) for h in sessions))
         items = self._items[: len(rows) * width].reshape(len(rows), width)
         n_rows, n_cands = candidates.shape
@@ -224,15 +224,22 @@ class Recommender:
         row: int,
         seen: np.ndarray,
         exclude: np.ndarray,
+        k: int,
     ) -> None:
-        """Put the most popular items neither seen nor excluded in place of excluded candidates."""
+        """Drop excluded candidates; only if fewer than ``k`` remain, refill with popular items."""
         count = int(counts[row])
         proposed = candidates[row, :count]
-        exclude = np.sort(exclude)
+        exclude = np.sort(exclude)  # then a binary search per candidate, not a set operation
         excluded = isin_sorted(self._hashes[proposed], exclude)
         if not excluded.any():
             return
         kept = proposed[~excluded]
+        if len(kept) >= k:
+            # The common case, even for heavy raters: enough candidates are left to rank.
+            candidates[row, : len(kept)] = kept
+            candidates[row, len(kept) :] = PAD
+            counts[row] = len(kept)
+            return
         pool = self.index.popular(count + len(seen) + len(exclude))
         pool = pool[
             (pool != PAD)
