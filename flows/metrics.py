@@ -29,7 +29,8 @@ _STAGE_BUCKETS = (
 EVENTS = Counter("streamrec_events_total", "Valid events processed (duplicates included).")
 DUPLICATES = Counter(
     "streamrec_duplicates_skipped_total",
-    "Events already applied to their session (replay after a restart); not applied again.",
+    "Events already applied (read again after a restart): not applied again, answered from "
+    "the session as of the event.",
 )
 DEAD_LETTERS = Counter(
     "streamrec_dead_letters_total", "Records sent to the dead-letter topic, by reason.", ["code"]
@@ -48,10 +49,6 @@ EVENTS_NEVER_READ = Counter(
 QUARANTINED = Counter(
     "streamrec_sessions_quarantined_total",
     "Unreadable session records moved aside; their users started afresh.",
-)
-REPLAYED_ANSWERS = Counter(
-    "streamrec_replayed_answers_total",
-    "Events read again after a restart, answered from the session as of that event.",
 )
 SHARDS_REBUILT = Counter(
     "streamrec_shards_rebuilt_total",

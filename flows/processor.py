@@ -110,7 +110,6 @@ class EventProcessor:
                 # Read again after a restart: answered as it was first, from the session as
                 # of this event, never from a newer one (which may have moved past it).
                 metrics.DUPLICATES.inc()
-                metrics.REPLAYED_ANSWERS.inc()
                 history = session.item_ids_as_of(offset, self._session_length)
             events.append(parsed)
             keys.append(key)

@@ -88,7 +88,6 @@ class ChangelogWriter:
         self._events_topic_id = events_topic_id
         # Per partition: the last events offset whose marks the broker has acknowledged.
         self.durable: dict[int, int] = {}
-        self._failed: list[str] = []
         self._producer = Producer(
             {
                 **producer_config(settings),
@@ -139,7 +138,6 @@ class ChangelogWriter:
 
     def _on_delivery(self, err: KafkaError | None, _message: Message) -> None:
         if err is not None:  # with no timeout, only a refusal of the record itself lands here
-            self._failed.append(err.str())
             print(f"flow: a changelog record was refused: {err.str()}", file=sys.stderr)
 
     def _on_error(self, err: KafkaError) -> None:

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from streamrec.contracts import Event
+from streamrec.datasets import load_events
 from streamrec.settings import Settings
 from streamrec.topics import create_topics, delete_topics, wanted_topics
+from tests.flow_harness import FlowProcess
 from tools.kafka_local import LocalKafka
 
 
@@ -37,9 +40,16 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
 @pytest.fixture
 def kafka_settings(kafka: LocalKafka, tmp_path: Path) -> Iterator[Settings]:
     """Settings pointing at the test broker, with this test's own fresh topics and state."""
+    settings = own_topics_and_state(kafka.settings.replace(brokers=kafka.bootstrap), tmp_path)
+    create_topics(settings)
+    yield settings
+    delete_topics(settings, list(wanted_topics(settings)))
+
+
+def own_topics_and_state(settings: Settings, tmp_path: Path) -> Settings:
+    """``settings`` with a test's own topics (two partitions), state and recovery directories."""
     suffix = uuid.uuid4().hex[:8]
-    settings = kafka.settings.replace(
-        brokers=kafka.bootstrap,
+    return settings.replace(
         events_topic=f"events-{suffix}",
         recommendations_topic=f"recommendations-{suffix}",
         dlq_topic=f"events.dlq-{suffix}",
@@ -48,6 +58,16 @@ def kafka_settings(kafka: LocalKafka, tmp_path: Path) -> Iterator[Settings]:
         recovery_dir=tmp_path / "recovery",
         metrics_port=0,
     )
-    create_topics(settings)
-    yield settings
-    delete_topics(settings, list(wanted_topics(settings)))
+
+
+@pytest.fixture(scope="session")
+def movielens() -> list[Event]:
+    """The MovieLens ratings as events, in time order."""
+    return load_events(Settings().data_dir)
+
+
+@pytest.fixture
+def no_flow_left_behind() -> Iterator[None]:
+    """Kill every flow a test started and left running (after a failure)."""
+    yield
+    FlowProcess.kill_all()

@@ -5,13 +5,11 @@ from __future__ import annotations
 import random
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from streamrec.contracts import Event, ForgetRequest
-from streamrec.datasets import load_events
 from streamrec.settings import Settings
 from tests.conftest import free_port
 from tests.flow_harness import (
@@ -25,20 +23,9 @@ from tests.flow_harness import (
     stop_all,
 )
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("no_flow_left_behind")]
 
 TOP_K = 10
-
-
-@pytest.fixture(autouse=True)
-def no_flow_left_behind() -> Iterator[None]:
-    yield
-    FlowProcess.kill_all()
-
-
-@pytest.fixture(scope="module")
-def movielens() -> list[Event]:
-    return load_events(Settings().data_dir)
 
 
 def history_after(events: list[Event], settings: Settings) -> dict[str, list[str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import pytest
 from state.changelog import MARKS_KEY, changelog_records, latest_marks
 from state.keys import CHANGELOG_CONSUMED_TAG
 from streamrec.contracts import Event, ForgetRequest
-from streamrec.datasets import load_events
 from streamrec.settings import Settings
 from tests.flow_harness import (
     FlowProcess,
@@ -21,18 +19,7 @@ from tests.flow_harness import (
     sessions_in,
 )
 
-pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture(autouse=True)
-def no_flow_left_behind() -> Iterator[None]:
-    yield
-    FlowProcess.kill_all()
-
-
-@pytest.fixture(scope="module")
-def movielens() -> list[Event]:
-    return load_events(Settings().data_dir)
+pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("no_flow_left_behind")]
 
 
 def test_every_commit_reaches_the_changelog_ending_with_the_shards_progress(

@@ -24,7 +24,6 @@ from streamrec.contracts import (
     Event,
     Recommendation,
 )
-from streamrec.datasets import load_events
 from streamrec.kafka_clients import max_message_bytes, producer_config
 from streamrec.settings import Settings
 from streamrec.topics import create_topics
@@ -43,7 +42,7 @@ from tests.flow_harness import (
 )
 from tools.kafka_local import LocalKafka
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("no_flow_left_behind")]
 
 # librdkafka's default message.max.bytes: the flow's producer kept it and crash-looped.
 PRODUCER_DEFAULT_MAX = 1_000_000
@@ -52,17 +51,6 @@ DLQ_TOPIC_MAX = 1_020_000
 # Kafka's default message.max.bytes: the largest record batch a topic takes.
 BROKER_MAX = 1_048_588
 OUTAGE_S = 60
-
-
-@pytest.fixture(autouse=True)
-def no_flow_left_behind() -> Iterator[None]:
-    yield
-    FlowProcess.kill_all()
-
-
-@pytest.fixture(scope="module")
-def movielens() -> list[Event]:
-    return load_events(Settings().data_dir)
 
 
 def metric(settings: Settings, sample: str) -> float:

@@ -33,15 +33,9 @@ from tests.flow_harness import (
     sessions_in,
 )
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("no_flow_left_behind")]
 
 DAY_MS = 24 * 3600 * 1000
-
-
-@pytest.fixture(autouse=True)
-def no_flow_left_behind() -> Iterator[None]:
-    yield
-    FlowProcess.kill_all()
 
 
 def now_ms() -> int:

@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from flows.cli import EXIT_CONFIGURATION
 from streamrec.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import free_port, own_topics_and_state
 from tests.flow_harness import FlowProcess
 from tools.kafka_local import LocalKafka, SecuredListener
 
@@ -138,18 +138,10 @@ def secured_settings(
 ) -> Settings:
     """Settings that reach the broker through its secured listener only, on fresh topics."""
     assert secured_kafka.secured is not None
-    suffix = uuid.uuid4().hex[:8]
-    return Settings.from_env(
-        brokers=secured_kafka.secured.bootstrap,
-        kafka_config=str(client_properties),
-        events_topic=f"events-{suffix}",
-        recommendations_topic=f"recommendations-{suffix}",
-        dlq_topic=f"events.dlq-{suffix}",
-        events_partitions=2,
-        state_dir=tmp_path / "state",
-        recovery_dir=tmp_path / "recovery",
-        metrics_port=0,
+    secured = Settings.from_env(
+        brokers=secured_kafka.secured.bootstrap, kafka_config=str(client_properties)
     )
+    return own_topics_and_state(secured, tmp_path)
 
 
 def streamrec(
