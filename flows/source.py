@@ -55,6 +55,8 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
         resumable: bool,
     ):
         self._consumer = Consumer({**config, "logger": kafka_logger("consumer")})
+        if offset != OFFSET_BEGINNING:
+            offset = checked_resume_offset(self._consumer, topic, partition, offset)
         self._consumer.assign([TopicPartition(topic, partition, offset)])
         self._topic = topic
         self._partition = partition
@@ -135,21 +137,15 @@ class EventSource(FixedPartitionedSource[Message, int]):
             rebuilt_to = self._stores.rebuilt_to.get(int(partition))
             if rebuilt_to is not None and resume_state is not None:
                 offset = min(resume_state, rebuilt_to)
-        if offset != OFFSET_BEGINNING:
-            offset = checked_resume_offset(config, topic, int(partition), offset)
         return _PartitionReader(config, topic, int(partition), offset, self._batch, self._resumable)
 
 
-def checked_resume_offset(config: dict[str, str], topic: str, partition: int, offset: int) -> int:
+def checked_resume_offset(consumer: Consumer, topic: str, partition: int, offset: int) -> int:
     """``offset``, or the earliest one retained if retention deleted it; past the end: an error.
 
     Chosen on purpose and said loudly, never left to ``auto.offset.reset``.
     """
-    probe = Consumer(config)
-    try:
-        low, high = probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-    finally:
-        probe.close()
+    low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
     if offset > high:
         raise ResumeOffsetError(
             f"the recovery store resumes {topic} partition {partition} at offset {offset}, "

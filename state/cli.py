@@ -68,7 +68,7 @@ def reset(state_dir: Path | None, recovery_dir: Path | None, yes: bool) -> None:
     topic from its start and rebuilds the sessions.
     """
     from streamrec.kafka_clients import KafkaUnavailable, topic_partitions
-    from streamrec.topics import TopicError, recreate_topic
+    from streamrec.topics import TopicError, create_topics, delete_topics
 
     settings = Settings.from_env(state_dir=state_dir, recovery_dir=recovery_dir)
     targets = [str(d) for d in (settings.state_dir, settings.recovery_dir) if d.exists()]
@@ -83,7 +83,9 @@ def reset(state_dir: Path | None, recovery_dir: Path | None, yes: bool) -> None:
     if settings.changelog:
         try:
             partitions = len(topic_partitions(settings, settings.events_topic))
-            recreate_topic(settings, settings.sessions_changelog, partitions)
+            # Deleting waits until the topic is gone; creating makes what is missing.
+            delete_topics(settings, [settings.sessions_changelog])
+            create_topics(settings, partitions)
         except (KafkaUnavailable, TopicError) as err:
             raise click.ClickException(
                 f"the changelog {settings.sessions_changelog!r} was not cleared ({err}); run "

@@ -186,29 +186,3 @@ def delete_topics(settings: Settings, names: list[str], timeout_s: float = 30.0)
         if time.monotonic() > deadline:
             raise TopicError(f"topics {doomed} were deleted but are still listed")
         time.sleep(0.2)
-
-
-def recreate_topic(settings: Settings, name: str, partitions: int, timeout_s: float = 60.0) -> None:
-    """Delete topic ``name`` with every record in it and create it anew, empty, as designed."""
-    delete_topics(settings, [name], timeout_s)
-    admin = admin_client(settings)
-    replication, _ = replication_of(settings)
-    topic = NewTopic(
-        name,
-        num_partitions=partitions,
-        replication_factor=replication,
-        config=topic_config(settings, name),
-    )
-    deadline = time.monotonic() + timeout_s
-    while True:  # the deletion completes in the background
-        (future,) = admin.create_topics([topic], operation_timeout=timeout_s).values()
-        try:
-            future.result()
-            break
-        except KafkaException as err:
-            if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise TopicError(f"could not create topic {name!r}: {err}") from None
-            if time.monotonic() > deadline:
-                raise TopicError(f"topic {name!r} was deleted but is still listed") from None
-            time.sleep(0.5)
-    _wait_until_listed(admin, [name], timeout_s)
