@@ -27,7 +27,7 @@ from typing import Final, NoReturn
 
 import click
 
-from streamrec.settings import Settings
+from streamrec.settings import AT_LEAST_ONCE, EXACTLY_ONCE, Settings
 
 EXIT_STATE_UNUSABLE: Final = 65
 EXIT_KAFKA_UNAVAILABLE: Final = 69
@@ -134,6 +134,15 @@ def _is_interrupt(err: BaseException) -> bool:
     "from it [default: on; STREAMREC_CHANGELOG].",
 )
 @click.option(
+    "--guarantee",
+    type=click.Choice([AT_LEAST_ONCE, EXACTLY_ONCE]),
+    default=None,
+    help="Output delivery [default: at-least-once; STREAMREC_GUARANTEE]. exactly-once commits "
+    "each micro-batch's recommendations, dead letters, session changes and resume offset in "
+    "one Kafka transaction per partition (needs the changelog; no Bytewax recovery store): "
+    "consumers reading with isolation.level=read_committed see each event answered once.",
+)
+@click.option(
     "--epoch-interval",
     type=float,
     default=None,
@@ -169,6 +178,7 @@ def run_command(
     recovery_dir: Path | None,
     no_recovery: bool,
     changelog: bool | None,
+    guarantee: str | None,
     epoch_interval: float | None,
     top_k: int | None,
     candidates: int | None,
@@ -203,12 +213,23 @@ def run_command(
         state_dir=state_dir,
         recovery_dir=recovery_dir,
         changelog=changelog,
+        guarantee=guarantee,
         epoch_interval_s=epoch_interval,
         top_k=top_k,
         candidates=candidates,
         batch_max_events=batch_max,
         metrics_port=metrics_port,
     )
+    exactly_once = settings.guarantee == EXACTLY_ONCE
+    if settings.guarantee not in (AT_LEAST_ONCE, EXACTLY_ONCE):
+        raise click.UsageError(
+            f"STREAMREC_GUARANTEE={settings.guarantee!r}: use {AT_LEAST_ONCE} or {EXACTLY_ONCE}"
+        )
+    if exactly_once and not settings.changelog:
+        raise click.UsageError(
+            "--guarantee exactly-once keeps the resume offsets in the changelog: drop "
+            "--no-changelog (or STREAMREC_CHANGELOG=false)"
+        )
     cluster = [a for a in (addresses or "").split(";") if a]
     if cluster and process_id is None:
         raise click.UsageError("-a/--addresses needs -i/--process-id")
@@ -270,7 +291,8 @@ def run_command(
     except StateError as err:
         stop_with(EXIT_STATE_UNUSABLE, str(err))
     recovery = None
-    if not no_recovery:
+    # Exactly once, the changelog's marks are the resume points: Bytewax's store is not used.
+    if not no_recovery and not exactly_once:
         ensure_recovery_store(settings.recovery_dir, partitions)
         recovery = RecoveryConfig(str(settings.recovery_dir))
     if settings.metrics_port:
@@ -281,13 +303,16 @@ def run_command(
     else:
         metrics_note = ""
 
-    writer = ChangelogWriter(settings, incarnation) if settings.changelog else None
-    stores = PartitionStores(settings, partitions, writer, incarnation)
-    flow = build_dataflow(settings, stores, variant, resumable=not no_recovery, model=model)
+    writer = (
+        ChangelogWriter(settings, incarnation) if settings.changelog and not exactly_once else None
+    )
+    stores = PartitionStores(settings, partitions, writer, incarnation, exactly_once)
+    flow = build_dataflow(settings, stores, variant, resumable=recovery is not None, model=model)
     click.echo(
         f"flow: {settings.events_topic} ({partitions} partitions) -> "
         f"{settings.recommendations_topic}; process {process_id or 0}/{processes}, "
-        f"{settings.workers} worker(s), epoch {settings.epoch_interval_s:g} s{metrics_note}",
+        f"{settings.workers} worker(s), epoch {settings.epoch_interval_s:g} s, "
+        f"{settings.guarantee}{metrics_note}",
         err=True,
     )
     exit_code, message = 0, None

@@ -86,3 +86,14 @@ OUTPUT_BLOCKED = Gauge(
     "streamrec_output_blocked",
     "Workers whose output Kafka has not taken for a while; their reading waits meanwhile.",
 )
+TRANSACTION_SECONDS = Histogram(
+    "streamrec_transaction_seconds",
+    "Exactly-once mode: time to commit one partition's micro-batch transaction (outputs, "
+    "session changes and resume offset), retries included.",
+    buckets=_STAGE_BUCKETS,
+)
+TRANSACTIONS_ABORTED = Counter(
+    "streamrec_transactions_aborted_total",
+    "Exactly-once mode: transactions Kafka aborted (an outage, a refused record); each is "
+    "made again.",
+)

@@ -59,6 +59,9 @@ class EventProcessor:
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
         # The stores of the partitions this worker reads: it alone uses them.
         self._own: dict[int, SessionStore] = {}
+        # Exactly once: their transactions, which carry the outputs instead of the sink.
+        self._exactly_once = stores.exactly_once
+        self._transactions = stores.transactions
         self._reported_reads = (0, 0)
         self._cache_reads = metrics.SESSION_READS.labels("cache")
         self._rocksdb_reads = metrics.SESSION_READS.labels("rocksdb")
@@ -69,6 +72,9 @@ class EventProcessor:
         latest_ts_ms = int(received_ms) + self._skew_ms
         started = time.perf_counter()
         out: list[OutputRecord] = []
+        # Exactly once: the events partition of each output, and the last offset read of each.
+        out_partitions: list[int] = []
+        last_offsets: dict[int, int] = {}
         events: list[Event] = []
         keys: list[bytes | None] = []
         histories: list[list[str]] = []
@@ -82,11 +88,17 @@ class EventProcessor:
                 parsed = parse_message(record.value(), key, self._max_bytes, latest_ts_ms)
             except ContractError as err:
                 out.append(self._dead_letter(record, err))
+                if self._exactly_once:
+                    partition = cast(int, record.partition())
+                    out_partitions.append(partition)
+                    last_offsets[partition] = cast(int, record.offset())
                 continue
             finally:
                 parse_s += time.perf_counter() - t0
             # Records from the consumer always carry their partition and offset.
             partition = cast(int, record.partition())
+            if self._exactly_once:
+                last_offsets[partition] = cast(int, record.offset())
             store = self._own.get(partition)
             if store is None:
                 store = self._own[partition] = self._stores.get(partition)
@@ -112,6 +124,8 @@ class EventProcessor:
                 metrics.DUPLICATES.inc()
                 history = session.item_ids_as_of(offset, self._session_length)
             events.append(parsed)
+            if self._exactly_once:
+                out_partitions.append(partition)
             keys.append(key)
             histories.append(history)
             consumed.append(store.consumed(parsed.user_id))
@@ -141,9 +155,22 @@ class EventProcessor:
             metrics.EMIT_SECONDS.observe(time.perf_counter() - scored)
         metrics.PARSE_SECONDS.observe(parse_s)
         metrics.STATE_SECONDS.observe(state_done - started - parse_s)
+        if self._exactly_once:
+            self._commit_transactions(out, out_partitions, last_offsets)
+            out = []  # committed already: nothing for the sink
         if time.monotonic() >= self._next_sweep:
             self._sweep()
         return out
+
+    def _commit_transactions(
+        self, out: list[OutputRecord], partitions: list[int], last_offsets: dict[int, int]
+    ) -> None:
+        """One transaction per partition read: its outputs, session changes and resume offset."""
+        by_partition: dict[int, list[OutputRecord]] = {p: [] for p in last_offsets}
+        for record, partition in zip(out, partitions, strict=True):
+            by_partition[partition].append(record)
+        for partition, records in by_partition.items():
+            self._transactions[partition].commit(records, last_offsets[partition] + 1)
 
     def _dead_letter(self, record: Message, err: ContractError) -> OutputRecord:
         metrics.DEAD_LETTERS.labels(err.code).inc()
@@ -165,6 +192,9 @@ class EventProcessor:
             removed = store.sweep_expired(None, SWEEP_MAX_KEYS)
             if removed:
                 metrics.EXPIRED.inc(removed)
+            transactions = self._transactions.get(store.shard_index)
+            if transactions is not None and transactions.pending:
+                transactions.commit([])  # the tombstones of what expired
             if store.counters.quarantined:
                 self._report_quarantined(store)
 

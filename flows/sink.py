@@ -73,7 +73,7 @@ _MESSAGE_MAX_BYTES_RANGE: Final = (1000, 1_000_000_000)
 # Refusals of one record: sending it again cannot help, so it is set aside.  Any
 # other failure is sent again: nothing is lost to an outage or a misconfiguration,
 # which show as blocked output until fixed.
-_REFUSED: Final = frozenset(
+REFUSED: Final = frozenset(
     {
         KafkaError.MSG_SIZE_TOO_LARGE,
         KafkaError.RECORD_LIST_TOO_LARGE,
@@ -120,6 +120,37 @@ def stub(record: OutputRecord, reason: str) -> OutputRecord:
 
 def is_stub(headers: Headers | None) -> bool:
     return any(name == STUB_HEADER_REASON for name, _ in headers or ())
+
+
+def set_aside(
+    record: OutputRecord,
+    error: KafkaError,
+    limits: Mapping[str, int],
+    dlq_topic: str,
+    say: Callable[[str], None],
+) -> OutputRecord | None:
+    """What replaces a record Kafka refused: a dead letter, a stub, or nothing (said)."""
+    topic, key, value, headers = record
+    reason = f"{topic} refused the record: {error.str()}"
+    if error.code() == KafkaError.MSG_SIZE_TOO_LARGE and topic in limits:
+        reason += f" (it takes record batches of at most {limits[topic]} bytes)"
+    if topic != dlq_topic:
+        metrics.OUTPUT_FAILURES.labels(error.name(), "dead_lettered").inc()
+        metrics.DEAD_LETTERS.labels(OUTPUT_REFUSED).inc()
+        # Never written, so it has no partition or offset of its own.
+        letter = DeadLetter(key, value, OUTPUT_REFUSED, reason, topic, -1, -1)
+        return (dlq_topic, key, value, letter.headers())
+    if not is_stub(headers):
+        metrics.OUTPUT_FAILURES.labels(error.name(), "stubbed").inc()
+        return stub(record, reason)
+    # Even the stub, a few hundred bytes, was refused: the topic's own rules forbid it
+    # (e.g. compaction refuses a null key).  Said, counted, and the flow goes on.
+    metrics.OUTPUT_FAILURES.labels(error.name(), "dropped").inc()
+    say(
+        f"flow: ERROR: dropped a dead letter's stub that {topic} refused too "
+        f"({error.str()}); its headers: {headers}"
+    )
+    return None
 
 
 class _BatchWriter(StatelessSinkPartition[OutputRecord]):
@@ -189,7 +220,7 @@ class _BatchWriter(StatelessSinkPartition[OutputRecord]):
                 if error.fatal():
                     self._fatal = error
                     return False
-                if error.code() in _REFUSED:
+                if error.code() in REFUSED:
                     self._outcomes[index] = error
                     return True
                 # Not refused, so not lost: the topic may be missing for now, the broker away.
@@ -228,7 +259,7 @@ class _BatchWriter(StatelessSinkPartition[OutputRecord]):
         for record, error in zip(records, outcomes, strict=True):
             if error is None:
                 continue
-            if error.code() in _REFUSED:
+            if error.code() in REFUSED:
                 replacement = self._set_aside(record, error)
                 if replacement is not None:
                     replacements.append(replacement)
@@ -244,28 +275,7 @@ class _BatchWriter(StatelessSinkPartition[OutputRecord]):
         return again + replacements
 
     def _set_aside(self, record: OutputRecord, error: KafkaError) -> OutputRecord | None:
-        """What replaces a record Kafka refused: a dead letter, a stub, or nothing (logged)."""
-        topic, key, value, headers = record
-        reason = f"{topic} refused the record: {error.str()}"
-        if error.code() == KafkaError.MSG_SIZE_TOO_LARGE and topic in self._limits:
-            reason += f" (it takes record batches of at most {self._limits[topic]} bytes)"
-        if topic != self._dlq_topic:
-            metrics.OUTPUT_FAILURES.labels(error.name(), "dead_lettered").inc()
-            metrics.DEAD_LETTERS.labels(OUTPUT_REFUSED).inc()
-            # Never written, so it has no partition or offset of its own.
-            letter = DeadLetter(key, value, OUTPUT_REFUSED, reason, topic, -1, -1)
-            return (self._dlq_topic, key, value, letter.headers())
-        if not is_stub(headers):
-            metrics.OUTPUT_FAILURES.labels(error.name(), "stubbed").inc()
-            return stub(record, reason)
-        # Even the stub, a few hundred bytes, was refused: the topic's own rules forbid it
-        # (e.g. compaction refuses a null key).  Said, counted, and the flow goes on.
-        metrics.OUTPUT_FAILURES.labels(error.name(), "dropped").inc()
-        self._say(
-            f"flow: ERROR: dropped a dead letter's stub that {topic} refused too "
-            f"({error.str()}); its headers: {headers}"
-        )
-        return None
+        return set_aside(record, error, self._limits, self._dlq_topic, self._say)
 
     def _replace_producer(self) -> None:
         error, self._fatal = self._fatal, None
@@ -334,13 +344,13 @@ class OutputSink(DynamicSink[OutputRecord]):
         self._settings = settings
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _BatchWriter:
-        limits = _output_limits(self._settings)
+        limits = output_limits(self._settings)
         # The deployment's own settings (in producer_config) still win over the sizes.
         config: dict[str, Any] = size_limits(limits) | producer_config(self._settings)
         return _BatchWriter(config, self._settings, limits)
 
 
-def _output_limits(settings: Settings) -> dict[str, int]:
+def output_limits(settings: Settings) -> dict[str, int]:
     """The output topics' record batch limits; Kafka's default where they cannot be read."""
     topics = [settings.recommendations_topic, settings.dlq_topic]
     try:

@@ -134,8 +134,15 @@ class EventSource(FixedPartitionedSource[Message, int]):
         if self._stores is not None:
             # The shard first, rebuilt if needed: its state decides where reading may resume.
             self._stores.get(int(partition))
+            if self._stores.exactly_once:
+                # After the last committed micro-batch, wherever it was committed.
+                offset = self._stores.resume_at.get(int(partition), OFFSET_BEGINNING)
             rebuilt_to = self._stores.rebuilt_to.get(int(partition))
-            if rebuilt_to is not None and resume_state is not None:
+            if (
+                rebuilt_to is not None
+                and resume_state is not None
+                and not self._stores.exactly_once
+            ):
                 offset = min(resume_state, rebuilt_to)
         return _PartitionReader(config, topic, int(partition), offset, self._batch, self._resumable)
 
@@ -148,7 +155,7 @@ def checked_resume_offset(consumer: Consumer, topic: str, partition: int, offset
     low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
     if offset > high:
         raise ResumeOffsetError(
-            f"the recovery store resumes {topic} partition {partition} at offset {offset}, "
+            f"the stored resume point of {topic} partition {partition} is offset {offset}, "
             f"past its end ({high}): the topic was truncated or recreated since. Start afresh "
             "with `streamrec state reset` (clears the session state and the recovery store)."
         )

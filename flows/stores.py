@@ -11,10 +11,16 @@ from __future__ import annotations
 import threading
 
 from flows import metrics
+from flows.sink import output_limits
+from flows.transactions import PartitionTransactions
 from state.changelog import ChangelogWriter, open_shard
+from state.errors import StateError
 from state.session import NO_REPLAY
 from state.store import SessionStore
 from streamrec.settings import Settings
+
+# How long a clean stop waits for the last removals' transaction before leaving them uncommitted.
+CLOSE_COMMIT_S = 30.0
 
 
 class PartitionStores:
@@ -22,7 +28,10 @@ class PartitionStores:
 
     With a changelog, a store is rebuilt from it when opened if it is missing or
     behind it (``rebuilt_to`` then holds the offset its events must be read
-    from again), and every commit goes to it.
+    from again), and every commit goes to it.  Exactly once, each partition also
+    gets its transactional producer (``transactions``), made before the store is
+    opened so that it fences the partition's previous owner first, and
+    ``resume_at`` holds where its reading resumes: the changelog's marks.
     """
 
     def __init__(
@@ -31,6 +40,7 @@ class PartitionStores:
         partitions: int,
         changelog: ChangelogWriter | None = None,
         events_topic_id: str = "",
+        exactly_once: bool = False,
     ) -> None:
         self._settings = settings
         self._partitions = partitions
@@ -39,6 +49,10 @@ class PartitionStores:
         self._stores: dict[int, SessionStore] = {}
         # Per rebuilt partition: the first events offset its rebuilt state lacks.
         self.rebuilt_to: dict[int, int] = {}
+        self.exactly_once = exactly_once
+        self.transactions: dict[int, PartitionTransactions] = {}
+        self.resume_at: dict[int, int] = {}
+        self._limits: dict[str, int] | None = None
         self._lock = threading.Lock()
 
     def get(self, partition: int) -> SessionStore:
@@ -53,29 +67,81 @@ class PartitionStores:
 
     def _open(self, partition: int) -> SessionStore:
         settings = self._settings
+        if self.exactly_once:
+            return self._open_exactly_once(partition)
         if self._changelog is None:
             return SessionStore.open(settings.state_dir, partition, self._partitions, settings)
-        store, marks = open_shard(
+        store, marks, rebuilt = open_shard(
             settings, partition, self._partitions, self._changelog, self._events_topic_id
         )
         if marks is not None:
+            self._changelog.durable[partition] = marks.applied
+        if rebuilt:
             metrics.SHARDS_REBUILT.inc()
-            self.rebuilt_to[partition] = marks.applied + 1
+            # Its events must be read again from there: the changelog had nothing later.
+            self.rebuilt_to[partition] = 0 if marks is None else marks.applied + 1
+        return store
+
+    def _open_exactly_once(self, partition: int) -> SessionStore:
+        if self._limits is None:
+            self._limits = output_limits(self._settings)
+        transactions = PartitionTransactions(self._settings, partition, self._limits)
+        try:
+            store, marks, rebuilt = open_shard(
+                self._settings,
+                partition,
+                self._partitions,
+                transactions,
+                self._events_topic_id,
+                exactly_once=True,
+            )
+        except BaseException:
+            transactions.close()
+            raise
+        transactions.attach(store, marks, self._events_topic_id)
+        self.transactions[partition] = transactions
+        if rebuilt:
+            metrics.SHARDS_REBUILT.inc()
+        applied = store.applied_offset(partition)
+        if transactions.next_offset is not None:
+            self.resume_at[partition] = transactions.next_offset
+        elif applied is not None:  # a store from before exactly-once, without a changelog
+            self.resume_at[partition] = applied + 1
+        print(
+            f"flow: events partition {partition} taken exactly-once (changelog version "
+            f"{transactions.version}); reading from offset "
+            f"{self.resume_at.get(partition, 'the beginning')}",
+            flush=True,
+        )
         return store
 
     def changelog_floor(self, partition: int) -> int:
         """The first events offset a shard rebuilt from the changelog now would lack."""
-        if self._changelog is None:
-            return NO_REPLAY
+        if self._changelog is None or self.exactly_once:
+            return NO_REPLAY  # exactly once, reading resumes after the last committed batch
         durable = self._changelog.durable.get(partition)
         return 0 if durable is None else durable + 1
 
     def close(self) -> None:
         with self._lock:
             try:
-                for store in self._stores.values():
+                for partition, store in self._stores.items():
+                    transactions = self.transactions.get(partition)
+                    if transactions is not None:
+                        store.commit()
+                        try:
+                            if transactions.pending:  # removals since the last micro-batch
+                                transactions.commit([], give_up_after_s=CLOSE_COMMIT_S)
+                            store.stamp = transactions.version  # it holds just what committed
+                        except StateError as err:
+                            # Fenced, or Kafka away: the stamp stays ahead, so the next
+                            # start rebuilds this shard from what was committed.
+                            print(f"flow: {err}", flush=True)
                     store.close()
             finally:
+                for transactions in self.transactions.values():
+                    transactions.close()
+                self.transactions.clear()
                 self._stores.clear()
                 if self._changelog is not None:
                     left = self._changelog.flush()

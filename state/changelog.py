@@ -17,8 +17,16 @@ gives up on a record (``message.timeout.ms=0``), so the changelog of a
 partition is a gapless prefix of its commits; when it lags behind the local
 store, that store is used as it is, and a rebuild elsewhere replays the rest.
 
+In exactly-once mode (``flows/transactions.py``) each micro-batch's changes,
+outputs and marks commit in one Kafka transaction; the marks then also carry
+the next events offset to read (``next``) and the shard's ``version``, the
+number of committed transactions that changed it, which the local store stamps
+on every write: a store whose stamp differs from the changelog's holds writes
+that were never committed (or misses some) and is rebuilt.  The changelog is
+read ``read_committed``, so an aborted transaction never reaches a store.
+
 >>> decode_marks(encode_marks(Marks(applied=41, events_topic_id="t-1")))
-Marks(applied=41, events_topic_id='t-1')
+Marks(applied=41, events_topic_id='t-1', next=None, version=None)
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Final
+from typing import Final, NamedTuple
 
 import orjson
 from confluent_kafka import (
@@ -43,7 +51,7 @@ from confluent_kafka import (
 
 from state.errors import StateError
 from state.layout import shard_dir
-from state.store import SessionStore
+from state.store import ChangeListener, SessionStore
 from streamrec.kafka_clients import consumer_config, producer_config
 from streamrec.settings import Settings
 
@@ -60,19 +68,44 @@ class ChangelogError(StateError):
 
 @dataclass(frozen=True, slots=True)
 class Marks:
-    """A shard's progress as the changelog knows it: the last events offset applied."""
+    """A shard's progress as the changelog knows it: the last events offset applied.
+
+    Exactly-once marks add ``next``, the first events offset whose outputs are not
+    committed (where reading resumes), and the shard's ``version``.
+    """
 
     applied: int
     events_topic_id: str
+    next: int | None = None
+    version: int | None = None
 
 
 def encode_marks(marks: Marks) -> bytes:
-    return orjson.dumps({"applied": marks.applied, "events_topic_id": marks.events_topic_id})
+    doc: dict[str, int | str] = {"applied": marks.applied, "events_topic_id": marks.events_topic_id}
+    if marks.next is not None:
+        doc["next"] = marks.next
+    if marks.version is not None:
+        doc["version"] = marks.version
+    return orjson.dumps(doc)
 
 
 def decode_marks(raw: bytes) -> Marks:
     doc = orjson.loads(raw)
-    return Marks(int(doc["applied"]), str(doc["events_topic_id"]))
+    next_offset, version = doc.get("next"), doc.get("version")
+    return Marks(
+        int(doc["applied"]),
+        str(doc["events_topic_id"]),
+        None if next_offset is None else int(next_offset),
+        None if version is None else int(version),
+    )
+
+
+def restore_consumer(settings: Settings) -> Consumer:
+    """A consumer of the changelog that sees committed records only, and says where it ends."""
+    return Consumer(
+        consumer_config(settings, group="streamrec-restore")
+        | {"isolation.level": "read_committed", "enable.partition.eof": "true"}
+    )
 
 
 class ChangelogWriter:
@@ -152,7 +185,7 @@ class ChangelogWriter:
 def latest_marks(settings: Settings, partition: int) -> Marks | None:
     """The last marks record of changelog ``partition``, or None if it has none."""
     topic = settings.sessions_changelog
-    consumer = Consumer(consumer_config(settings, group="streamrec-restore"))
+    consumer = restore_consumer(settings)
     try:
         low, high = consumer.get_watermark_offsets(
             TopicPartition(topic, partition), timeout=READ_TIMEOUT_S
@@ -178,7 +211,7 @@ def changelog_records(
 ) -> Iterator[tuple[bytes, bytes | None, int]]:
     """(key, value, offset) of every record of changelog ``partition``, up to its end as of now."""
     topic = settings.sessions_changelog
-    consumer = Consumer(consumer_config(settings, group="streamrec-restore"))
+    consumer = restore_consumer(settings)
     try:
         low, high = consumer.get_watermark_offsets(
             TopicPartition(topic, partition), timeout=READ_TIMEOUT_S
@@ -206,7 +239,9 @@ def _read(
             error = record.error()
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:
-                    continue
+                    # The end of what is committed: transaction markers, never
+                    # delivered, may fill the offsets up to ``end``.
+                    return
                 raise ChangelogError(f"reading changelog {topic!r}: {error.str()}")
             offset = record.offset()
             key = record.key()
@@ -221,18 +256,29 @@ def _read(
             deadline = time.monotonic() + READ_TIMEOUT_S
 
 
+class OpenedShard(NamedTuple):
+    """A shard as opened: its store, the changelog's latest marks, whether it was rebuilt."""
+
+    store: SessionStore
+    marks: Marks | None
+    rebuilt: bool
+
+
 def open_shard(
     settings: Settings,
     partition: int,
     shard_count: int,
-    writer: ChangelogWriter,
+    writer: ChangeListener,
     events_topic_id: str,
-) -> tuple[SessionStore, Marks | None]:
+    exactly_once: bool = False,
+) -> OpenedShard:
     """Open shard ``partition``, rebuilt from the changelog first if its store is behind it.
 
-    Returns the store, its changes going to ``writer``, and the marks it was
-    rebuilt to (None if the local store was used as it was): the events of the
-    partition must then be read again from ``marks.applied + 1`` at the latest.
+    The store's changes go to ``writer``.  At least once, a local store at or past
+    the changelog's marks is used as it is; a rebuilt one must read its events
+    again from ``marks.applied + 1`` at the latest.  Exactly once, the local store
+    is used only if its version stamp equals the changelog's (it holds exactly
+    what was committed), and its ``stamp`` is set to the version being built.
     """
     store = SessionStore.open(settings.state_dir, partition, shard_count, settings)
     try:
@@ -245,11 +291,23 @@ def open_shard(
                 "afresh with `streamrec state reset`"
             )
         local = store.applied_offset(partition)
-        if marks is not None:
-            writer.durable[partition] = marks.applied
-        if marks is None or (local is not None and local >= marks.applied):
-            store.changes = writer
-            return store, None
+        if exactly_once:
+            committed = 0 if marks is None or marks.version is None else marks.version
+            version = store.version()
+            if marks is None and version:
+                raise ChangelogError(
+                    f"shard {partition} was written exactly-once up to changelog version "
+                    f"{version}, but {settings.sessions_changelog!r} has no marks: it was "
+                    "deleted or recreated since. Start afresh with `streamrec state reset`"
+                )
+            # A store never written exactly-once (None) is as current as at-least-once knows.
+            current = version == committed if version is not None else _at_least(local, marks)
+        else:
+            current = _at_least(local, marks)
+        lost_writes = store.lost_writes
+        if current and not lost_writes:
+            _attach(store, writer, marks, exactly_once)
+            return OpenedShard(store, marks, rebuilt=False)
     except BaseException:
         store.close()
         raise
@@ -257,23 +315,41 @@ def open_shard(
     shutil.rmtree(shard_dir(settings.state_dir, partition))
     store = SessionStore.open(settings.state_dir, partition, shard_count, settings)
     started = time.monotonic()
+    if lost_writes:
+        why = "lost its latest writes: its process stopped without closing it, and it keeps no log"
+    else:
+        why = "is missing" if local is None else f"is at offset {local}"
+    applied = None if marks is None else marks.applied
     print(
         f"flow: rebuilding shard {partition} from {settings.sessions_changelog!r} (its local "
-        f"store {'is missing' if local is None else f'is at offset {local}'}; the changelog "
-        f"at {marks.applied})",
+        f"store {why}; the changelog at {applied})",
         file=sys.stderr,
         flush=True,
     )
-    records = changelog_records(settings, partition)
+    if exactly_once:
+        store.stamp = 0 if marks is None else marks.version or 0  # exactly what it restores
+    records = changelog_records(settings, partition) if marks is not None else iter(())
     sessions = store.restore(
-        ((key, value) for key, value, _ in records if key != MARKS_KEY), marks.applied
+        ((key, value) for key, value, _ in records if key != MARKS_KEY), applied
     )
-    print(
+    resume = 0 if marks is None else marks.next if marks.next is not None else marks.applied + 1
+    line = (
         f"flow: shard {partition} rebuilt: {sessions} session records in "
-        f"{time.monotonic() - started:.1f} s; reading its events from offset "
-        f"{marks.applied + 1} at the latest",
-        file=sys.stderr,
-        flush=True,
+        f"{time.monotonic() - started:.1f} s; reading its events from offset {resume} at the latest"
     )
+    print(line, file=sys.stderr, flush=True)
+    _attach(store, writer, marks, exactly_once)
+    return OpenedShard(store, marks, rebuilt=True)
+
+
+def _at_least(local: int | None, marks: Marks | None) -> bool:
+    return marks is None or (local is not None and local >= marks.applied)
+
+
+def _attach(
+    store: SessionStore, writer: ChangeListener, marks: Marks | None, exactly_once: bool
+) -> None:
+    if exactly_once:
+        # Every write from now on belongs to the next version, until it commits.
+        store.stamp = (0 if marks is None or marks.version is None else marks.version) + 1
     store.changes = writer
-    return store, marks

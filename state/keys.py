@@ -25,6 +25,13 @@ VOTERS_KEY: Final = META_PREFIX + b"voters"
 # The offset of the last event applied from each source partition (q), written with every
 # removal of sessions: what makes a replay harmless even for a session since removed.
 APPLIED_PREFIX: Final = META_PREFIX + b"applied:"
+# Exactly-once mode: the changelog version (count of committed transactions that changed
+# the shard) that every write since the last commit belongs to (q).  Equal to the
+# changelog's, the store holds exactly what was committed; otherwise it is rebuilt.
+VERSION_KEY: Final = META_PREFIX + b"version"
+# Without a write-ahead log: present on disk while a process has the DB open, so a crash
+# (which loses the memtable) leaves it behind and the shard is rebuilt from the changelog.
+OPEN_KEY: Final = META_PREFIX + b"open"
 # Session records that could not be read, kept aside for inspection (never read again).
 QUARANTINE_PREFIX: Final = b"q:"
 # The items each user consumed in their current session (state.consumed), beside ``s:``.

@@ -63,10 +63,13 @@ def db_options() -> Options:
     return options
 
 
-def write_options() -> WriteOptions:
-    """WAL on, not synced per write: a killed process loses nothing, a power cut may."""
+def write_options(wal: bool = True) -> WriteOptions:
+    """Not synced per write.  With the WAL a killed process loses nothing (a power cut may);
+    without it, whatever is still in the memtable: the changelog has it."""
     options = WriteOptions()
     options.sync = False
+    # A property at run time; rocksdict's type stub declares it a method.
+    options.disable_wal = not wal  # type: ignore[method-assign,assignment]
     return options
 
 

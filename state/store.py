@@ -47,9 +47,11 @@ from state.keys import (
     CHANGELOG_CONSUMED_TAG,
     CLOCK_KEY,
     CONSUMED_PREFIX,
+    OPEN_KEY,
     QUARANTINE_PREFIX,
     SESSION_PREFIX,
     SHAPE_KEY,
+    VERSION_KEY,
     VOTERS_KEY,
     applied_key,
     session_key,
@@ -172,6 +174,7 @@ class SessionStore:
         wall_ms: Callable[[], float] = wall_clock_ms,
         consumed_types: frozenset[str] = frozenset(),
         consumed_cap: int = 0,
+        wal: bool = True,
     ) -> None:
         self.shard_index = shard_index
         self.path = path
@@ -182,9 +185,18 @@ class SessionStore:
         self.replay_floor = NO_REPLAY
         # Told of every commit and removal, after RocksDB has it (the changelog).
         self.changes: ChangeListener | None = None
+        # Exactly-once mode: the changelog version every write is stamped with (``version``).
+        self.stamp: int | None = None
         self._max_tail = REPLAY_TAIL_WINDOWS * session_length
         self._db = db
-        self._write_options = write_options()
+        self._wal = wal
+        self._write_options = write_options(wal)
+        # Without a WAL: whether the last process to open the DB died with it open, losing
+        # writes (which the changelog has).  It stays so until the shard is rebuilt.
+        self.lost_writes = not wal and db.get(OPEN_KEY) is not None
+        if not wal and not self.lost_writes:
+            db.put(OPEN_KEY, b"", self._write_options)
+            db.flush()  # on disk before any write it guards
         clock = read_clock(db)
         self._clock_ms = NO_CLOCK if clock is None else clock
         self._next_tick_ms = NO_CLOCK if clock is None else clock + CLOCK_RESOLUTION_MS
@@ -259,6 +271,8 @@ class SessionStore:
             round(settings.event_time_skew_s * 1000),
             consumed_types=consumed_types,
             consumed_cap=settings.consumed_cap,
+            # With the changelog, RocksDB's own log is a second copy, as in Kafka Streams.
+            wal=settings.state_wal or not settings.changelog,
         )
 
     def apply(self, event: Event, partition: int, offset: int) -> ApplyResult:
@@ -354,7 +368,7 @@ class SessionStore:
         advance = tick != NO_CLOCK and tick >= self._next_tick_ms
         # On failure nothing was written and nothing cached: the events are simply unapplied.
         try:
-            if len(staged) == 1 and not advance and not consumed:
+            if len(staged) == 1 and not advance and not consumed and self.stamp is None:
                 # One session (a quiet stream, or `apply`): RocksDB's Put is a one-entry batch.
                 ((key, session),) = staged.items()
                 self._db.put(key, encode_session(session), self._write_options)
@@ -372,6 +386,8 @@ class SessionStore:
                     # About once a second of event time: the clock, with what voted for it.
                     batch.put(CLOCK_KEY, CLOCK.pack(tick))
                     self._write_marks(batch)
+                elif self.stamp is not None:
+                    batch.put(VERSION_KEY, _OFFSET_VALUE.pack(self.stamp))
                 self._db.write(batch, self._write_options)
         except Exception as err:  # rocksdict raises RocksDB's failures as plain Exception
             raise StateWriteError(f"cannot write to shard DB {self.path}: {err}") from err
@@ -527,6 +543,11 @@ class SessionStore:
         """The offset of the last event this shard applied from ``partition`` (its watermark)."""
         return self._applied.get(partition)
 
+    def version(self) -> int | None:
+        """The changelog version of the last write stamped with one (``stamp``), if any."""
+        raw = self._db.get(VERSION_KEY)
+        return None if raw is None else int(_OFFSET_VALUE.unpack(raw)[0])
+
     def load(self, sessions: Iterable[Session], batch_size: int = 1000) -> int:
         """Write ``sessions`` as they are (seeding, restoring); the clock does not move."""
         self.commit()
@@ -565,7 +586,11 @@ class SessionStore:
                 self.commit()
                 marks = WriteBatch(raw_mode=True)
                 self._write_marks(marks)
+                if not self._wal and not self.lost_writes:
+                    marks.delete(OPEN_KEY)
                 self._db.write(marks, self._write_options)
+                if not self._wal:
+                    self._db.flush()  # the memtable holds what no log does
             finally:
                 self._closed = True
                 self._cache.clear()
@@ -664,6 +689,8 @@ class SessionStore:
                 batch.put(applied_key(partition), _OFFSET_VALUE.pack(offset))
         self._applied_written = dict(self._applied)
         batch.put(VOTERS_KEY, _pack_voters(self._voters))
+        if self.stamp is not None:
+            batch.put(VERSION_KEY, _OFFSET_VALUE.pack(self.stamp))
 
     def _quarantine(self, key: bytes, user_id: str) -> None:
         # Kept for inspection under q:, out of every session scan; the user starts afresh and

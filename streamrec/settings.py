@@ -15,9 +15,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 ENV_PREFIX = "STREAMREC_"
+# Output delivery guarantees of `streamrec run` (setting ``guarantee``).
+AT_LEAST_ONCE: Final = "at-least-once"
+EXACTLY_ONCE: Final = "exactly-once"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -96,6 +99,12 @@ class Settings:
         "Write every committed session change to a compacted changelog topic and rebuild a "
         "shard from it when its local store is missing or behind (state that survives disks).",
     )
+    state_wal: bool = _setting(
+        False,
+        "Keep RocksDB's write-ahead log although the changelog is on (without the changelog it "
+        "is always kept). Off, a shard the process did not close cleanly is rebuilt from the "
+        "changelog.",
+    )
     changelog_topic: str = _setting(
         "", "The sessions' changelog topic [default: '<events_topic>.sessions-changelog']."
     )
@@ -142,6 +151,12 @@ class Settings:
     )
 
     # The dataflow.
+    guarantee: str = _setting(
+        "at-least-once",
+        "Output delivery: at-least-once (a restart may answer an event again; downstream "
+        "deduplicates by event_id) or exactly-once (each micro-batch's outputs, session changes "
+        "and resume offset commit in one Kafka transaction; consumers read read_committed).",
+    )
     workers: int = _setting(1, "Bytewax worker threads per process.")
     recovery_dir: Path = _setting(
         REPO_ROOT / "run" / "recovery", "Bytewax recovery store (snapshots and resume offsets)."

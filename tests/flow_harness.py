@@ -156,9 +156,12 @@ class Read:
 class TopicReader:
     """Reads a whole topic from the beginning, remembering where it got to."""
 
-    def __init__(self, settings: Settings, topic: str) -> None:
+    def __init__(self, settings: Settings, topic: str, committed_only: bool = False) -> None:
         # The shared settings, so that a test reads through a secured listener too.
-        self.consumer = Consumer(consumer_config(settings, group="tests"))
+        config = consumer_config(settings, group="tests")
+        if committed_only:  # what a downstream consumer of exactly-once output sees
+            config["isolation.level"] = "read_committed"
+        self.consumer = Consumer(config)
         self.consumer.assign(
             [TopicPartition(topic, p, OFFSET_BEGINNING) for p in topic_partitions(settings, topic)]
         )
@@ -199,8 +202,8 @@ class TopicReader:
 class RecommendationCollector:
     """Every recommendation so far, by event id (a replay may deliver one twice)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.reader = TopicReader(settings, settings.recommendations_topic)
+    def __init__(self, settings: Settings, committed_only: bool = False) -> None:
+        self.reader = TopicReader(settings, settings.recommendations_topic, committed_only)
         self.by_event: dict[str, list[Recommendation]] = {}
 
     def poll(self, timeout_s: float = 0.5) -> int:
@@ -248,8 +251,10 @@ def serve_until_answered(
     return flow, collector
 
 
-def dead_letters(settings: Settings, expected: int, timeout_s: float = 60.0) -> list[DeadLetter]:
-    reader = TopicReader(settings, settings.dlq_topic)
+def dead_letters(
+    settings: Settings, expected: int, timeout_s: float = 60.0, committed_only: bool = False
+) -> list[DeadLetter]:
+    reader = TopicReader(settings, settings.dlq_topic, committed_only)
     letters: list[DeadLetter] = []
     deadline = time.monotonic() + timeout_s
     while len(letters) < expected and time.monotonic() < deadline:

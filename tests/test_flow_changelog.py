@@ -135,3 +135,26 @@ def test_a_cluster_moved_to_new_machines_keeps_every_session(
 
     moved = sessions_across(kafka_settings, [tmp_path / "d" / "state", tmp_path / "e" / "state"])
     assert moved == sessions_applied_once(kafka_settings, tmp_path / "ref")
+
+
+def test_a_killed_flow_whose_rocksdb_keeps_no_log_rebuilds_and_loses_nothing(
+    kafka_settings: Settings, movielens: list[Event], tmp_path: Path
+) -> None:
+    from tests.flow_harness import RecommendationCollector
+
+    events = movielens[:3000]
+    produce(kafka_settings, events[:2000])
+    collector = RecommendationCollector(kafka_settings)
+    try:
+        flow = FlowProcess(kafka_settings).start()
+        collector.wait_for({e.event_id for e in events[:1000]}, flow)
+        flow.kill()  # the memtables die with it: RocksDB keeps no log beside the changelog
+        produce(kafka_settings, events[2000:])
+        flow = FlowProcess(kafka_settings).start()
+        collector.wait_for({e.event_id for e in events}, flow)
+        assert flow.stop() == 0, flow.output()[-2000:]
+    finally:
+        collector.close()
+
+    assert "lost its latest writes" in flow.output()
+    assert sessions_in(kafka_settings) == sessions_applied_once(kafka_settings, tmp_path / "ref")

@@ -41,6 +41,14 @@ def store(state_dir: Path) -> Iterator[SessionStore]:
         yield opened
 
 
+@pytest.fixture
+def logged_store(state_dir: Path) -> Iterator[SessionStore]:
+    """A store that keeps RocksDB's write-ahead log: what it writes is at once visible to a
+    read-only view (without the log, only as of the last memtable flush)."""
+    with SessionStore.open(state_dir, 0, 1, SETTINGS.replace(state_wal=True)) as opened:
+        yield opened
+
+
 def test_the_first_event_of_a_user_starts_their_session(store: SessionStore) -> None:
     result = store.apply(event("u1", "a"), partition=0, offset=5)
     assert result.applied
@@ -92,15 +100,19 @@ def test_sessions_and_offsets_survive_close_and_reopen(state_dir: Path) -> None:
         assert (store.clock_ms, store.applied_offset(0)) == (T0, 7)
 
 
-def kill_after(state_dir: Path, work: str) -> None:
-    """Run ``work`` (Python using ``store`` and ``Event``) in a process that dies by SIGKILL."""
+def kill_after(state_dir: Path, work: str, changelog: bool = False) -> None:
+    """Run ``work`` (Python using ``store`` and ``Event``) in a process that dies by SIGKILL.
+
+    Without the changelog the store keeps RocksDB's write-ahead log; with it, it does not.
+    """
     script = f"""
 import os, signal
 from pathlib import Path
 from state.store import SessionStore
 from streamrec.contracts import Event
 from streamrec.settings import Settings
-store = SessionStore.open(Path({str(state_dir)!r}), 0, 1, Settings(session_length=3))
+settings = Settings(session_length=3, changelog={changelog})
+store = SessionStore.open(Path({str(state_dir)!r}), 0, 1, settings)
 {work}
 os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -109,7 +121,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def last_items_and_offset(state_dir: Path, user: str) -> tuple[list[str], int]:
-    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+    with SessionStore.open(state_dir, 0, 1, SETTINGS.replace(changelog=False)) as store:
         session = store.get(user)
         assert session is not None
         return session.item_ids, session.last_offset
@@ -124,9 +136,36 @@ def test_applied_events_survive_a_killed_process(state_dir: Path) -> None:
     assert last_items_and_offset(state_dir, "u1") == (["i17", "i18", "i19"], 19)
 
 
-def test_staged_events_are_read_at_once_and_written_together_by_commit(
-    store: SessionStore, state_dir: Path
+def test_without_a_write_ahead_log_a_killed_process_leaves_a_store_marked_as_lossy(
+    state_dir: Path,
 ) -> None:
+    # With the changelog on, RocksDB keeps no log: the memtable dies with the process.
+    kill_after(
+        state_dir,
+        f"""for n in range(20):
+    store.apply(Event(f"e{{n}}", "u1", f"i{{n}}", "view", {T0} + n), 0, n)""",
+        changelog=True,
+    )
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        assert store.lost_writes  # so the flow rebuilds it from the changelog
+        assert store.get("u1") is None
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        assert store.lost_writes  # until it is rebuilt, whoever opened it meanwhile
+
+
+def test_without_a_write_ahead_log_a_clean_close_keeps_everything(state_dir: Path) -> None:
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        store.apply(event("u1", "a"), 0, 5)
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        assert not store.lost_writes
+        session = store.get("u1")
+        assert session is not None and session.item_ids == ["a"]
+
+
+def test_staged_events_are_read_at_once_and_written_together_by_commit(
+    logged_store: SessionStore, state_dir: Path
+) -> None:
+    store = logged_store
     store.stage(event("u1", "a"), 0, 1)
     assert store.stage(event("u1", "b"), 0, 2).session.item_ids == ["a", "b"]
     store.stage(event("u2", "c"), 0, 3)
@@ -417,8 +456,9 @@ def test_stats_count_keys_expired_sessions_and_bytes(store: SessionStore) -> Non
 
 
 def test_a_read_only_view_sees_the_sessions_while_the_store_is_open(
-    store: SessionStore, state_dir: Path
+    logged_store: SessionStore, state_dir: Path
 ) -> None:
+    store = logged_store
     written = store.apply(event("u1", "a"), 0, 1).session
     with open_state_view(state_dir, SETTINGS) as view:
         found = view.find("u1")

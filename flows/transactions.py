@@ -1,0 +1,283 @@
+"""Exactly-once output: each micro-batch's outputs, session changes and progress in one transaction.
+
+With ``--guarantee exactly-once`` every events partition has its own
+transactional producer (``transactional.id`` names the changelog and the
+partition, so whichever process takes a partition next fences the previous
+owner and aborts its open transaction).  For each micro-batch of a partition,
+one transaction holds
+
+* the session changes its store committed (and any removals since the last),
+  to the changelog partition of the events partition,
+* the batch's recommendations and dead letters,
+* the marks: the last offset applied, the next offset to read and the shard's
+  version (``state/changelog.py``),
+
+so a ``read_committed`` consumer sees each event's answer once, however often
+the flow is killed: the marks are the resume point, and a store holding writes
+of a transaction that never committed is rebuilt from the changelog.  Kafka's
+``send_offsets_to_transaction`` needs a consumer group's metadata, which
+Bytewax's ``assign``-ed readers do not have; offsets in the changelog need none.
+
+Failures: a record the broker refuses is set aside (dead letter or stub, as in
+``flows/sink.py``) and the transaction is made again; a transaction Kafka
+aborts (an outage longer than ``transaction.timeout.ms``) is made again,
+reading waiting meanwhile; a fenced producer means another process serves the
+partition now, and this one stops.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any, Final
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from flows import metrics
+from flows.kafka_log import kafka_logger
+from flows.sink import POLL_S, REFUSED, OutputRecord, set_aside, size_limits
+from state.changelog import MARKS_KEY, Marks, encode_marks
+from state.errors import StateError
+from state.store import SessionStore
+from streamrec.kafka_clients import producer_config, redact
+from streamrec.settings import Settings
+
+# A transaction open longer is aborted by Kafka; one micro-batch's takes milliseconds.
+TRANSACTION_TIMEOUT_MS: Final = 30_000
+# Said once in the log (and on /metrics) when a transaction has not committed for this long.
+BLOCKED_AFTER_S: Final = 5.0
+
+Changes = list[tuple[bytes, bytes | None]]
+
+
+class ProducerFenced(StateError):
+    """Another process took this events partition: its producer fenced ours."""
+
+
+class TransactionGaveUp(StateError):
+    """A transaction did not commit within the time it was given (at shutdown only)."""
+
+
+def transactional_id(settings: Settings, partition: int) -> str:
+    """One per events partition of a deployment: the next owner fences the last."""
+    return f"streamrec.{settings.sessions_changelog}.{partition}"
+
+
+class PartitionTransactions:
+    """One events partition's transactional producer, and the changes awaiting its next commit.
+
+    Used by the worker that reads the partition only.  ``send`` (the store's
+    change listener) only collects; ``commit`` makes the transaction.
+    """
+
+    def __init__(self, settings: Settings, partition: int, limits: dict[str, int]) -> None:
+        self.partition = partition
+        self.version = 0
+        self.next_offset: int | None = None
+        self._settings = settings
+        self._changelog = settings.sessions_changelog
+        self._dlq_topic = settings.dlq_topic
+        self._limits = limits
+        self._events_topic_id = ""
+        self._store: SessionStore | None = None
+        self._applied = -1
+        self._changes: list[Changes] = []
+        config: dict[str, Any] = size_limits(limits) | producer_config(settings)
+        self._producer = Producer(
+            config
+            | {
+                "transactional.id": transactional_id(settings, partition),
+                "transaction.timeout.ms": str(TRANSACTION_TIMEOUT_MS),
+                "message.timeout.ms": str(TRANSACTION_TIMEOUT_MS - 5_000),
+                "logger": kafka_logger("producer"),
+            }
+        )
+        # Per output position of the transaction being made: None once delivered, else why not.
+        self._outcomes: list[KafkaError | None] = []
+        self._callbacks: list[Callable[[KafkaError | None, Message], None]] = []
+        self._failing_since: float | None = None
+        self._blocked = False
+        self._last_error = "none reported"
+        self._fenced: ProducerFenced | None = None
+        self._give_up_at = float("inf")
+        self._retry(lambda: self._producer.init_transactions(POLL_S * 10), "start its transactions")
+
+    def attach(self, store: SessionStore, marks: Marks | None, events_topic_id: str) -> None:
+        """Continue from the changelog's ``marks``: ``store`` was opened (or rebuilt) to them."""
+        self._store = store
+        self._events_topic_id = events_topic_id
+        if marks is not None:
+            self.version = marks.version or 0
+            self._applied = marks.applied
+            self.next_offset = marks.next if marks.next is not None else marks.applied + 1
+        store.stamp = self.version + 1
+
+    def send(
+        self, partition: int, changes: Iterable[tuple[bytes, bytes | None]], _: int | None
+    ) -> None:
+        # The store calls this after its RocksDB write, stamped with the next version.
+        self._changes.append(changes if isinstance(changes, list) else list(changes))
+
+    def commit(
+        self,
+        outputs: list[OutputRecord],
+        next_offset: int | None = None,
+        give_up_after_s: float | None = None,
+    ) -> None:
+        """Commit ``outputs``, the collected changes and the marks in one transaction.
+
+        ``next_offset``: the first events offset after this micro-batch (None: unchanged).
+        Retries for as long as it takes, or ``give_up_after_s`` (``TransactionGaveUp``).
+        """
+        store = self._store
+        assert store is not None, "attach() comes first"
+        if self._fenced is not None:
+            raise self._fenced
+        if give_up_after_s is not None:
+            self._give_up_at = time.monotonic() + give_up_after_s
+        applied = store.applied_offset(self.partition)
+        if applied is not None:
+            self._applied = applied
+        if next_offset is not None:
+            self.next_offset = next_offset
+        version = self.version + 1 if self._changes else self.version
+        marks = encode_marks(Marks(self._applied, self._events_topic_id, self.next_offset, version))
+        started = time.monotonic()
+        while not self._transaction(outputs, marks):
+            outputs = self._next_round(outputs)
+            self._note_failing()
+            time.sleep(POLL_S)  # Kafka aborted it: an outage, not a hurry
+        metrics.TRANSACTION_SECONDS.observe(time.monotonic() - started)
+        self.version = version
+        self._changes = []
+        store.stamp = version + 1
+        if self._blocked:
+            self._say(f"flow: partition {self.partition}: transactions commit again")
+            self._blocked = False
+            metrics.OUTPUT_BLOCKED.dec()
+        self._failing_since = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether changes wait for a transaction (removals since the last micro-batch)."""
+        return bool(self._changes)
+
+    def close(self) -> None:
+        self._producer.flush(POLL_S)
+
+    def _transaction(self, outputs: list[OutputRecord], marks: bytes) -> bool:
+        """One attempt; False if Kafka aborted it (``_outcomes`` says which outputs failed)."""
+        producer = self._producer
+        try:
+            producer.begin_transaction()
+            for changes in self._changes:
+                for user, change in changes:
+                    self._produce(self._changelog, user, change, None, self.partition, None)
+            callbacks = self._callbacks
+            while len(callbacks) < len(outputs):
+                callbacks.append(partial(self._on_delivery, len(callbacks)))
+            self._outcomes = [None] * len(outputs)
+            for index, (topic, key, value, headers) in enumerate(outputs):
+                try:
+                    self._produce(topic, key, value, headers, -1, callbacks[index])
+                except KafkaException as err:
+                    # Refused before it left (too large): set aside in the next attempt.
+                    self._outcomes[index] = err.args[0]
+                    raise
+            self._produce(self._changelog, MARKS_KEY, marks, None, self.partition, None)
+            self._retry(lambda: producer.commit_transaction(POLL_S * 10), "commit")
+            return True
+        except KafkaException as err:
+            error: KafkaError = err.args[0]
+            self._fail(error)
+            self._retry(lambda: producer.abort_transaction(POLL_S * 10), "abort")
+            metrics.TRANSACTIONS_ABORTED.inc()
+            return False
+
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Any,
+        partition: int,
+        on_delivery: Callable[[KafkaError | None, Message], None] | None,
+    ) -> None:
+        while True:
+            try:
+                if on_delivery is None:
+                    self._producer.produce(topic, value, key, partition=partition)
+                else:
+                    self._producer.produce(
+                        topic, value, key, headers=headers, on_delivery=on_delivery
+                    )
+                return
+            except BufferError:
+                self._producer.poll(POLL_S)  # the queue is full: let it drain
+
+    def _on_delivery(self, index: int, err: KafkaError | None, _message: Message) -> None:
+        self._outcomes[index] = err
+
+    def _next_round(self, outputs: list[OutputRecord]) -> list[OutputRecord]:
+        """The outputs again, with what Kafka refused set aside (dead letter or stub)."""
+        again: list[OutputRecord] = []
+        for record, error in zip(outputs, self._outcomes, strict=True):
+            if error is None or error.code() not in REFUSED:
+                again.append(record)
+                continue
+            replacement = set_aside(record, error, self._limits, self._dlq_topic, self._say)
+            if replacement is not None:
+                again.append(replacement)
+        return again
+
+    def _fail(self, error: KafkaError) -> None:
+        if error.fatal() or error.code() in (
+            KafkaError._FENCED,
+            KafkaError.PRODUCER_FENCED,
+            KafkaError.INVALID_PRODUCER_EPOCH,
+        ):
+            # A fenced producer can do nothing more: every later call fails the same way.
+            self._fenced = ProducerFenced(
+                f"events partition {self.partition} is served by another process now (its "
+                f"transactions fenced this one's: {error.str()}); this process stops, and the "
+                "other goes on exactly once"
+            )
+            raise self._fenced
+        metrics.OUTPUT_FAILURES.labels(error.name(), "retried").inc()
+        self._last_error = error.str()
+
+    def _retry(self, call: Callable[[], None], what: str) -> None:
+        """``call`` until it succeeds; a retriable failure (a timeout, Kafka away) waits."""
+        while True:
+            try:
+                call()
+                return
+            except KafkaException as err:
+                error: KafkaError = err.args[0]
+                if not error.retriable() or error.fatal():
+                    raise
+                self._last_error = error.str()
+                self._note_failing()
+
+    def _note_failing(self) -> None:
+        now = time.monotonic()
+        if now > self._give_up_at:
+            raise TransactionGaveUp(
+                f"partition {self.partition}: a transaction did not commit in time "
+                f"({self._last_error}); its shard is rebuilt from the changelog on the next start"
+            )
+        if self._failing_since is None:
+            self._failing_since = now
+        elif not self._blocked and now - self._failing_since >= BLOCKED_AFTER_S:
+            self._blocked = True
+            metrics.OUTPUT_BLOCKED.inc()
+            self._say(
+                f"flow: output blocked: partition {self.partition}'s transaction has not "
+                f"committed for {now - self._failing_since:.0f} s (last error: "
+                f"{self._last_error}); reading waits until it does"
+            )
+
+    def _say(self, line: str) -> None:
+        print(redact(line, self._settings), file=sys.stderr, flush=True)

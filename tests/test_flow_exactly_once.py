@@ -1,0 +1,148 @@
+"""Exactly-once output: `streamrec run --guarantee exactly-once` against the real broker.
+
+A downstream consumer reading ``read_committed`` must see each event's
+recommendation, and each bad record's dead letter, exactly once, however often
+the flow dies; the sessions must equal one pass over the events.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from streamrec.contracts import Event, ForgetRequest
+from streamrec.settings import Settings
+from tests.flow_harness import (
+    FlowProcess,
+    RecommendationCollector,
+    dead_letters,
+    produce,
+    sessions_applied_once,
+    sessions_in,
+)
+
+pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("no_flow_left_behind")]
+
+EXACTLY_ONCE = ["--guarantee", "exactly-once"]
+
+
+def answer_counts(collector: RecommendationCollector) -> Counter[int]:
+    """How many events were answered once, twice, ... (1 is the only right answer)."""
+    return Counter(len(answers) for answers in collector.by_event.values())
+
+
+def test_sigkilled_ten_times_under_load_every_event_is_answered_exactly_once(
+    kafka_settings: Settings, movielens: list[Event], tmp_path: Path
+) -> None:
+    events = movielens[:4000]
+    bad = [(e.key, b"{not json") for e in events[::400]]  # ten dead letters among them
+    stream: list[Event | tuple[bytes | None, bytes | None]] = list(events)
+    for i, record in enumerate(bad):
+        stream.insert(400 * i + 7, record)
+    producing = threading.Thread(target=lambda: _produce_slowly(kafka_settings, stream, 400.0))
+    collector = RecommendationCollector(kafka_settings, committed_only=True)
+    rng = random.Random(7)
+    kills = 0
+    try:
+        producing.start()
+        while kills < 10:
+            flow = FlowProcess(kafka_settings, EXACTLY_ONCE).start()
+            deadline = time.monotonic() + rng.uniform(4.0, 8.0)
+            while time.monotonic() < deadline:
+                collector.poll(0.2)
+                assert flow.alive(), flow.output()[-3000:]
+            flow.kill()  # SIGKILL: mid-batch, mid-transaction, wherever it was
+            kills += 1
+        producing.join()
+        assert 0 < len(collector.by_event) < len(events), "the kills came while it was serving"
+        flow = FlowProcess(kafka_settings, EXACTLY_ONCE).start()
+        collector.wait_for({e.event_id for e in events}, flow, timeout_s=180)
+        collector.poll(2.0)  # anything more would be a duplicate
+        assert flow.stop() == 0, flow.output()[-2000:]
+    finally:
+        collector.close()
+
+    assert answer_counts(collector) == {1: len(events)}
+    letters = dead_letters(kafka_settings, len(bad) + 1, timeout_s=5, committed_only=True)
+    assert Counter(Counter(letter.offset for letter in letters).values()) == {1: len(bad)}
+    assert sessions_in(kafka_settings) == sessions_applied_once(kafka_settings, tmp_path / "ref")
+
+
+def _produce_slowly(
+    settings: Settings, stream: list[Event | tuple[bytes | None, bytes | None]], rate: float
+) -> None:
+    step = 50
+    for start in range(0, len(stream), step):
+        produce(settings, stream[start : start + step])
+        time.sleep(step / rate)
+
+
+def test_a_lost_state_directory_is_restored_and_nothing_is_answered_twice(
+    kafka_settings: Settings, movielens: list[Event], tmp_path: Path
+) -> None:
+    first, second = movielens[:1500], movielens[1500:2000]
+    gone = first[0].user_id
+    produce(kafka_settings, [*first, ForgetRequest("forget-1", gone, first[-1].ts)])
+    collector = RecommendationCollector(kafka_settings, committed_only=True)
+    try:
+        flow = FlowProcess(kafka_settings, EXACTLY_ONCE).start()
+        collector.wait_for({e.event_id for e in first}, flow)
+        assert flow.stop() == 0, flow.output()[-2000:]
+
+        shutil.rmtree(kafka_settings.state_dir)  # a new disk, or another machine
+        produce(kafka_settings, second)
+        flow = FlowProcess(kafka_settings, EXACTLY_ONCE).start()
+        collector.wait_for({e.event_id for e in second}, flow)
+        collector.poll(2.0)
+        assert flow.stop() == 0, flow.output()[-2000:]
+    finally:
+        collector.close()
+
+    assert "rebuilding shard" in flow.output()
+    assert answer_counts(collector) == {1: len(first) + len(second)}
+    restored = sessions_in(kafka_settings)
+    assert gone not in restored  # the erasure's tombstone came back with the rest
+    assert restored == sessions_applied_once(kafka_settings, tmp_path / "ref")
+
+
+def test_a_second_process_taking_the_partitions_fences_the_first(
+    kafka_settings: Settings, movielens: list[Event], tmp_path: Path
+) -> None:
+    events = movielens[:200]
+    produce(kafka_settings, events[:100])
+    collector = RecommendationCollector(kafka_settings, committed_only=True)
+    try:
+        old = FlowProcess(kafka_settings, EXACTLY_ONCE).start()
+        collector.wait_for({e.event_id for e in events[:100]}, old)
+        # A second process with a disk of its own, as a restarted machine would be.
+        elsewhere = kafka_settings.replace(state_dir=tmp_path / "other" / "state")
+        new = FlowProcess(elsewhere, EXACTLY_ONCE).start()
+        # Its transactions fence old's as it takes each partition, before its shard is rebuilt.
+        deadline = time.monotonic() + 60
+        while not all(f"partition {p} taken exactly-once" in new.output() for p in (0, 1)):
+            assert time.monotonic() < deadline and new.alive(), new.output()[-2000:]
+            time.sleep(0.2)
+        produce(kafka_settings, events[100:])
+        collector.wait_for({e.event_id for e in events}, new)
+        assert old.process is not None
+        assert old.process.wait(60) == 65
+        assert new.stop() == 0, new.output()[-2000:]
+    finally:
+        collector.close()
+    assert "served by another process" in old.output()
+    assert answer_counts(collector) == {1: len(events)}
+
+
+def test_exactly_once_without_the_changelog_is_refused_before_it_reads(
+    kafka_settings: Settings,
+) -> None:
+    flow = FlowProcess(kafka_settings, [*EXACTLY_ONCE, "--no-changelog"]).start()
+    assert flow.process is not None
+    assert flow.process.wait(60) == 2
+    assert "drop --no-changelog" in flow.output()
