@@ -79,7 +79,9 @@ def _is_interrupt(err: BaseException) -> bool:
 @click.option(
     "--variant",
     default=None,
-    help="Model variant to serve, a name from the model card [default: the card's chosen one].",
+    help="Model variant to serve, a name from the model card [default: the card's chosen one]; "
+    "or an A/B split by user, e.g. student_int8_dynamic=90,teacher=10 (weights, any scale): "
+    "each user always gets the same variant, and each recommendation names it in 'model'.",
 )
 @click.option(
     "--model-dir",
@@ -240,9 +242,9 @@ def run_command(
     from bytewax.run import cli_main
 
     from flows.dataflow import build_dataflow
+    from flows.models import ModelWatcher, VariantSpecError, load_model_set, parse_variants
     from flows.source import ResumeOffsetError
     from flows.stores import PartitionStores
-    from model.serving import ArtifactError, Recommender
     from state.changelog import ChangelogWriter
     from state.errors import StateError, StateWriteError
     from state.layout import check_topic_incarnation, ensure_layout
@@ -255,14 +257,14 @@ def run_command(
     )
 
     try:
-        # Loaded once here so that a missing or broken model stops the flow before it reads.
-        model = Recommender.load(
-            settings.model_dir,
-            variant=variant,
-            threads=settings.scoring_threads,
-            candidates=settings.candidates,
-        )
-    except (ArtifactError, OSError, ValueError, KeyError) as err:
+        shares = parse_variants(variant)
+    except VariantSpecError as err:
+        raise click.UsageError(str(err)) from None
+    try:
+        # Loaded and tried once here so that a missing or broken model stops the flow before
+        # it reads (onnxruntime raises its own kinds of error for a model it cannot run).
+        model = load_model_set(settings.model_dir, shares, settings)
+    except Exception as err:  # noqa: BLE001 - whatever makes the model unservable
         stop_with(EXIT_CONFIGURATION, f"the model in {settings.model_dir} cannot be served: {err}")
     try:
         partitions = len(topic_partitions(settings, settings.events_topic))
@@ -307,12 +309,20 @@ def run_command(
         ChangelogWriter(settings, incarnation) if settings.changelog and not exactly_once else None
     )
     stores = PartitionStores(settings, partitions, writer, incarnation, exactly_once)
-    flow = build_dataflow(settings, stores, variant, resumable=recovery is not None, model=model)
+    watcher = ModelWatcher(settings, shares, model, settings.workers).start()
+    flow = build_dataflow(
+        settings,
+        stores,
+        variant,
+        resumable=recovery is not None,
+        model=model,
+        watcher=watcher,
+    )
     click.echo(
         f"flow: {settings.events_topic} ({partitions} partitions) -> "
         f"{settings.recommendations_topic}; process {process_id or 0}/{processes}, "
         f"{settings.workers} worker(s), epoch {settings.epoch_interval_s:g} s, "
-        f"{settings.guarantee}{metrics_note}",
+        f"{settings.guarantee}; serving {', '.join(model.versions)}{metrics_note}",
         err=True,
     )
     exit_code, message = 0, None
@@ -339,6 +349,7 @@ def run_command(
             if message is None:
                 raise
     finally:
+        watcher.stop()
         try:
             stores.close()
             click.echo("flow: stopped; session stores closed", err=True)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
+from flows.models import ModelSet, ModelWatcher
 from flows.processor import processor_factory
 from flows.sink import OutputSink
 from flows.source import EventSource
 from flows.stores import PartitionStores
-from model.serving import Recommender
 from streamrec.settings import Settings
 
 
@@ -21,12 +21,14 @@ def build_dataflow(
     stores: PartitionStores,
     variant: str | None,
     resumable: bool = True,
-    model: Recommender | None = None,
+    model: ModelSet | None = None,
+    watcher: ModelWatcher | None = None,
 ) -> Dataflow:
     """Wire source, per-batch processing and sink; ``variant`` picks the served model.
 
     ``resumable``: a recovery store keeps the resume offsets (else every run reads
-    the topic from its start).  ``model``: already loaded, for the first worker.
+    the topic from its start).  ``model``: already loaded, for the first worker;
+    ``watcher``: brings new artifacts without a restart.
     """
     flow = Dataflow("streamrec")
     source = EventSource(
@@ -36,7 +38,7 @@ def build_dataflow(
     # flat_map_batch sees the records that arrived together: they are scored
     # as one micro-batch, with no waiting added to fill it.
     outputs = op.flat_map_batch(
-        "recommend", records, processor_factory(settings, stores, variant, model)
+        "recommend", records, processor_factory(settings, stores, variant, model, watcher)
     )
     op.output("kafka-out", outputs, OutputSink(settings))
     return flow

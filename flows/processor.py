@@ -20,10 +20,10 @@ import numpy as np
 from confluent_kafka import Message
 
 from flows import metrics
+from flows.models import ModelSet, ModelWatcher, load_model_set, parse_variants
 from flows.sink import OutputRecord
 from flows.source import REPLAY_FLOORS
 from flows.stores import PartitionStores
-from model.serving import Recommender
 from state.store import SessionStore
 from streamrec.contracts import (
     ContractError,
@@ -44,10 +44,18 @@ SWEEP_MAX_KEYS = 256
 class EventProcessor:
     """Turns one worker's micro-batches of records into recommendations and dead letters."""
 
-    def __init__(self, settings: Settings, stores: PartitionStores, recommender: Recommender):
+    def __init__(
+        self,
+        settings: Settings,
+        stores: PartitionStores,
+        models: ModelSet,
+        watcher: ModelWatcher | None = None,
+    ):
         self._settings = settings
         self._stores = stores
-        self._recommender = recommender
+        self._models = models
+        self._watcher = watcher
+        self._generation = 0
         self._events_topic = settings.events_topic
         self._recommendations_topic = settings.recommendations_topic
         self._dlq_topic = settings.dlq_topic
@@ -70,6 +78,10 @@ class EventProcessor:
         """All outputs for one micro-batch, in input order per partition."""
         received_ms = time.time() * 1000.0
         latest_ts_ms = int(received_ms) + self._skew_ms
+        watcher = self._watcher
+        if watcher is not None and watcher.generation != self._generation:
+            self._take_new_models(watcher)
+        recommenders = self._models.recommenders
         started = time.perf_counter()
         out: list[OutputRecord] = []
         # Exactly once: the events partition of each output, and the last offset read of each.
@@ -117,7 +129,8 @@ class EventProcessor:
                 history = session.item_ids
                 if self._learn_online:
                     previous = history[-2] if len(history) > 1 else None
-                    self._recommender.observe(previous, parsed.item_id)
+                    for recommender in recommenders:
+                        recommender.observe(previous, parsed.item_id)
             else:
                 # Read again after a restart: answered as it was first, from the session as
                 # of this event, never from a newer one (which may have moved past it).
@@ -138,12 +151,15 @@ class EventProcessor:
         self._report_reads()
         state_done = time.perf_counter()
         if events:
-            ranked = self._recommender.recommend(histories, self._top_k, consumed)
+            if len(recommenders) == 1:
+                ranked = recommenders[0].recommend(histories, self._top_k, consumed)
+                versions = [recommenders[0].version] * len(events)
+            else:
+                ranked, versions = self._recommend_split(events, histories, consumed)
             scored = time.perf_counter()
             emitted_ms = time.time() * 1000.0
-            model = self._recommender.version
             topic = self._recommendations_topic
-            for event, key, items in zip(events, keys, ranked, strict=True):
+            for event, key, items, model in zip(events, keys, ranked, versions, strict=True):
                 value = encode_recommendation(
                     event.event_id, event.user_id, items, model, event.ts, received_ms, emitted_ms
                 )
@@ -161,6 +177,32 @@ class EventProcessor:
         if time.monotonic() >= self._next_sweep:
             self._sweep()
         return out
+
+    def _recommend_split(
+        self, events: list[Event], histories: list[list[str]], consumed: list[np.ndarray]
+    ) -> tuple[list[list[tuple[str, float]]], list[str]]:
+        """Each event scored by its user's variant, one call per variant; results in order."""
+        models = self._models
+        picks = [models.pick(event.user_id) for event in events]
+        ranked: list[list[tuple[str, float]]] = [[] for _ in events]
+        versions = [""] * len(events)
+        for variant, recommender in enumerate(models.recommenders):
+            rows = [row for row, pick in enumerate(picks) if pick == variant]
+            if not rows:
+                continue
+            answers = recommender.recommend(
+                [histories[row] for row in rows], self._top_k, [consumed[row] for row in rows]
+            )
+            for row, answer in zip(rows, answers, strict=True):
+                ranked[row] = answer
+                versions[row] = recommender.version
+        return ranked, versions
+
+    def _take_new_models(self, watcher: ModelWatcher) -> None:
+        generation, models = watcher.take()
+        self._generation = generation
+        if models is not None:
+            self._models = models
 
     def _commit_transactions(
         self, out: list[OutputRecord], partitions: list[int], last_offsets: dict[int, int]
@@ -230,30 +272,39 @@ def processor_factory(
     settings: Settings,
     stores: PartitionStores,
     variant: str | None,
-    loaded: Recommender | None = None,
+    loaded: ModelSet | None = None,
+    watcher: ModelWatcher | None = None,
 ) -> Callable[[list[Message]], list[OutputRecord]]:
     """A batch function for ``flat_map_batch`` that gives each worker thread its own processor.
 
-    Each worker thread gets its own ``Recommender``: its input buffers are
-    reused between calls, so it must not be shared between threads.  ``loaded``
-    is handed to the first worker that asks.
+    Each worker thread gets its own models: a ``Recommender`` reuses its input
+    buffers between calls, so it must not be shared between threads.
+    ``loaded`` is handed to the first worker that asks; ``watcher`` brings new
+    artifacts (``flows/models.py``).
+
+    Processors are found by the OS thread's id, not in a ``threading.local``: in
+    cluster mode Bytewax's workers run on threads Python did not start, whose
+    Python thread state (and so every thread-local) is made anew for each call,
+    which once meant a model loaded for every micro-batch.
     """
-    local = threading.local()
+    processors: dict[int, EventProcessor] = {}
     spare = [loaded] if loaded is not None else []
+    lock = threading.Lock()
 
     def process(records: list[Message]) -> list[OutputRecord]:
-        processor = getattr(local, "processor", None)
+        processor = processors.get(threading.get_ident())
         if processor is None:
-            try:
-                recommender = spare.pop()
-            except IndexError:
-                recommender = Recommender.load(
-                    settings.model_dir,
-                    variant=variant,
-                    threads=settings.scoring_threads,
-                    candidates=settings.candidates,
-                )
-            processor = local.processor = EventProcessor(settings, stores, recommender)
+            with lock:
+                try:
+                    models = spare.pop()
+                except IndexError:
+                    models = load_model_set(settings.model_dir, parse_variants(variant), settings)
+                    print(
+                        f"flow: worker thread {len(processors)} loaded its own copy of the model",
+                        flush=True,
+                    )
+                processor = EventProcessor(settings, stores, models, watcher)
+                processors[threading.get_ident()] = processor
         return processor.process(records)
 
     return process

@@ -108,7 +108,7 @@ def _bench(
     started = time.perf_counter()
     with SessionStore.open(state_dir, 0, 1, settings) as store:
         filling = tqdm(
-            _full_sessions(users, length, rng),
+            full_sessions(users, length, rng),
             total=users,
             desc="filling the store",
             unit="user",
@@ -218,7 +218,8 @@ def _check_all_new(store: SessionStore) -> None:
         raise RuntimeError(f"the benchmark's events must all be new: {store.counters}")
 
 
-def _full_sessions(users: int, length: int, rng: random.Random) -> Iterator[Session]:
+def full_sessions(users: int, length: int, rng: random.Random) -> Iterator[Session]:
+    """``users`` sessions of ``length`` interactions each, realistic in size and content."""
     # Records do not hold the user id, so users can share a few hundred built sessions.
     templates = [
         [_full_session(length, partition, rng) for _ in range(TEMPLATES_PER_PARTITION)]

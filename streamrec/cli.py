@@ -34,6 +34,7 @@ BENCH_COMMANDS: dict[str, tuple[str, str]] = {
     "state": ("state.cli:bench_state", "Microseconds per session update on RocksDB."),
     "e2e": ("tools.bench_e2e:bench_e2e_command", "Latency vs throughput: floor, teacher, student."),
     "stages": ("tools.bench_stages:bench_stages_command", "Cost per event of each hot-path stage."),
+    "restore": ("tools.bench_restore:bench_restore_command", "Seconds to rebuild a shard."),
 }
 
 

@@ -141,6 +141,11 @@ class Settings:
     model_dir: Path = _setting(
         REPO_ROOT / "model" / "artifacts", "Trained model artifacts served by the flow."
     )
+    model_check_s: float = _setting(
+        5.0,
+        "How often a running flow looks for new artifacts in model_dir (a repointed symlink, "
+        "replaced files) and switches to them between micro-batches; 0: never.",
+    )
     top_k: int = _setting(10, "Items per recommendation.")
     candidates: int = _setting(200, "Candidate items scored per event.")
     scoring_threads: int = _setting(1, "onnxruntime intra-op threads per scoring session.")

@@ -295,6 +295,9 @@ def test_two_processes_give_the_same_sessions_and_recommendations_as_one(
         two.close()
         stop_all(flows)
 
+    # One worker per process: each uses the model loaded at start, and only that one (Bytewax
+    # runs cluster workers on threads whose Python thread state is made anew for each call).
+    assert not any("loaded its own copy of the model" in flow.output() for flow in flows)
     assert sessions_in(pair) == sessions_in(single)
     for event_id in wanted:
         a, b = one.by_event[event_id][0], two.by_event[event_id][0]
@@ -317,6 +320,7 @@ def test_more_workers_on_existing_state_carry_on_from_it(
         flow = FlowProcess(kafka_settings, ["-w", "2"]).start()
         collector.wait_for({e.event_id for e in first + second}, flow)
         flow.stop()
+        assert flow.output().count("loaded its own copy of the model") <= 1  # the second worker
     finally:
         collector.close()
     assert sessions_in(kafka_settings) == sessions_applied_once(kafka_settings, tmp_path / "ref")

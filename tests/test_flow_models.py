@@ -1,0 +1,186 @@
+"""The served models: A/B splits by user, and new artifacts taken by a running flow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from flows.models import ModelWatcher, VariantSpecError, load_model_set, parse_variants
+from streamrec.contracts import Event
+from streamrec.settings import Settings
+from tests.flow_harness import FlowProcess, RecommendationCollector, produce
+
+ARTIFACTS = Settings().model_dir
+SPLIT = "student_int8_dynamic=90,teacher=10"
+
+
+def artifacts_copy(
+    where: Path,
+    name: str,
+    chosen: str | None = None,
+    broken: str | None = None,
+    extra_items: int = 0,
+) -> Path:
+    """The trained artifacts, hard-linked (no copy of their bytes), the card's choice changed
+    to ``chosen``, the file ``broken`` cut short, or ``extra_items`` the model never learned
+    added to the vocabulary."""
+    copy = where / name
+    shutil.copytree(ARTIFACTS, copy, copy_function=os.link)
+    if extra_items:
+        vocab = orjson.loads((copy / "vocab.json").read_bytes())
+        vocab["items"] += [f"unknown-{n}" for n in range(extra_items)]
+        (copy / "vocab.json").unlink()
+        (copy / "vocab.json").write_bytes(orjson.dumps(vocab))
+    if chosen is not None:
+        card = orjson.loads((copy / "card.json").read_bytes())
+        card["chosen"] = chosen
+        (copy / "card.json").unlink()  # a new file: the hard link's bytes are the original's
+        (copy / "card.json").write_bytes(orjson.dumps(card))
+    if broken is not None:
+        data = (copy / broken).read_bytes()
+        (copy / broken).unlink()
+        (copy / broken).write_bytes(data[: len(data) // 3])
+    return copy
+
+
+def repoint(link: Path, target: Path) -> None:
+    """Switch a symlink atomically, as `ln -sfn` does: a reader sees the old or the new one."""
+    staged = link.with_name(link.name + ".new")
+    staged.unlink(missing_ok=True)
+    staged.symlink_to(target)
+    staged.replace(link)
+
+
+def test_a_split_names_each_variant_with_its_weight() -> None:
+    assert parse_variants(SPLIT) == [("student_int8_dynamic", 90), ("teacher", 10)]
+    assert parse_variants("teacher") == [("teacher", 100)]
+    assert parse_variants(None) == [(None, 100)]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a=90,b", "a=ninety", "a=0,b=10", "a=1,a=2", "=5", "a=-1"],
+)
+def test_a_split_that_cannot_be_served_as_written_is_refused(text: str) -> None:
+    with pytest.raises(VariantSpecError):
+        parse_variants(text)
+
+
+def test_each_user_keeps_one_variant_and_the_shares_follow_the_weights() -> None:
+    models = load_model_set(ARTIFACTS, parse_variants(SPLIT), Settings())
+    users = [f"user-{n}" for n in range(20_000)]
+    picks = [models.pick(user) for user in users]
+    assert picks == [models.pick(user) for user in users]  # stable
+    share = Counter(picks)[1] / len(users)
+    assert 0.08 < share < 0.12
+    assert [v.split("@")[0] for v in models.versions] == ["student_int8_dynamic", "teacher"]
+
+
+def test_the_watcher_takes_new_artifacts_and_refuses_broken_ones_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    link = tmp_path / "current"
+    link.symlink_to(artifacts_copy(tmp_path, "v1"))
+    settings = Settings(model_dir=link)
+    shares = parse_variants(None)
+    serving = load_model_set(link, shares, settings)
+    watcher = ModelWatcher(settings, shares, serving, workers=2)
+    assert not watcher.check()  # nothing changed
+
+    repoint(link, artifacts_copy(tmp_path, "v2", chosen="teacher"))
+    assert watcher.check()
+    generation, taken = watcher.take()
+    assert generation == 1 and taken is not None
+    assert taken.versions[0].startswith("teacher@")
+    assert watcher.take()[1] is not None and watcher.take()[1] is None  # one per worker
+
+    broken_ones = [
+        artifacts_copy(tmp_path, "v3", chosen="teacher", broken="teacher.onnx"),
+        artifacts_copy(tmp_path, "v4", chosen="teacher", broken="vocab.json"),
+        artifacts_copy(tmp_path, "v5", chosen="teacher", extra_items=500),  # a wrong vocabulary
+        tmp_path / "missing",
+    ]
+    for target in broken_ones:
+        repoint(link, target)
+        assert not watcher.check()
+        assert not watcher.check()  # said once, not at every look
+    refusals = [line for line in capsys.readouterr().err.splitlines() if "refused" in line]
+    assert len(refusals) == 3, refusals  # a link to nothing is a swap under way: no model yet
+    assert all("still serving teacher@" in line for line in refusals)
+    assert watcher.generation == 1
+
+
+def _produce_steadily(settings: Settings, events: list[Event], stop: threading.Event) -> None:
+    for start in range(0, len(events), 20):
+        if stop.is_set():
+            return
+        produce(settings, events[start : start + 20])
+        time.sleep(0.1)
+
+
+@pytest.mark.kafka
+@pytest.mark.usefixtures("no_flow_left_behind")
+def test_a_running_flow_switches_model_under_load_and_loses_no_event(
+    kafka_settings: Settings, movielens: list[Event], tmp_path: Path
+) -> None:
+    link = tmp_path / "current"
+    link.symlink_to(artifacts_copy(tmp_path, "v1"))
+    settings = kafka_settings.replace(model_dir=link, model_check_s=0.5)
+    events = movielens[:1500]
+    stop = threading.Event()
+    producing = threading.Thread(target=_produce_steadily, args=(settings, events, stop))
+    collector = RecommendationCollector(settings)
+    flow = FlowProcess(settings).start()
+    try:
+        producing.start()
+        collector.wait_for({e.event_id for e in events[:300]}, flow)
+        repoint(link, artifacts_copy(tmp_path, "v2", chosen="teacher"))
+        collector.wait_for({e.event_id for e in events[:900]}, flow)
+        repoint(
+            link,
+            artifacts_copy(tmp_path, "v3", chosen="student_int8_dynamic", broken="teacher.onnx"),
+        )
+        repoint(link, artifacts_copy(tmp_path, "v4", broken="student_int8_dynamic.onnx"))
+        producing.join()
+        collector.wait_for({e.event_id for e in events}, flow)
+        assert flow.stop() == 0, flow.output()[-2000:]
+    finally:
+        stop.set()
+        collector.close()
+
+    # Each event answered, in the order the flow read them (one partition at a time).
+    answered = {event_id: recs[0].model for event_id, recs in collector.by_event.items()}
+    assert set(answered) >= {e.event_id for e in events}
+    order = [answered[e.event_id].split("@")[0] for e in events]
+    assert order[0] == "student_int8_dynamic" and order[-1] == "teacher"
+    assert order.count("teacher") < len(order)  # the switch happened under load, not before
+    assert "model roll-out: student_int8_dynamic@" in flow.output()
+    assert flow.output().count("refused the model") >= 1
+
+
+@pytest.mark.kafka
+@pytest.mark.usefixtures("no_flow_left_behind")
+def test_an_ab_split_answers_each_user_always_with_their_variant(
+    kafka_settings: Settings, movielens: list[Event]
+) -> None:
+    events = movielens[:800]
+    produce(kafka_settings, events)
+    flow = FlowProcess(kafka_settings, ["--variant", "student_int8_dynamic=50,teacher=50"]).start()
+    collector = RecommendationCollector(kafka_settings)
+    try:
+        collector.wait_for({e.event_id for e in events}, flow)
+        assert flow.stop() == 0, flow.output()[-2000:]
+    finally:
+        collector.close()
+    variants_of: dict[str, set[str]] = {}
+    for recs in collector.by_event.values():
+        variants_of.setdefault(recs[0].user_id, set()).add(recs[0].model.split("@")[0])
+    assert all(len(variants) == 1 for variants in variants_of.values())
+    assert set().union(*variants_of.values()) == {"student_int8_dynamic", "teacher"}
