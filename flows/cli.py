@@ -241,6 +241,7 @@ def run_command(
     from bytewax.recovery import RecoveryConfig
     from bytewax.run import cli_main
 
+    from flows import metrics
     from flows.dataflow import build_dataflow
     from flows.models import ModelWatcher, VariantSpecError, load_model_set, parse_variants
     from flows.source import ResumeOffsetError
@@ -310,6 +311,7 @@ def run_command(
     )
     stores = PartitionStores(settings, partitions, writer, incarnation, exactly_once)
     watcher = ModelWatcher(settings, shares, model, settings.workers).start()
+    metrics.observe_gc_pauses()
     flow = build_dataflow(
         settings,
         stores,

@@ -97,3 +97,28 @@ TRANSACTIONS_ABORTED = Counter(
     "Exactly-once mode: transactions Kafka aborted (an outage, a refused record); each is "
     "made again.",
 )
+GC_PAUSE_SECONDS = Histogram(
+    "streamrec_gc_pause_seconds",
+    "Pauses of Python's cyclic garbage collector in the flow process, by generation: a full "
+    "(generation 2) collection scans every tracked object, the cached sessions included.",
+    ["generation"],
+    buckets=_STAGE_BUCKETS,
+)
+SWEEP_SECONDS = STAGE_SECONDS.labels("sweep")
+
+
+def observe_gc_pauses() -> None:
+    """Time every collection of the cyclic garbage collector into ``GC_PAUSE_SECONDS``."""
+    import gc
+    import time
+
+    started = [0.0]
+    by_generation = [GC_PAUSE_SECONDS.labels(str(g)) for g in range(3)]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            by_generation[info["generation"]].observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(on_gc)

@@ -178,7 +178,8 @@ def dump(
     out unless --include-expired.
 
     Reads the shard DBs read-only, so it works while the flow runs (it sees the
-    state as of the moment it starts), and streams: memory stays flat however
+    state as of the moment it starts; with the changelog on and so no RocksDB
+    log, as of each shard's last memtable flush), and streams: memory stays flat however
     many sessions there are.  Only sessions go to stdout; the progress bar, notes
     and a summary go to stderr.  A record that cannot be read is skipped, named
     on stderr and counted in the summary.  Exits with status 1 only if a shard DB

@@ -163,6 +163,11 @@ class Settings:
         "and resume offset commit in one Kafka transaction; consumers read read_committed).",
     )
     workers: int = _setting(1, "Bytewax worker threads per process.")
+    gc_freeze: bool = _setting(
+        True,
+        "Every few seconds, move what has lived that long (cached sessions, the model) out of "
+        "Python's cyclic garbage collector, whose full scans would otherwise stall the flow.",
+    )
     recovery_dir: Path = _setting(
         REPO_ROOT / "run" / "recovery", "Bytewax recovery store (snapshots and resume offsets)."
     )

@@ -106,6 +106,8 @@ def test_the_flow_serves_prometheus_metrics_of_its_work(
     cached = metric(text, 'streamrec_session_reads_total{source="cache"}')
     assert cached + metric(text, 'streamrec_session_reads_total{source="rocksdb"}') == len(events)
     assert cached >= len(events) - users  # every user's first event found no session
+    # Every cyclic garbage collection is timed (a full one is a stall to look for).
+    assert metric(text, 'streamrec_gc_pause_seconds_count{generation="0"}') > 0
 
 
 def test_a_new_item_is_a_valid_event_and_still_gets_recommendations(
