@@ -2,26 +2,34 @@
 
 For each variant the benchmark creates fresh topics, starts the service as a
 user would (``streamrec run ...``, configured through ``STREAMREC_*``), waits
-until it answers, then climbs a ladder of offered rates.  Each point is an
-open-loop replay of the dataset at that rate (``tools.load_generator``, in its
-own process) measured by a ``LatencyCollector`` started just before it; CPU
-and memory of the service, the broker and the harness are taken from the
-process table around the point.  A ladder stops at the first point the
-service could not keep up with: every higher rate would only pile up more.
+until it answers, warms it up, then climbs a ladder of offered rates.  Each
+point is an open-loop replay of the dataset at that rate
+(``tools.load_generator``, in its own process) of at least 20,000 events,
+measured by a ``LatencyCollector`` started just before it; CPU and memory of
+the service, the broker and the harness are taken from the process table
+around the point.  A ladder stops at the first point the service could not
+keep up with: every higher rate would only pile up more.
 
-Results go to a JSON list of runs, a latency-vs-throughput PNG and the
-"End to end" section of BENCHMARKS.md (``tools.bench_report``).
+Before the first measured point the broker is warmed up by unreported load
+through the floor.  Every ladder is climbed ``--repeats`` times, the variants
+taking turns, and each point reports the median of its repeats.
+
+Results go to a JSON list of points (each with its repeats), a
+latency-vs-throughput PNG and the "End to end" section of BENCHMARKS.md
+(``tools.bench_report``).
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,22 +38,31 @@ from typing import Any
 import click
 import orjson
 import psutil
+from confluent_kafka import KafkaException
 from tqdm import tqdm
 
 from streamrec.contracts import Event
 from streamrec.datasets import DatasetError, load_events
-from streamrec.kafka_clients import KafkaUnavailable
+from streamrec.kafka_clients import KafkaUnavailable, admin_client
 from streamrec.settings import REPO_ROOT, Settings
 from streamrec.topics import TopicError, create_topics, delete_topics, wanted_topics
-from tools.bench_report import section_markdown, write_section
+from tools.bench_report import median_of_repeats, section_markdown, write_section
 from tools.bench_services import (
+    FLOOR,
+    PEERS,
+    QUIX,
     VARIANTS,
     BenchError,
     Broker,
+    CorePin,
+    Pinning,
     Service,
     Usage,
+    core_list,
     ensure_broker,
+    ensure_quix_venv,
     machine_cpu_s,
+    parse_pin,
     service_commands,
     service_environment,
     usage_of,
@@ -54,7 +71,13 @@ from tools.latency import LatencyCollector, LatencyMatcher
 from tools.load_generator import LoadGenerator, LoadPoint
 from tools.replay import DatasetSource, KafkaSender
 
-FULL_RATES = (100.0, 250.0, 500.0, 1000.0, 2000.0, 3000.0, 4000.0, 6000.0)
+FULL_RATES = (500.0, 1000.0, 2000.0, 3000.0, 4000.0, 6000.0)
+# Fewer events per point and a p99 rests on too few samples to quote (200 above it at 20,000).
+MIN_EVENTS = 20_000
+QUICK_MIN_EVENTS = 1_000
+DEFAULT_REPEATS = 3
+# The broker warm-up runs the floor at the ladder's top rate, but no faster than this.
+BROKER_WARMUP_RATE_CAP = 3000.0
 # A point whose p99 passes this is past any useful operating point: the ladder stops.
 GIVE_UP_P99_MS = 1000.0
 # A point that delivered less than this share of the offered rate did not keep up...
@@ -65,39 +88,89 @@ RATE_JUDGED_AFTER_S = 10.0
 PROBE_INTERVAL_S = 0.5
 WARMUP_RATE = 200.0
 PAUSE_BETWEEN_POINTS_S = 1.0
+COLLECTOR_ATTEMPTS = 3
+BROKER_WARMUP = "broker warm-up"
 
 
 @dataclass(frozen=True, slots=True)
 class BenchPlan:
-    """What one benchmark run measures, and how long it spends on each point."""
+    """What one benchmark run measures, and how long it spends on each point.
+
+    A point lasts ``duration_s`` or as long as ``min_events`` take at its
+    rate, whichever is longer; the ladder of every variant is climbed
+    ``repeats`` times, the variants taking turns (``ladder_order``).
+    """
 
     variants: tuple[str, ...] = VARIANTS
     rates: tuple[float, ...] = FULL_RATES
-    duration_s: float = 30.0
+    repeats: int = DEFAULT_REPEATS
+    min_events: int = MIN_EVENTS
+    duration_s: float = RATE_JUDGED_AFTER_S
     drain_s: float = 15.0
+    # Unreported load through the floor before the first measured point (0: none).
+    broker_warmup_s: float = 20.0
+    # Unreported load at the first rate after each service starts (JIT, caches, connections).
+    flow_warmup_s: float = 5.0
     warmup_events: int = 200
     ready_timeout_s: float = 180.0
     partitions: int = 4
     workers: int = 1
     quick: bool = False
+    pin: CorePin | None = None
 
     @classmethod
     def quick_plan(cls, **changes: Any) -> BenchPlan:
         """The same ladder, a few seconds per point: a smoke check, not figures to quote."""
-        base = cls(duration_s=3.0, drain_s=3.0, warmup_events=50, quick=True)
+        base = cls(
+            min_events=QUICK_MIN_EVENTS,
+            duration_s=2.0,
+            drain_s=3.0,
+            broker_warmup_s=5.0,
+            flow_warmup_s=2.0,
+            warmup_events=50,
+            quick=True,
+        )
         return replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+    def point_duration_s(self, rate: float) -> float:
+        """Seconds of load at ``rate``: enough for ``min_events``, and at least ``duration_s``."""
+        return max(self.duration_s, self.min_events / rate)
+
+    def broker_warmup_rate(self) -> float:
+        return min(max(self.rates), BROKER_WARMUP_RATE_CAP)
+
+
+def ladder_order(variants: Sequence[str], repeats: int) -> list[tuple[int, str]]:
+    """(repeat, variant) in the order the ladders are climbed: the variants take turns.
+
+    Whatever else the machine does drifts over minutes; taking turns spreads
+    that drift over every variant instead of charging it to the last one.
+
+    >>> ladder_order(["floor", "student"], 2)
+    [(0, 'floor'), (0, 'student'), (1, 'floor'), (1, 'student')]
+    """
+    return [(repeat, variant) for repeat in range(repeats) for variant in variants]
 
 
 @dataclass(slots=True)
 class BenchResult:
+    """Every measured point (one per variant, rate and repeat), and what could not be measured.
+
+    ``warmups`` holds the unreported warm-up loads, for the console only.
+    """
+
     runs: list[dict[str, Any]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     stopped_early: list[str] = field(default_factory=list)
+    warmups: list[dict[str, Any]] = field(default_factory=list)
+
+    def medians(self, repeats: int) -> list[dict[str, Any]]:
+        return median_of_repeats(self.runs, repeats)
 
 
 def variant_settings(settings: Settings, variant: str, work_dir: Path) -> Settings:
     """Fresh topics and state for one variant, so no run sees another's records or sessions."""
-    token = f"{variant}-{uuid.uuid4().hex[:8]}"
+    token = f"{variant.replace(' ', '-')}-{uuid.uuid4().hex[:8]}"
     topics = {
         name: f"bench-{token}.{name.removesuffix('_topic')}"
         for name in ("events_topic", "recommendations_topic", "dlq_topic")
@@ -110,10 +183,28 @@ def variant_settings(settings: Settings, variant: str, work_dir: Path) -> Settin
     )
 
 
+def _collector(settings: Settings, group: str) -> LatencyCollector:
+    """A collector at the topics' current ends, asked again while the broker is slow to say.
+
+    Reading the ends takes one request per partition, each given a few
+    seconds; a broker starved of CPU can take longer.  Nothing is sent before
+    the collector exists, so asking again costs no figure.
+    """
+    attempt = 1
+    while True:
+        try:
+            return LatencyCollector(settings, group=group)
+        except KafkaUnavailable as err:
+            if attempt == COLLECTOR_ATTEMPTS:
+                raise
+            attempt += 1
+            tqdm.write(f"the broker was slow to answer ({err}); asking again")
+
+
 def wait_until_serving(
     settings: Settings, service: Service, events: list[Event], start: int, plan: BenchPlan
 ) -> int:
-    """Probe until the service answers, then warm it up; returns the next dataset position.
+    """Probe until the service answers, then check it answers a few; returns the next position.
 
     One event every half second until the first recommendation comes back
     (the service may still be loading its model, or may start reading at the
@@ -121,7 +212,7 @@ def wait_until_serving(
     which must be answered.
     """
     source = DatasetSource(events, start, count=sys.maxsize)
-    collector = LatencyCollector(settings, group="streamrec-bench-ready")
+    collector = _collector(settings, "streamrec-bench-ready")
     sender = KafkaSender(settings, settings.events_topic)
     sender.warm_up()
     deadline = time.monotonic() + plan.ready_timeout_s
@@ -167,6 +258,9 @@ class _Snapshot:
     generator: Usage
     harness: Usage
     machine_cpu_s: float
+    # The cores the service's and the broker's main threads may run on, as seen (--pin).
+    service_cores: str
+    broker_cores: str
 
 
 def _snapshot(service: Service, broker: Broker, generator: LoadGenerator) -> _Snapshot:
@@ -178,7 +272,16 @@ def _snapshot(service: Service, broker: Broker, generator: LoadGenerator) -> _Sn
         # This process alone: the services and the load generator are its children.
         harness=usage_of([psutil.Process().pid], children=False),
         machine_cpu_s=machine_cpu_s(),
+        service_cores=_cores_of(service.pids[0]),
+        broker_cores=_cores_of(broker.pid),
     )
+
+
+def _cores_of(pid: int | None) -> str:
+    try:
+        return core_list(os.sched_getaffinity(pid)) if pid is not None else "?"
+    except (ProcessLookupError, PermissionError):
+        return "?"
 
 
 def measure_point(
@@ -190,7 +293,7 @@ def measure_point(
     plan: BenchPlan,
 ) -> dict[str, Any]:
     """Offer ``point``'s load, collect every recommendation (or drain out), and describe the run."""
-    collector = LatencyCollector(settings, group="streamrec-bench-latency")
+    collector = _collector(settings, "streamrec-bench-latency")
     collector.settle()
     stop = threading.Event()
     expected: list[int] = []
@@ -272,12 +375,91 @@ def describe_run(
         "partitions": plan.partitions,
         "workers": plan.workers,
         "quick": plan.quick,
+        "pinned": plan.pin.describe() if plan.pin else None,
+        "service_cores": before.service_cores,
+        "broker_cores": before.broker_cores,
     }
 
 
-def bench_variant(
+@contextmanager
+def serving(
     settings: Settings,
     variant: str,
+    plan: BenchPlan,
+    events: list[Event],
+    log_path: Path,
+    work_dir: Path,
+    label: str | None = None,
+) -> Iterator[tuple[Settings, Service, int]]:
+    """``variant`` started on fresh topics and answering: (its settings, it, next position).
+
+    Stopped, its topics deleted and its state removed on the way out,
+    whatever happened.  ``label`` names the topics (default: the variant).
+    """
+    vsettings = variant_settings(settings, label or variant, work_dir)
+    create_topics(vsettings, plan.partitions)
+    service: Service | None = None
+    try:
+        service = Service(
+            variant,
+            service_commands(variant, plan.workers),
+            service_environment(vsettings),
+            log_path,
+            cores=plan.pin.flow if plan.pin else None,
+        )
+        position = wait_until_serving(vsettings, service, events, 0, plan)
+        yield vsettings, service, position
+    finally:
+        if service is not None:
+            service.stop()
+        try:
+            delete_topics(vsettings, _topics_of(vsettings))
+        except (KafkaException, TopicError) as err:
+            # Their names are unique: left behind, they cost disk, not the figures.
+            tqdm.write(f"{label or variant}: topics left on the broker ({err})")
+        shutil.rmtree(vsettings.state_dir.parent, ignore_errors=True)
+
+
+def _topics_of(settings: Settings) -> list[str]:
+    """The variant's topics and those a peer made (Quix names its changelogs after them)."""
+    prefix = settings.events_topic.removesuffix(".events")
+    present = admin_client(settings).list_topics(timeout=30.0).topics
+    return sorted({*wanted_topics(settings), *(name for name in present if prefix in name)})
+
+
+def warm_broker(
+    settings: Settings,
+    plan: BenchPlan,
+    broker: Broker,
+    generator: LoadGenerator,
+    events: list[Event],
+    logs_dir: Path,
+    work_dir: Path,
+    result: BenchResult,
+) -> None:
+    """Unreported load through the floor on topics of its own, before the first measured point.
+
+    A broker's first seconds of real load run its JVM's code cold, and its
+    connections and page cache are new: measured then, even the floor's p99
+    came out several times its warm value.
+    """
+    rate = plan.broker_warmup_rate()
+    with serving(
+        settings, FLOOR, plan, events, logs_dir / "broker-warmup.log", work_dir, "warmup"
+    ) as (vsettings, service, position):
+        point = LoadPoint(rate, plan.broker_warmup_s, position, vsettings.events_topic)
+        run = measure_point(vsettings, service, broker, generator, point, plan)
+    result.warmups.append({**run, "variant": BROKER_WARMUP})
+    tqdm.write(
+        f"warm-up, not reported: {plan.broker_warmup_s:g} s at {rate:,.0f} ev/s through the "
+        f"floor (p99 {run['p99_ms']:.1f} ms)"
+    )
+
+
+def bench_ladder(
+    settings: Settings,
+    variant: str,
+    repeat: int,
     plan: BenchPlan,
     broker: Broker,
     generator: LoadGenerator,
@@ -287,23 +469,27 @@ def bench_variant(
     result: BenchResult,
     bar: tqdm,
 ) -> None:
-    """Start ``variant`` on fresh topics, climb the ladder, and tidy up whatever happens."""
-    vsettings = variant_settings(settings, variant, work_dir)
-    create_topics(vsettings, plan.partitions)
-    service: Service | None = None
-    try:
-        bar.set_postfix_str(f"{variant}: starting")
-        service = Service(
-            variant,
-            service_commands(variant, plan.workers),
-            service_environment(vsettings),
-            logs_dir / f"{variant}.log",
-        )
-        position = wait_until_serving(vsettings, service, events, 0, plan)
+    """Start ``variant``, warm it up, climb the ladder once, and tidy up whatever happens."""
+    bar.set_postfix_str(f"{variant} #{repeat + 1}: starting")
+    with serving(settings, variant, plan, events, logs_dir / f"{variant}.log", work_dir) as (
+        vsettings,
+        service,
+        position,
+    ):
+        if plan.flow_warmup_s > 0:
+            bar.set_postfix_str(f"{variant} #{repeat + 1}: warm-up")
+            warmup = LoadPoint(plan.rates[0], plan.flow_warmup_s, position, vsettings.events_topic)
+            run = measure_point(vsettings, service, broker, generator, warmup, plan)
+            position += int(run["sent"])
+            result.warmups.append({**run, "repeat": repeat})
+            time.sleep(PAUSE_BETWEEN_POINTS_S)
         for index, rate in enumerate(plan.rates):
-            bar.set_postfix_str(f"{variant} @ {rate:,.0f} ev/s")
-            point = LoadPoint(rate, plan.duration_s, position, vsettings.events_topic)
+            bar.set_postfix_str(f"{variant} #{repeat + 1} @ {rate:,.0f} ev/s")
+            duration = plan.point_duration_s(rate)
+            point = LoadPoint(rate, duration, position, vsettings.events_topic)
+            started = datetime.now(UTC).isoformat(timespec="seconds")
             run = measure_point(vsettings, service, broker, generator, point, plan)
+            run.update(repeat=repeat, started=started)
             position += int(run["sent"])
             result.runs.append(run)
             bar.update(1)
@@ -313,27 +499,90 @@ def bench_variant(
                 bar.update(len(skipped))
                 if skipped:
                     result.stopped_early.append(
-                        f"{variant}: at {rate:,.0f} ev/s (delivered {run['achieved_rate']:,.0f}/s,"
-                        f" p99 {run['p99_ms']:.0f} ms); not run: "
-                        + ", ".join(f"{r:,.0f}" for r in skipped)
+                        f"{variant} (repeat {repeat + 1} of {plan.repeats}): at {rate:,.0f} ev/s "
+                        f"(delivered {run['achieved_rate']:,.0f}/s, p99 {run['p99_ms']:.0f} ms); "
+                        "not run: " + ", ".join(f"{r:,.0f}" for r in skipped)
                     )
                 break
             time.sleep(PAUSE_BETWEEN_POINTS_S)
-    finally:
-        if service is not None:
-            service.stop()
-        delete_topics(vsettings, list(wanted_topics(vsettings)))
-        shutil.rmtree(vsettings.state_dir.parent, ignore_errors=True)
 
 
 def _run_line(run: dict[str, Any]) -> str:
     flag = "  SATURATED" if run["saturated"] else ""
+    repeat = f" #{run['repeat'] + 1}" if "repeat" in run else ""
+    spread = ""
+    if run.get("p99_range_ms"):
+        low, high = run["p99_range_ms"]
+        spread = f" ({low:.1f}-{high:.1f})"
     return (
-        f"{run['variant']:>14} @ {run['offered_rate']:>6,.0f} ev/s: achieved "
-        f"{run['achieved_rate']:>7,.0f}/s  p50 {run['p50_ms']:7.2f}  p99 {run['p99_ms']:8.2f}  "
-        f"max {run['max_ms']:8.2f} ms  flow CPU {run['flow_cpu_pct']:3.0f}%  broker CPU "
+        f"{run['variant']:>14}{repeat:<3} @ {run['offered_rate']:>6,.0f} ev/s: achieved "
+        f"{run['achieved_rate']:>7,.0f}/s  p50 {run['p50_ms']:7.2f}  p99 {run['p99_ms']:8.2f}"
+        f"{spread}  max {run['max_ms']:8.2f} ms  flow CPU {run['flow_cpu_pct']:3.0f}%  broker CPU "
         f"{run['broker_cpu_pct']:3.0f}%  machine {run['machine_cpu_pct']:3.0f}%{flag}"
     )
+
+
+@contextmanager
+def pinned(plan: BenchPlan, broker: Broker, generator: LoadGenerator) -> Iterator[None]:
+    """The broker (and, if asked, this process and the load generator) on the plan's cores."""
+    if plan.pin is None:
+        yield
+        return
+    if broker.pid is None:
+        raise BenchError(
+            f"cannot pin the broker at {broker.bootstrap}: its process is not visible from "
+            "here; run without --pin, or let the benchmark start the local broker"
+        )
+    pinning = Pinning()
+    try:
+        pinning.pin(broker.pid, plan.pin.broker)
+        if plan.pin.harness is not None:
+            for pid in (os.getpid(), generator.pid):
+                if pid is not None:
+                    pinning.pin(pid, plan.pin.harness)
+        yield
+    finally:
+        pinning.restore()
+
+
+def plan_description(plan: BenchPlan) -> list[str]:
+    """How the run was made, in lines for the console and BENCHMARKS.md."""
+    points = ", ".join(f"{r:,.0f} ev/s: {plan.point_duration_s(r):.0f} s" for r in plan.rates)
+    lines = [
+        f"Each point: the median of {plan.repeats} repeat(s), the variants taking turns "
+        f"({', '.join(plan.variants)}, then again); at least {plan.min_events:,} events and "
+        f"{plan.duration_s:g} s per point ({points})",
+    ]
+    if plan.broker_warmup_s > 0:
+        lines.append(
+            f"Warm-up, not in the table: {plan.broker_warmup_s:g} s at "
+            f"{plan.broker_warmup_rate():,.0f} ev/s through the floor on topics of its own "
+            f"before the first point; {plan.flow_warmup_s:g} s at {plan.rates[0]:,.0f} ev/s "
+            "after each service starts"
+        )
+    else:
+        lines.append("**No broker warm-up** (`--warmup 0`): the first point meets a cold broker")
+    if plan.min_events < MIN_EVENTS:
+        lines.append(
+            f"**Fewer than {MIN_EVENTS:,} events per point** ({plan.min_events:,}"
+            f"{', --quick' if plan.quick else ''}): a check of the harness, not figures to quote"
+        )
+    if plan.pin is not None:
+        lines.append(f"Pinned: {plan.pin.describe()}")
+    return lines
+
+
+def prepare_variants(plan: BenchPlan, result: BenchResult, log: Callable[[str], None]) -> set[str]:
+    """Install what a variant needs beyond this environment; returns those that cannot run."""
+    failed: set[str] = set()
+    if QUIX in plan.variants:
+        try:
+            ensure_quix_venv(log)
+        except BenchError as err:
+            failed.add(QUIX)
+            result.failures.append(str(err).splitlines()[0])
+            log(str(err))
+    return failed
 
 
 def run_bench(
@@ -345,26 +594,37 @@ def run_bench(
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> BenchResult:
-    """Every variant of ``plan`` in turn, on one broker (started here if none runs)."""
+    """Every variant's ladder ``plan.repeats`` times, taking turns, on one warmed-up broker."""
     result = BenchResult()
     events = load_events(dataset)
     work_dir = settings.state_dir.parent / "bench-work"
+    for line in plan_description(plan):
+        log(line.replace("**", ""))
     broker = ensure_broker(settings, log)
     try:
         with (
             LoadGenerator(settings, dataset) as generator,
+            pinned(plan, broker, generator),
             tqdm(
-                total=len(plan.variants) * len(plan.rates),
+                total=plan.repeats * len(plan.variants) * len(plan.rates),
                 unit="point",
                 desc="bench e2e",
                 disable=not progress,
             ) as bar,
         ):
-            for variant in plan.variants:
+            failed = prepare_variants(plan, result, log)
+            if plan.broker_warmup_s > 0:
+                bar.set_postfix_str("warming the broker")
+                warm_broker(settings, plan, broker, generator, events, logs_dir, work_dir, result)
+            for repeat, variant in ladder_order(plan.variants, plan.repeats):
+                if variant in failed:
+                    bar.update(len(plan.rates))
+                    continue
                 try:
-                    bench_variant(
+                    bench_ladder(
                         settings,
                         variant,
+                        repeat,
                         plan,
                         broker,
                         generator,
@@ -375,12 +635,20 @@ def run_bench(
                         bar,
                     )
                 except (BenchError, KafkaUnavailable, TopicError) as err:
-                    tqdm.write(f"{variant}: not measured: {err}")
+                    # Never measured: it will not start the next time either. Measured
+                    # before: the failure may pass (a broker slow to answer), so go on.
+                    if not any(r["variant"] == variant for r in result.runs):
+                        failed.add(variant)
+                    tqdm.write(f"{variant} (repeat {repeat + 1}): not measured: {err}")
                     first_line = str(err).splitlines()[0].removeprefix(f"{variant}: ")
                     result.failures.append(
-                        f"{variant}: {first_line} (log: {logs_dir / f'{variant}.log'})"
+                        f"{variant} (repeat {repeat + 1} of {plan.repeats}): {first_line} "
+                        f"(log: {logs_dir / f'{variant}.log'})"
                     )
-                    bar.update(len(plan.rates) - sum(r["variant"] == variant for r in result.runs))
+                    done = sum(
+                        r["variant"] == variant and r["repeat"] == repeat for r in result.runs
+                    )
+                    bar.update(len(plan.rates) - done)
     finally:
         broker.stop()
     return result
@@ -397,28 +665,30 @@ def write_outputs(
     settings: Settings,
     plan: BenchPlan,
 ) -> list[Path]:
-    """The JSON list of runs, the plot, and (when asked) the BENCHMARKS.md section."""
+    """The points as JSON (medians, each with its repeats), the plot, the BENCHMARKS.md section."""
+    points = result.medians(plan.repeats)
     written = []
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_bytes(orjson.dumps(result.runs, option=orjson.OPT_INDENT_2))
+    json_path.write_bytes(orjson.dumps(points, option=orjson.OPT_INDENT_2))
     written.append(json_path)
-    if plot_path is not None and result.runs:
+    if plot_path is not None and points:
         from tools.plots import plot_latency_vs_throughput
 
-        written.append(plot_latency_vs_throughput(result.runs, plot_path))
+        written.append(plot_latency_vs_throughput(points, plot_path))
     if benchmarks_md is not None:
         base = benchmarks_md.parent.resolve()
         section = section_markdown(
-            result.runs,
+            points,
             command=command,
             started=started,
             json_path=_relative(json_path, base),
-            plot_path=_relative(plot_path, base) if plot_path and result.runs else None,
+            plot_path=_relative(plot_path, base) if plot_path and points else None,
             failures=result.failures,
             stopped_early=result.stopped_early,
             kafka_version=settings.kafka_version,
             quick=plan.quick,
             variants=plan.variants,
+            method=plan_description(plan),
         )
         write_section(benchmarks_md, section)
         written.append(benchmarks_md)
@@ -437,13 +707,14 @@ def _command_line(ctx: click.Context) -> str:
     if sys.argv[1:3] == ["bench", "e2e"]:
         return shlex.join(["streamrec", *sys.argv[1:]])
     words = ["streamrec", "bench", "e2e"]
-    for name, value in ctx.params.items():
-        source = ctx.get_parameter_source(name)
-        if source is not click.core.ParameterSource.COMMANDLINE:
+    for param in ctx.command.params:
+        name = param.name or ""
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.COMMANDLINE:
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = max(param.opts, key=len)
+        value = ctx.params[name]
         if isinstance(value, bool):
-            words.append(flag if value else f"--no-{name.replace('_', '-')}")
+            words.append(flag if value else (param.secondary_opts or [flag])[0])
         else:
             words += [flag, str(value)]
     return shlex.join(words)
@@ -460,14 +731,17 @@ def _parse_list(text: str, what: str) -> list[str]:
 @click.option(
     "--quick",
     is_flag=True,
-    help="The same ladder at a few seconds per point: a smoke check of the whole harness.",
+    help=f"A smoke check of the whole harness: {QUICK_MIN_EVENTS:,} events and 2 s per point, "
+    "short warm-ups. Says so in its output: not figures to quote.",
 )
 @click.option(
     "--variants",
     default=",".join(VARIANTS),
     show_default=True,
     help="What to measure, comma separated: floor (Kafka alone), teacher (fp32 flow), "
-    "student (the model card's choice), student-2proc (the student on two processes).",
+    "student (the model card's choice), student-2proc (the student on two processes); "
+    "peers doing the same job: quix-streams (Quix Streams 3.28 in run/peers/quix-venv, "
+    "made from PyPI on first use), bytewax-stock (stock Bytewax operators).",
 )
 @click.option(
     "--rates",
@@ -476,16 +750,50 @@ def _parse_list(text: str, what: str) -> list[str]:
     help="The ladder of offered rates, events per second.",
 )
 @click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=DEFAULT_REPEATS,
+    show_default=True,
+    help="Times each variant's ladder is climbed, the variants taking turns (floor, student, "
+    "floor, student, ...); each point reports the median of its repeats.",
+)
+@click.option(
+    "--min-events",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Events per point at least: a point lasts as long as they take at its rate "
+    f"[default: {MIN_EVENTS:,}; --quick: {QUICK_MIN_EVENTS:,}]. Below {MIN_EVENTS:,} the "
+    "output says the figures are not to be quoted.",
+)
+@click.option(
     "--duration",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Seconds of load per point [default: 30; --quick: 3].",
+    help=f"Seconds of load per point at least [default: {RATE_JUDGED_AFTER_S:g}; --quick: 2].",
 )
 @click.option(
     "--drain",
     type=click.FloatRange(min=0),
     default=None,
     help="Seconds to wait after a point for late recommendations [default: 15; --quick: 3].",
+)
+@click.option(
+    "--warmup",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds of unreported load through the floor, on topics of its own, before the "
+    "first measured point, so that no point meets a cold broker [default: 20; --quick: 5; "
+    "0: none]. Each service also gets 5 s (--quick: 2) at the first rate after it starts.",
+)
+@click.option(
+    "--pin",
+    "pin_text",
+    default=None,
+    metavar="broker=CORES,flow=CORES[,harness=CORES]",
+    help="Keep the broker and the service under test (floor or flow) on different cores, "
+    "e.g. broker=0,flow=1: the broker's threads are moved with sched_setaffinity and the "
+    "service starts under taskset. harness= also pins the load generator and the latency "
+    "collector. Refused on a machine with fewer than 2 cores. [default: no pinning]",
 )
 @click.option(
     "--partitions",
@@ -521,8 +829,8 @@ def _parse_list(text: str, what: str) -> list[str]:
     "json_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="The runs as a JSON list [default: benchmarks/e2e.json; with --quick: "
-    "run/bench/e2e-quick.json].",
+    help="The points as a JSON list, each with its repeats [default: benchmarks/e2e.json; "
+    "with --quick: run/bench/e2e-quick.json].",
 )
 @click.option(
     "--plot",
@@ -548,8 +856,12 @@ def bench_e2e_command(
     quick: bool,
     variants: str,
     rates: str,
+    repeats: int,
+    min_events: int | None,
     duration: float | None,
     drain: float | None,
+    warmup: float | None,
+    pin_text: str | None,
     partitions: int | None,
     workers: int,
     ready_timeout: float,
@@ -563,23 +875,27 @@ def bench_e2e_command(
     """Latency vs throughput of the Kafka floor, the fp32 teacher flow and the served student flow.
 
     Starts what it needs (the local broker if none answers, fresh topics, each
-    service), then offers each rate of the ladder on an open-loop schedule and
-    records achieved rate, p50/p90/p99/p99.9/max latency, and the CPU and memory
-    of the service and of the broker. A variant's ladder stops at the first rate
-    it cannot keep up with.
+    service), warms the broker up with load it does not report, then offers
+    each rate of the ladder on an open-loop schedule and records achieved
+    rate, p50/p90/p99/p99.9/max latency, the load generator's lag and the CPU
+    and memory of the service and of the broker. Every ladder is climbed
+    --repeats times, the variants taking turns; each point reports the median
+    of its repeats (and their p99 range). A ladder stops at the first rate the
+    variant cannot keep up with.
 
     \b
     Examples:
-      streamrec bench e2e                             # the full ladder, ~30 s a point
-      streamrec bench e2e --quick --variants floor    # a smoke check in about a minute
-      streamrec bench e2e --variants floor,student --rates 1000,3000
+      streamrec bench e2e                             # the full ladder, 3 repeats
+      streamrec bench e2e --quick --variants floor    # a smoke check in a few minutes
+      streamrec bench e2e --variants floor,student --rates 500,1000,3000 --pin broker=0,flow=1
     """
     settings = Settings.from_env()
     chosen = _parse_list(variants, "variant")
-    unknown = [v for v in chosen if v not in VARIANTS]
+    unknown = [v for v in chosen if v not in (*VARIANTS, *PEERS)]
     if unknown:
         raise click.BadParameter(
-            f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}",
+            f"unknown variant(s) {', '.join(unknown)}; choose from "
+            f"{', '.join((*VARIANTS, *PEERS))}",
             param_hint="--variants",
         )
     try:
@@ -588,14 +904,26 @@ def bench_e2e_command(
         raise click.BadParameter(
             f"rates must be numbers, got {rates!r}", param_hint="--rates"
         ) from None
+    if any(not rate > 0 for rate in ladder):
+        raise click.BadParameter(f"rates must be positive, got {rates!r}", param_hint="--rates")
+    pin: CorePin | None = None
+    if pin_text is not None:
+        try:
+            pin = parse_pin(pin_text)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--pin") from None
     changes: dict[str, Any] = {
         "variants": tuple(chosen),
         "rates": ladder,
+        "repeats": repeats,
+        "min_events": min_events,
         "duration_s": duration,
         "drain_s": drain,
+        "broker_warmup_s": warmup,
         "partitions": partitions or settings.events_partitions,
         "workers": workers,
         "ready_timeout_s": ready_timeout,
+        "pin": pin,
     }
     if quick:
         plan = BenchPlan.quick_plan(**changes)
@@ -622,6 +950,11 @@ def bench_e2e_command(
         )
     except (BenchError, KafkaUnavailable, TopicError, DatasetError) as err:
         raise click.ClickException(str(err)) from None
+    points = result.medians(plan.repeats)
+    if points:
+        click.echo(f"median of {plan.repeats} repeat(s) per point (p99 range in brackets):")
+        for point in points:
+            click.echo(_run_line(point))
     for path in write_outputs(
         result,
         command=command,

@@ -1,9 +1,11 @@
 """The end-to-end benchmark's verdict: targets met or missed (and why), as a BENCHMARKS.md section.
 
-Runs are the dicts ``tools.bench_e2e`` writes (one per variant and offered
-rate).  CPU figures are percent of one core (200 = both cores of a 2-core
-machine).  Where a target is missed, ``obstacles`` names what the
-measurements show standing in the way, so the table never just says "no".
+Runs are the dicts ``tools.bench_e2e`` writes: one per variant, offered
+rate and repeat, which ``median_of_repeats`` folds into one per variant and
+rate (the median of each figure, the repeats kept beside it).  CPU figures
+are percent of one core (200 = both cores of a 2-core machine).  Where a
+target is missed, ``obstacles`` names what the measurements show standing
+in the way, so the table never just says "no".
 
 >>> runs = [{"variant": "floor", "offered_rate": 1000, "p50_ms": 2.0, "p99_ms": 5.0},
 ...         {"variant": "student", "offered_rate": 1000, "p50_ms": 3.0, "p99_ms": 9.0}]
@@ -15,6 +17,7 @@ measurements show standing in the way, so the table never just says "no".
 from __future__ import annotations
 
 import platform
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +33,17 @@ P99_CAPACITY_MS = 50.0
 CAPACITY_TARGET = 3000.0
 TEACHER_FACTOR = 5.0
 SERVED_VARIANTS = ("student", "student-2proc")
-ALL_VARIANTS = ("floor", "teacher", *SERVED_VARIANTS)
+PEER_VARIANTS = ("quix-streams", "bytewax-stock")
+ALL_VARIANTS = ("floor", "teacher", *SERVED_VARIANTS, *PEER_VARIANTS)
+# The served flow against the better peer: its highest rate at p99 ≤ 50 ms, this many times.
+PEER_CAPACITY_FACTOR = 1.5
 Run = dict[str, Any]
+# Figures of a point that add up over its repeats; every other number is their median.
+SUMMED = ("sent", "matched", "missing", "duplicates")
+# Fewer events per point and the p99 rests on too few samples to quote.
+QUOTABLE_EVENTS = 20_000
+# The spread of the repeats is kept for these figures, as [lowest, highest].
+RANGES = {"p50_ms": "p50_range_ms", "p99_ms": "p99_range_ms", "achieved_rate": "achieved_range"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +56,80 @@ class TargetResult:
     @property
     def verdict(self) -> str:
         return {True: "met", False: "**missed**", None: "not measured"}[self.met]
+
+
+def median_of_repeats(runs: Sequence[Run], repeats: int) -> list[Run]:
+    """One point per variant and rate: the median of its repeats, which it keeps as ``repeats``.
+
+    Counts (sent, matched, missing, duplicates, models) are summed; every
+    other figure (latencies, delivered rate, load lag, CPU, memory, stage
+    split) is the median.  A point is saturated unless most of the
+    ``repeats`` planned kept up: a repeat whose ladder stopped below it
+    counts as not keeping up.
+
+    >>> runs = [{"variant": "floor", "offered_rate": 500, "p99_ms": p, "sent": 10,
+    ...          "saturated": False} for p in (9.0, 3.0, 4.0)]
+    >>> point = median_of_repeats(runs, 3)[0]
+    >>> point["p99_ms"], point["p99_range_ms"], point["sent"], point["saturated"]
+    (4.0, [3.0, 9.0], 30, False)
+    """
+    groups: dict[tuple[str, float], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run["variant"], float(run["offered_rate"])), []).append(run)
+    variants = list(dict.fromkeys(run["variant"] for run in runs))
+    ordered = sorted(groups, key=lambda key: (variants.index(key[0]), key[1]))
+    return [_median_point(groups[key], repeats) for key in ordered]
+
+
+def _median_point(repeats: list[Run], planned: int) -> Run:
+    first = repeats[0]
+    point: Run = {}
+    for name, value in first.items():
+        values = [r[name] for r in repeats if name in r]
+        if name in SUMMED:
+            point[name] = sum(values)
+        elif name == "models":
+            totals: dict[str, int] = {}
+            for models in values:
+                for model, count in models.items():
+                    totals[model] = totals.get(model, 0) + count
+            point[name] = totals
+        elif name == "stages_ms":
+            point[name] = {
+                stage: {
+                    q: _median([v[stage][q] for v in values if stage in v and q in v[stage]])
+                    for q in quantiles
+                }
+                for stage, quantiles in value.items()
+            }
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            point[name] = _median(values)
+        else:
+            point[name] = value
+    kept_up = sum(not r.get("saturated") for r in repeats)
+    point["saturated"] = kept_up <= planned // 2
+    point["repeats_planned"] = planned
+    point["repeats_run"] = len(repeats)
+    point["repeats_kept_up"] = kept_up
+    point["events_per_repeat_min"] = min(int(r.get("sent", 0)) for r in repeats)
+    for name, range_name in RANGES.items():
+        if name in first:
+            values = [float(r[name]) for r in repeats]
+            point[range_name] = [min(values), max(values)]
+    point.pop("repeat", None)
+    point.pop("started", None)
+    point["repeats"] = list(repeats)
+    return point
+
+
+def _median(values: Sequence[float]) -> float:
+    if not values:
+        return 0.0
+    middle = statistics.median(values)
+    # Counts stay whole (cores, partitions) where the repeats agree.
+    if all(isinstance(v, int) for v in values) and float(middle).is_integer():
+        return int(middle)
+    return round(float(middle), 3)
 
 
 def run_at(runs: Sequence[Run], variant: str, rate: float) -> Run | None:
@@ -178,7 +264,98 @@ def evaluate_targets(runs: Sequence[Run]) -> list[TargetResult]:
         )
         name = f"{variant}: that rate ≥ {TEACHER_FACTOR:g}× the fp32 teacher's"
         results.append(_teacher_ratio(name, runs, best, teacher_capacity))
+        peers = [p for p in PEER_VARIANTS if any(r["variant"] == p for r in runs)]
+        if peers:
+            results += _against_peers(runs, variant, peers, best)
     return results
+
+
+def _against_peers(
+    runs: Sequence[Run], variant: str, peers: Sequence[str], best: float | None
+) -> list[TargetResult]:
+    """p99 below every peer's at every rate both ran, and 1.5× the better peer's capacity."""
+    lost = []
+    compared = 0
+    for run in (r for r in runs if r["variant"] == variant):
+        rate = float(run["offered_rate"])
+        rivals = [p for peer in peers if (p := run_at(runs, peer, rate)) is not None]
+        if not rivals:
+            continue
+        compared += 1
+        for rival in rivals:
+            # Saturated is worse than any latency; two saturated: the one that delivered more.
+            if run.get("saturated") and rival.get("saturated"):
+                won = run["achieved_rate"] > rival["achieved_rate"]
+            else:
+                won = not run.get("saturated") and (
+                    rival.get("saturated") or run["p99_ms"] < rival["p99_ms"]
+                )
+            if not won:
+                lost.append(f"{rate:,.0f} ev/s vs {rival['variant']}")
+    name = f"{variant}: p99 below {' and '.join(peers)} at every rate"
+    if not compared:
+        measured, met = "no rate run by both", None
+    elif lost:
+        measured, met = "not at " + ", ".join(lost), False
+    else:
+        measured, met = f"lower at each of the {compared} rate(s) both ran", True
+    results = [TargetResult(name, measured, met)]
+    capacities = {p: capacity(runs, p) for p in peers}
+    better = max((c for c in capacities.values() if c is not None), default=None)
+    name = (
+        f"{variant}: highest rate with p99 ≤ {P99_CAPACITY_MS:g} ms "
+        f"≥ {PEER_CAPACITY_FACTOR:g}× the better peer's"
+    )
+    peers_text = ", ".join(
+        f"{p} {c:,.0f} ev/s" if c is not None else f"{p} none" for p, c in capacities.items()
+    )
+    if best is None:
+        results.append(TargetResult(name, f"none of the rates run ({peers_text})", False))
+    elif better is None:
+        results.append(
+            TargetResult(name, f"{best:,.0f} ev/s; the peers met it at no rate run", True)
+        )
+    else:
+        ratio = best / better
+        results.append(
+            TargetResult(
+                name,
+                f"{best:,.0f} ev/s vs {peers_text} ({ratio:.1f}×)",
+                ratio >= PEER_CAPACITY_FACTOR,
+            )
+        )
+    return results
+
+
+def side_by_side_table(runs: Sequence[Run]) -> str:
+    """p50 / p99 of the served flow and each peer at each rate, then each one's capacity."""
+    shown = [
+        v
+        for v in ("floor", *SERVED_VARIANTS, *PEER_VARIANTS)
+        if any(r["variant"] == v for r in runs)
+    ]
+    rates = sorted({float(r["offered_rate"]) for r in runs if r["variant"] in shown})
+    lines = [
+        "| offered ev/s | " + " | ".join(f"{v} p50 / p99 ms" for v in shown) + " |",
+        "|---:|" + "---:|" * len(shown),
+    ]
+    for rate in rates:
+        cells = []
+        for variant in shown:
+            run = run_at(runs, variant, rate)
+            if run is None:
+                cells.append("not run")
+            elif run.get("saturated"):
+                cells.append(f"saturated at {run['achieved_rate']:,.0f}/s")
+            else:
+                cells.append(f"{_ms(run['p50_ms'])} / {_ms(run['p99_ms'])}")
+        lines.append(f"| {rate:,.0f} | " + " | ".join(cells) + " |")
+    best = []
+    for variant in shown:
+        c = capacity(runs, variant)
+        best.append(f"{c:,.0f} ev/s" if c is not None else "none")
+    lines.append(f"| highest rate with p99 ≤ {P99_CAPACITY_MS:g} ms | " + " | ".join(best) + " |")
+    return "\n".join(lines)
 
 
 def _first_miss(runs: Sequence[Run], variant: str) -> Run | None:
@@ -230,7 +407,22 @@ def machine_description() -> str:
     except OSError:
         pass
     memory_gib = psutil.virtual_memory().total / 2**30
-    return f"{model}, {psutil.cpu_count()} cores, {memory_gib:.0f} GiB, {platform.system()}"
+    return (
+        f"{model}{_vector_extensions()}, {psutil.cpu_count()} cores, {memory_gib:.0f} GiB, "
+        f"{platform.system()}"
+    )
+
+
+def _vector_extensions() -> str:
+    """Whether the CPU has AVX-512 VNNI: the int8 student's speed depends on it."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "").split()
+    if not flags:
+        return ""
+    return " (AVX-512 VNNI)" if "avx512_vnni" in flags else " (no AVX-512 VNNI)"
 
 
 def _ms(value: float) -> str:
@@ -238,11 +430,12 @@ def _ms(value: float) -> str:
 
 
 def runs_table(runs: Sequence[Run]) -> str:
+    """One row per point; with repeats, the p99 cell gives the repeats' range in brackets."""
     head = (
-        "| variant | offered ev/s | achieved /s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms "
-        "| queue / process / output p50 ms | flow CPU % | flow RSS MB | broker CPU % "
-        "| machine CPU % | note |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"
+        "| variant | offered ev/s | achieved /s | p50 ms | p90 ms | p99 ms (range) | p99.9 ms "
+        "| max ms | queue / process / output p50 ms | load lag p99 ms | flow CPU % | flow RSS MB "
+        "| broker CPU % | harness CPU % | machine CPU % | note |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"
     )
     rows = []
     for r in runs:
@@ -250,22 +443,41 @@ def runs_table(runs: Sequence[Run]) -> str:
         split = " / ".join(
             _ms(stages[s]["p50"]) for s in ("queueing", "processing", "output") if s in stages
         )
-        notes = []
-        if r.get("saturated"):
-            notes.append(f"saturated: {r.get('missing', 0)} missing")
-        if r.get("schedule_lag_p99_ms", 0) > 5:
-            notes.append(f"load lagged p99 {r['schedule_lag_p99_ms']:.0f} ms")
-        if r.get("other_cpu_pct", 0) >= 20:
-            notes.append(f"other load {r['other_cpu_pct']:.0f}%")
+        p99 = _ms(r["p99_ms"])
+        if r.get("p99_range_ms") and r.get("repeats_run", 1) > 1:
+            low, high = r["p99_range_ms"]
+            p99 += f" ({_ms(low)}–{_ms(high)})"
         rows.append(
             f"| {r['variant']} | {r['offered_rate']:,.0f} | {r['achieved_rate']:,.0f} "
-            f"| {_ms(r['p50_ms'])} | {_ms(r['p90_ms'])} | {_ms(r['p99_ms'])} "
+            f"| {_ms(r['p50_ms'])} | {_ms(r['p90_ms'])} | {p99} "
             f"| {_ms(r['p99_9_ms'])} | {_ms(r['max_ms'])} | {split} "
+            f"| {_ms(r.get('schedule_lag_p99_ms', 0.0))} "
             f"| {r.get('flow_cpu_pct', 0):.0f} | {r.get('flow_rss_mb', 0):.0f} "
-            f"| {r.get('broker_cpu_pct', 0):.0f} | {r.get('machine_cpu_pct', 0):.0f} "
-            f"| {'; '.join(notes)} |"
+            f"| {r.get('broker_cpu_pct', 0):.0f} | {r.get('harness_cpu_pct', 0):.0f} "
+            f"| {r.get('machine_cpu_pct', 0):.0f} | {'; '.join(_notes(r))} |"
         )
     return "\n".join([head, *rows])
+
+
+def _notes(r: Run) -> list[str]:
+    notes = []
+    planned, ran = r.get("repeats_planned", 1), r.get("repeats_run", 1)
+    if r.get("saturated"):
+        kept = r.get("repeats_kept_up")
+        notes.append(
+            f"saturated: {r.get('missing', 0)} missing"
+            + (f", kept up in {kept} of {planned} repeats" if kept is not None else "")
+        )
+    if ran < planned:
+        notes.append(f"ran in {ran} of {planned} repeats")
+    events = int(r.get("events_per_repeat_min") or r.get("sent") or 0)
+    if events < QUOTABLE_EVENTS:
+        notes.append(f"{events:,} events per point")
+    if r.get("schedule_lag_p99_ms", 0) > 5:
+        notes.append(f"load lagged p99 {r['schedule_lag_p99_ms']:.0f} ms")
+    if r.get("other_cpu_pct", 0) >= 20:
+        notes.append(f"other load {r['other_cpu_pct']:.0f}%")
+    return notes
 
 
 def targets_table(results: Sequence[TargetResult]) -> str:
@@ -286,6 +498,7 @@ def section_markdown(
     kafka_version: str,
     quick: bool,
     variants: Sequence[str] = (),
+    method: Sequence[str] = (),
 ) -> str:
     """The whole "End to end" section of BENCHMARKS.md for one benchmark run."""
     results = evaluate_targets(runs)
@@ -302,6 +515,7 @@ def section_markdown(
         f"- Command: `{command}`",
         f"- Run: {started}; {machine_description()}; Kafka {kafka_version} on the same machine",
         f"- Figures: `{json_path}`" + (f"; plot: `{plot_path}`" if plot_path else ""),
+        *(f"- {line}" for line in method),
     ]
     if quick:
         parts.append(
@@ -317,6 +531,19 @@ def section_markdown(
             f"- **Other work shared the machine** (up to {busiest:.0f}% of a core, column "
             "'note'): these figures are pessimistic; rerun on a quiet machine"
         )
+    if any(r["variant"] in PEER_VARIANTS for r in runs):
+        parts += [
+            "",
+            "### Side by side",
+            "",
+            "The same job in each framework (validation, a session of the last 50 items "
+            "stamped with its source offset, the project's `Recommender`, the same output "
+            "contract): `tools/peers/`. Medians of the repeats.",
+            "",
+            side_by_side_table(runs),
+            "",
+            "### Every point",
+        ]
     parts += ["", runs_table(runs) if runs else "_No run completed._", ""]
     if stopped_early:
         parts += ["Ladders stopped early (higher rates would only be worse):", ""]

@@ -11,6 +11,7 @@ ended.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import multiprocessing
 import traceback
@@ -49,6 +50,12 @@ def _serve(connection: Connection, settings: Settings, dataset: Path) -> None:
         sender: KafkaSender | None = None
         while (point := connection.recv()) is not None:
             if sender is None or sender.topic != point.topic:
+                if sender is not None:
+                    # Its delivery callbacks keep it in a reference cycle: collected now,
+                    # it does not linger to log the deletion of its topic.
+                    sender.finish(5.0)
+                    sender = None
+                    gc.collect()
                 # One producer per topic, kept warm from point to point: a new
                 # one would spend its first moments on metadata and its producer id.
                 sender = KafkaSender(settings, point.topic)
