@@ -208,12 +208,12 @@ class EventProcessor:
     def _commit_transactions(
         self, out: list[OutputRecord], partitions: list[int], last_offsets: dict[int, int]
     ) -> None:
-        """One transaction per partition read: its outputs, session changes and resume offset."""
+        """Each partition's outputs and resume offset into its transaction (committed when due)."""
         by_partition: dict[int, list[OutputRecord]] = {p: [] for p in last_offsets}
         for record, partition in zip(out, partitions, strict=True):
             by_partition[partition].append(record)
         for partition, records in by_partition.items():
-            self._transactions[partition].commit(records, last_offsets[partition] + 1)
+            self._transactions[partition].add(records, last_offsets[partition] + 1)
 
     def _dead_letter(self, record: Message, err: ContractError) -> OutputRecord:
         metrics.DEAD_LETTERS.labels(err.code).inc()
@@ -238,7 +238,7 @@ class EventProcessor:
                 metrics.EXPIRED.inc(removed)
             transactions = self._transactions.get(store.shard_index)
             if transactions is not None and transactions.pending:
-                transactions.commit([])  # the tombstones of what expired
+                transactions.add([])  # the tombstones of what expired
             if store.counters.quarantined:
                 self._report_quarantined(store)
         if self._settings.gc_freeze:

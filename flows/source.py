@@ -25,6 +25,7 @@ from flows import metrics
 from flows.kafka_log import kafka_logger
 from flows.shutdown import STOP_READING
 from flows.stores import PartitionStores
+from flows.transactions import PartitionTransactions
 from state.session import NO_REPLAY
 from streamrec.kafka_clients import consumer_config, topic_partitions
 from streamrec.settings import Settings
@@ -53,6 +54,7 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
         offset: int,
         batch: int,
         resumable: bool,
+        transactions: PartitionTransactions | None = None,
     ):
         self._consumer = Consumer({**config, "logger": kafka_logger("consumer")})
         if offset != OFFSET_BEGINNING:
@@ -63,6 +65,9 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
         self._offset = offset
         self._batch = batch
         self._resumable = resumable
+        # Exactly once: the partition's transaction, committed from here when due (also when
+        # no record comes, so that answers never wait for the next one).
+        self._transactions = transactions
         self._snapshots: deque[int] = deque(maxlen=SNAPSHOTS_UNTIL_COMMITTED)
         # Without a recovery store every run reads from the start: no tail can cover that.
         REPLAY_FLOORS[partition] = max(offset, 0) if resumable else NO_REPLAY
@@ -71,6 +76,9 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
     def next_batch(self) -> list[Message]:
         if STOP_READING.is_set():
             raise StopIteration
+        transactions = self._transactions
+        if transactions is not None and transactions.due():
+            transactions.commit()
         records = self._consumer.consume(self._batch, 0)
         if not records:
             return records
@@ -144,7 +152,12 @@ class EventSource(FixedPartitionedSource[Message, int]):
                 and not self._stores.exactly_once
             ):
                 offset = min(resume_state, rebuilt_to)
-        return _PartitionReader(config, topic, int(partition), offset, self._batch, self._resumable)
+        transactions = (
+            None if self._stores is None else self._stores.transactions.get(int(partition))
+        )
+        return _PartitionReader(
+            config, topic, int(partition), offset, self._batch, self._resumable, transactions
+        )
 
 
 def checked_resume_offset(consumer: Consumer, topic: str, partition: int, offset: int) -> int:

@@ -130,8 +130,8 @@ class PartitionStores:
                     if transactions is not None:
                         store.commit()
                         try:
-                            if transactions.pending:  # removals since the last micro-batch
-                                transactions.commit([], give_up_after_s=CLOSE_COMMIT_S)
+                            if transactions.pending:  # the open transaction, or removals
+                                transactions.commit(give_up_after_s=CLOSE_COMMIT_S)
                             store.stamp = transactions.version  # it holds just what committed
                         except StateError as err:
                             # Fenced, or Kafka away: the stamp stays ahead, so the next

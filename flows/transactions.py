@@ -1,20 +1,23 @@
-"""Exactly-once output: each micro-batch's outputs, session changes and progress in one transaction.
+"""Exactly-once output: a partition's outputs, session changes and progress in one transaction.
 
 With ``--guarantee exactly-once`` every events partition has its own
 transactional producer (``transactional.id`` names the changelog and the
 partition, so whichever process takes a partition next fences the previous
-owner and aborts its open transaction).  For each micro-batch of a partition,
-one transaction holds
+owner and aborts its open transaction).  One transaction of a partition holds,
+for the micro-batches it collected,
 
 * the session changes its store committed (and any removals since the last),
   to the changelog partition of the events partition,
-* the batch's recommendations and dead letters,
+* the batches' recommendations and dead letters,
 * the marks: the last offset applied, the next offset to read and the shard's
   version (``state/changelog.py``),
 
-so a ``read_committed`` consumer sees each event's answer once, however often
-the flow is killed: the marks are the resume point, and a store holding writes
-of a transaction that never committed is rebuilt from the changelog.  Kafka's
+committed when it has been open ``STREAMREC_TRANSACTION_INTERVAL_MS`` (100
+ms, as Kafka Streams commits under exactly-once; 0: every micro-batch), at the
+first micro-batch or poll of the partition after that, so a ``read_committed``
+consumer sees each event's answer once, however often the flow is killed: the
+marks are the resume point, and a store holding writes of a transaction that
+never committed is rebuilt from the changelog.  Kafka's
 ``send_offsets_to_transaction`` needs a consumer group's metadata, which
 Bytewax's ``assign``-ed readers do not have; offsets in the changelog need none.
 
@@ -69,7 +72,8 @@ class PartitionTransactions:
     """One events partition's transactional producer, and the changes awaiting its next commit.
 
     Used by the worker that reads the partition only.  ``send`` (the store's
-    change listener) only collects; ``commit`` makes the transaction.
+    change listener) and ``add`` (a micro-batch's outputs) collect; ``commit``
+    makes the transaction, which ``add`` and the partition's reader do when it is ``due``.
     """
 
     def __init__(self, settings: Settings, partition: int, limits: dict[str, int]) -> None:
@@ -102,6 +106,10 @@ class PartitionTransactions:
         self._last_error = "none reported"
         self._fenced: ProducerFenced | None = None
         self._give_up_at = float("inf")
+        # The transaction being filled: its outputs, and when its first micro-batch came.
+        self._outputs: list[OutputRecord] = []
+        self._opened_at: float | None = None
+        self._interval_s = settings.transaction_interval_ms / 1000.0
         self._retry(lambda: self._producer.init_transactions(POLL_S * 10), "start its transactions")
 
     def attach(self, store: SessionStore, marks: Marks | None, events_topic_id: str) -> None:
@@ -120,15 +128,27 @@ class PartitionTransactions:
         # The store calls this after its RocksDB write, stamped with the next version.
         self._changes.append(changes if isinstance(changes, list) else list(changes))
 
-    def commit(
-        self,
-        outputs: list[OutputRecord],
-        next_offset: int | None = None,
-        give_up_after_s: float | None = None,
-    ) -> None:
-        """Commit ``outputs``, the collected changes and the marks in one transaction.
+    def add(self, outputs: list[OutputRecord], next_offset: int | None = None) -> None:
+        """Take a micro-batch's ``outputs`` into the transaction; commit it if it is due.
 
-        ``next_offset``: the first events offset after this micro-batch (None: unchanged).
+        ``next_offset``: the first events offset after the micro-batch (None: unchanged).
+        """
+        self._outputs += outputs
+        if next_offset is not None:
+            self.next_offset = next_offset
+        if self._opened_at is None:
+            self._opened_at = time.monotonic()
+        if self.due():
+            self.commit()
+
+    def due(self) -> bool:
+        """Whether the open transaction has been open for the commit interval."""
+        opened = self._opened_at
+        return opened is not None and time.monotonic() - opened >= self._interval_s
+
+    def commit(self, give_up_after_s: float | None = None) -> None:
+        """Commit the outputs taken, the changes collected and the marks, in one transaction.
+
         Retries for as long as it takes, or ``give_up_after_s`` (``TransactionGaveUp``).
         """
         store = self._store
@@ -140,10 +160,9 @@ class PartitionTransactions:
         applied = store.applied_offset(self.partition)
         if applied is not None:
             self._applied = applied
-        if next_offset is not None:
-            self.next_offset = next_offset
         version = self.version + 1 if self._changes else self.version
         marks = encode_marks(Marks(self._applied, self._events_topic_id, self.next_offset, version))
+        outputs = self._outputs
         started = time.monotonic()
         while not self._transaction(outputs, marks):
             outputs = self._next_round(outputs)
@@ -152,6 +171,8 @@ class PartitionTransactions:
         metrics.TRANSACTION_SECONDS.observe(time.monotonic() - started)
         self.version = version
         self._changes = []
+        self._outputs = []
+        self._opened_at = None
         store.stamp = version + 1
         if self._blocked:
             self._say(f"flow: partition {self.partition}: transactions commit again")
@@ -161,8 +182,8 @@ class PartitionTransactions:
 
     @property
     def pending(self) -> bool:
-        """Whether changes wait for a transaction (removals since the last micro-batch)."""
-        return bool(self._changes)
+        """Whether anything waits for a commit: micro-batches taken, or changes collected."""
+        return self._opened_at is not None or bool(self._changes)
 
     def close(self) -> None:
         self._producer.flush(POLL_S)

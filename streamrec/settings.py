@@ -162,6 +162,12 @@ class Settings:
         "deduplicates by event_id) or exactly-once (each micro-batch's outputs, session changes "
         "and resume offset commit in one Kafka transaction; consumers read read_committed).",
     )
+    transaction_interval_ms: float = _setting(
+        100.0,
+        "Exactly-once: how long each partition's transaction collects micro-batches before it "
+        "commits (its answers become visible to read_committed consumers then); 0: every "
+        "micro-batch, at one commit per batch and partition.",
+    )
     workers: int = _setting(1, "Bytewax worker threads per process.")
     gc_freeze: bool = _setting(
         True,

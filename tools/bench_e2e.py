@@ -44,13 +44,16 @@ from tqdm import tqdm
 from streamrec.contracts import Event
 from streamrec.datasets import DatasetError, load_events
 from streamrec.kafka_clients import KafkaUnavailable, admin_client
-from streamrec.settings import REPO_ROOT, Settings
+from streamrec.settings import EXACTLY_ONCE, REPO_ROOT, Settings
 from streamrec.topics import TopicError, create_topics, delete_topics, wanted_topics
 from tools.bench_report import median_of_repeats, section_markdown, write_section
 from tools.bench_services import (
     FLOOR,
     PEERS,
     QUIX,
+    SETTING_VARIANTS,
+    STUDENT_EXACTLY_ONCE,
+    STUDENT_NO_CHANGELOG,
     VARIANTS,
     BenchError,
     Broker,
@@ -175,8 +178,15 @@ def variant_settings(settings: Settings, variant: str, work_dir: Path) -> Settin
         name: f"bench-{token}.{name.removesuffix('_topic')}"
         for name in ("events_topic", "recommendations_topic", "dlq_topic")
     }
+    flow_settings: dict[str, object] = {}
+    if variant == STUDENT_EXACTLY_ONCE:
+        # Its collector then reads read_committed, as a downstream consumer would.
+        flow_settings["guarantee"] = EXACTLY_ONCE
+    elif variant == STUDENT_NO_CHANGELOG:
+        flow_settings["changelog"] = False
     return settings.replace(
         **topics,
+        **flow_settings,
         state_dir=work_dir / token / "state",
         recovery_dir=work_dir / token / "recovery",
         metrics_port=0,
@@ -739,7 +749,9 @@ def _parse_list(text: str, what: str) -> list[str]:
     default=",".join(VARIANTS),
     show_default=True,
     help="What to measure, comma separated: floor (Kafka alone), teacher (fp32 flow), "
-    "student (the model card's choice), student-2proc (the student on two processes); "
+    "student (the model card's choice), student-2proc (the student on two processes), "
+    "student-exactly-once (--guarantee exactly-once, measured read_committed), "
+    "student-no-changelog (no changelog topic, RocksDB with its log); "
     "peers doing the same job: quix-streams (Quix Streams 3.28 in run/peers/quix-venv, "
     "made from PyPI on first use), bytewax-stock (stock Bytewax operators).",
 )
@@ -891,11 +903,11 @@ def bench_e2e_command(
     """
     settings = Settings.from_env()
     chosen = _parse_list(variants, "variant")
-    unknown = [v for v in chosen if v not in (*VARIANTS, *PEERS)]
+    unknown = [v for v in chosen if v not in (*VARIANTS, *SETTING_VARIANTS, *PEERS)]
     if unknown:
         raise click.BadParameter(
             f"unknown variant(s) {', '.join(unknown)}; choose from "
-            f"{', '.join((*VARIANTS, *PEERS))}",
+            f"{', '.join((*VARIANTS, *SETTING_VARIANTS, *PEERS))}",
             param_hint="--variants",
         )
     try:

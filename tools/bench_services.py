@@ -41,7 +41,11 @@ STUDENT = "student"
 STUDENT_2PROC = "student-2proc"
 QUIX = "quix-streams"
 BYTEWAX_STOCK = "bytewax-stock"
+# The student with another delivery or durability setting (see ``variant_settings``).
+STUDENT_EXACTLY_ONCE = "student-exactly-once"
+STUDENT_NO_CHANGELOG = "student-no-changelog"
 VARIANTS = (FLOOR, TEACHER, STUDENT, STUDENT_2PROC)
+SETTING_VARIANTS = (STUDENT_EXACTLY_ONCE, STUDENT_NO_CHANGELOG)
 PEERS = (QUIX, BYTEWAX_STOCK)
 # The version the issue compared against; the venv is updated when its pins differ.
 QUIX_REQUIREMENT = "quixstreams==3.28.1"
@@ -129,12 +133,12 @@ def service_commands(variant: str, workers: int = 1) -> list[list[str]]:
     run = [streamrec_executable(), "run", "-w", str(workers)]
     if variant == TEACHER:
         return [[*run, "--variant", TEACHER]]
-    if variant == STUDENT:
-        return [run]  # the flow serves the model card's chosen variant by default
+    if variant in (STUDENT, *SETTING_VARIANTS):
+        return [run]  # the card's chosen variant; the settings differ in the environment
     if variant == STUDENT_2PROC:
         addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(2))
         return [[*run, "-i", str(i), "-a", addresses] for i in range(2)]
-    known = ", ".join((*VARIANTS, *PEERS))
+    known = ", ".join((*VARIANTS, *SETTING_VARIANTS, *PEERS))
     raise BenchError(f"unknown variant {variant!r} (known: {known})")
 
 

@@ -71,7 +71,7 @@ from streamrec.kafka_clients import (
     end_offsets,
     topic_partitions,
 )
-from streamrec.settings import Settings
+from streamrec.settings import EXACTLY_ONCE, Settings
 
 # Latencies are recorded in microseconds, from 1 µs to one hour, to 3 significant digits.
 HISTOGRAM_MAX_US = 3_600_000_000
@@ -591,7 +591,11 @@ class LatencyCollector:
             t: topic_partitions(settings, t)
             for t in (self.events_topic, self.recommendations_topic)
         }
-        self.consumer = Consumer(consumer_config(settings, group=group))
+        config = consumer_config(settings, group=group)
+        if settings.guarantee == EXACTLY_ONCE:
+            # What a downstream consumer of exactly-once output sees: committed answers only.
+            config["isolation.level"] = "read_committed"
+        self.consumer = Consumer(config)
         starts = []
         for topic, partitions in topics.items():
             starts += end_offsets(self.consumer, topic, partitions)
