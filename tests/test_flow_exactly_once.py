@@ -83,9 +83,11 @@ def _produce_slowly(
         time.sleep(step / rate)
 
 
+@pytest.mark.parametrize("interval_ms", [100.0, 0.0])  # time-sliced, and one per micro-batch
 def test_a_lost_state_directory_is_restored_and_nothing_is_answered_twice(
-    kafka_settings: Settings, movielens: list[Event], tmp_path: Path
+    kafka_settings: Settings, movielens: list[Event], tmp_path: Path, interval_ms: float
 ) -> None:
+    kafka_settings = kafka_settings.replace(transaction_interval_ms=interval_ms)
     first, second = movielens[:1500], movielens[1500:2000]
     gone = first[0].user_id
     produce(kafka_settings, [*first, ForgetRequest("forget-1", gone, first[-1].ts)])

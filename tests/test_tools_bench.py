@@ -31,6 +31,22 @@ def bench_env(kafka: LocalKafka, settings: Settings) -> dict[str, str]:
 
 
 @pytest.mark.kafka
+def quick_bench(
+    kafka: LocalKafka, settings: Settings, variant: str, rate: int, repeats: int, *extra: str
+) -> Any:
+    """``bench e2e --quick`` of one variant at one rate: ``repeats`` points of ``rate`` events."""
+    return CliRunner().invoke(
+        bench_e2e_command,
+        [
+            "--quick",
+            *("--variants", variant, "--rates", str(rate), "--repeats", str(repeats)),
+            *("--min-events", str(rate), "--duration", "1", "--drain", "60", "--no-progress"),
+            *extra,
+        ],
+        env=bench_env(kafka, settings),
+    )
+
+
 def test_a_quick_bench_of_the_floor_repeats_its_point_and_reports_the_median(
     kafka: LocalKafka, kafka_settings: Settings, tmp_path: Path
 ) -> None:
@@ -39,34 +55,14 @@ def test_a_quick_bench_of_the_floor_repeats_its_point_and_reports_the_median(
     benchmarks.write_text("# Benchmarks\n\n## State\n\nstate figures stay\n")
     json_path = tmp_path / "e2e.json"
 
-    result = CliRunner().invoke(
-        bench_e2e_command,
-        [
-            "--quick",
-            "--variants",
-            "floor",
-            "--rates",
-            "300",
-            "--repeats",
-            "3",
-            "--min-events",
-            "300",
-            "--duration",
-            "1",
-            "--warmup",
-            "2",
-            "--drain",
-            "60",
-            "--partitions",
-            "2",
-            "--json",
-            str(json_path),
-            "--benchmarks-md",
-            str(benchmarks),
-            "--update-benchmarks",
-            "--no-progress",
-        ],
-        env=bench_env(kafka, kafka_settings),
+    result = quick_bench(
+        kafka,
+        kafka_settings,
+        "floor",
+        300,
+        3,
+        *("--warmup", "2", "--partitions", "2", "--json", str(json_path)),
+        *("--benchmarks-md", str(benchmarks), "--update-benchmarks"),
     )
 
     assert result.exit_code == 0, result.output
@@ -245,32 +241,14 @@ def test_a_pinned_bench_runs_the_service_and_the_broker_apart_and_lets_the_broke
     before = _affinities(broker_pid)
     json_path = tmp_path / "e2e.json"
 
-    result = CliRunner().invoke(
-        bench_e2e_command,
-        [
-            "--quick",
-            "--variants",
-            "floor",
-            "--rates",
-            "200",
-            "--repeats",
-            "1",
-            "--min-events",
-            "200",
-            "--duration",
-            "1",
-            "--warmup",
-            "1",
-            "--drain",
-            "60",
-            "--pin",
-            f"broker={broker},flow={service}",
-            "--json",
-            str(json_path),
-            "--no-update-benchmarks",
-            "--no-progress",
-        ],
-        env=bench_env(kafka, kafka_settings),
+    result = quick_bench(
+        kafka,
+        kafka_settings,
+        "floor",
+        200,
+        1,
+        *("--warmup", "1", "--pin", f"broker={broker},flow={service}"),
+        *("--json", str(json_path), "--no-update-benchmarks"),
     )
 
     assert result.exit_code == 0, result.output

@@ -7,11 +7,9 @@ from typing import Any
 
 import orjson
 import pytest
-from click.testing import CliRunner
 
 from streamrec.settings import Settings
-from tests.test_tools_bench import bench_env
-from tools.bench_e2e import bench_e2e_command
+from tests.test_tools_bench import quick_bench
 from tools.bench_report import evaluate_targets, side_by_side_table
 from tools.bench_services import QUIX_VENV, service_commands, service_environment
 from tools.kafka_local import LocalKafka
@@ -103,32 +101,14 @@ def _bench_one_peer(
     variant: str, kafka: LocalKafka, settings: Settings, tmp_path: Path
 ) -> list[dict[str, Any]]:
     json_path = tmp_path / "e2e.json"
-    result = CliRunner().invoke(
-        bench_e2e_command,
-        [
-            "--quick",
-            "--variants",
-            variant,
-            "--rates",
-            "100",
-            "--repeats",
-            "1",
-            "--min-events",
-            "100",
-            "--duration",
-            "1",
-            "--warmup",
-            "0",
-            "--drain",
-            "60",
-            "--partitions",
-            "2",
-            "--json",
-            str(json_path),
-            "--no-update-benchmarks",
-            "--no-progress",
-        ],
-        env=bench_env(kafka, settings),
+    result = quick_bench(
+        kafka,
+        settings,
+        variant,
+        100,
+        1,
+        *("--warmup", "0", "--partitions", "2", "--json", str(json_path)),
+        "--no-update-benchmarks",
     )
     assert result.exit_code == 0, result.output
     runs: list[dict[str, Any]] = orjson.loads(json_path.read_bytes())
