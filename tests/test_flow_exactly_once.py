@@ -45,22 +45,24 @@ def test_sigkilled_ten_times_under_load_every_event_is_answered_exactly_once(
     stream: list[Event | tuple[bytes | None, bytes | None]] = list(events)
     for i, record in enumerate(bad):
         stream.insert(400 * i + 7, record)
-    producing = threading.Thread(target=lambda: _produce_slowly(kafka_settings, stream, 400.0))
+    # Sent over about a minute: the kills, one every 4 to 8 s, land while events arrive.
+    producing = threading.Thread(target=lambda: _produce_slowly(kafka_settings, stream, 70.0))
     collector = RecommendationCollector(kafka_settings, committed_only=True)
     rng = random.Random(7)
-    kills = 0
+    answered_at_kill: list[int] = []
     try:
         producing.start()
-        while kills < 10:
+        while len(answered_at_kill) < 10:
             flow = FlowProcess(kafka_settings, EXACTLY_ONCE).start()
             deadline = time.monotonic() + rng.uniform(4.0, 8.0)
             while time.monotonic() < deadline:
                 collector.poll(0.2)
                 assert flow.alive(), flow.output()[-3000:]
             flow.kill()  # SIGKILL: mid-batch, mid-transaction, wherever it was
-            kills += 1
+            answered_at_kill.append(len(collector.by_event))
         producing.join()
-        assert 0 < len(collector.by_event) < len(events), "the kills came while it was serving"
+        # Most kills came while events were still arriving and being answered.
+        assert sum(0 < n < len(events) for n in answered_at_kill) >= 5, answered_at_kill
         flow = FlowProcess(kafka_settings, EXACTLY_ONCE).start()
         collector.wait_for({e.event_id for e in events}, flow, timeout_s=180)
         collector.poll(2.0)  # anything more would be a duplicate
