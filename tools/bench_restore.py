@@ -44,17 +44,21 @@ def fill_changelog(settings: Settings, sessions: int, progress: bool) -> int:
     written = 0
     rng = random.Random(7)
     made = full_sessions(sessions, settings.session_length, rng)
+
+    def send(key: bytes, value: bytes) -> None:
+        while True:
+            try:
+                producer.produce(topic, value, key, partition=0)
+                return
+            except BufferError:
+                producer.poll(0.1)  # the queue is full: let it drain
+
     for session in tqdm(made, total=sessions, desc="filling the changelog", disable=not progress):
         record = encode_session(session)
         written += len(record)
-        while True:
-            try:
-                producer.produce(topic, record, session.user_id.encode(), partition=0)
-                break
-            except BufferError:
-                producer.poll(0.1)
+        send(session.user_id.encode(), record)
     events_id = topic_id(settings, settings.events_topic)
-    producer.produce(topic, encode_marks(Marks(sessions, events_id)), MARKS_KEY, partition=0)
+    send(MARKS_KEY, encode_marks(Marks(sessions, events_id)))
     if producer.flush(60):
         raise click.ClickException("the changelog records were not all delivered in 60 s")
     return written
