@@ -86,8 +86,14 @@ def markdown(card: dict[str, Any]) -> str:
         ),
         "",
         "Full-ranking metrics over all items, seen items excluded, ties pessimistic; "
-        "95% bootstrap intervals (users resampled). LOO: each user's last interaction. "
-        f"Stream: {card['protocols']['stream']['points']} next-item predictions in the final "
+        "95% bootstrap intervals (users resampled). LOO: each user's last interaction"
+        + (
+            f" ({card['protocols']['loo']['points']} of {card['protocols']['loo']['of']} users, "
+            "a fixed random subset). "
+            if card["protocols"]["loo"].get("of", 0) > card["protocols"]["loo"]["points"]
+            else ". "
+        )
+        + f"Stream: {card['protocols']['stream']['points']} next-item predictions in the final "
         f"{card['protocols']['stream']['fraction']:.0%} of time.",
         "",
         "| variant | NDCG@10 LOO | HR@10 LOO | NDCG@10 stream | HR@10 stream | Δ NDCG@10 LOO "
@@ -132,9 +138,68 @@ def markdown(card: dict[str, Any]) -> str:
     ]
     for t in card["targets"]:
         lines.append(f"- {'met' if t['met'] else 'MISSED'}: {t['target']} — {t['detail']}")
+    lines += _training(card)
     lines += ["", "## Notes", ""] + [f"- {n}" for n in card["notes"]]
     lines += ["", f"Command: `{card['command']}`", ""]
     return "\n".join(lines)
+
+
+def _training(card: dict[str, Any]) -> list[str]:
+    """How each model was trained and why it stopped; the teacher's search; the budget."""
+    config, training = card.get("config", {}), card.get("training", {})
+    lines = ["", "## Training", ""]
+    if "loss_rule" in config:
+        lines += [f"Loss: {config['loss_rule']}.", ""]
+    budget = card.get("budget")
+    if budget:
+        minutes = budget.get("minutes")
+        used = budget.get("used_fraction")
+        lines += [
+            (f"Time budget: {minutes:g} min, {used:.0%} used" if minutes else "No time budget")
+            + f"; {budget['threads']} threads; early stopping on "
+            f"{budget['early_stop_points']} validation points.",
+            "",
+        ]
+    configs = {
+        "teacher": config.get("teacher_train", {}),
+        "student_nokd": config.get("student_train", {}),
+        "student": config.get("student_train", {}),
+        "student_pruned": config.get("finetune", {}),
+    }
+    lines += [
+        "| model | loss | batch | lr | best epoch / run | stopped by | s/epoch | sequences/s "
+        "| validation NDCG@10 by epoch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, t in training.items():
+        c = configs.get(name, {})
+        curve = ", ".join(f"{v:.4f}" for v in t.get("val_curve", []))
+        lines.append(
+            f"| {name} | {c.get('loss', '–')} | {c.get('batch_size', '–')} | "
+            f"{c.get('lr', '–')} | {t['best_epoch']} / {t['epochs_run']} | "
+            f"{t.get('stopped', '–')} | {t.get('s_per_epoch', '–')} | "
+            f"{t.get('sequences_per_s', '–')} | {curve} |"
+        )
+    search = card.get("search")
+    if search:
+        lines += [
+            "",
+            "Teacher search (each trial from the same initialisation, judged on the validation "
+            f"points): the winner, **{search['winner']}**, then trained on from its best trial "
+            "epoch, as the table above shows (best epoch 0: no further epoch beat the trial).",
+            "",
+            "| trial | validation NDCG@10 | epochs | stopped by | s |",
+            "|---|---|---|---|---|",
+        ]
+        for t in search["trials"]:
+            if "skipped" in t:
+                lines.append(f"| {t['candidate']} | skipped: {t['skipped']} | | | |")
+                continue
+            lines.append(
+                f"| {t['candidate']} | {t['val_ndcg@10']:.4f} | {t['epochs_run']} | "
+                f"{t['stopped']} | {t['seconds']} |"
+            )
+    return lines
 
 
 def plot_frontier(card: dict[str, Any], path: Path) -> None:

@@ -4,7 +4,8 @@ Stages, in order (one progress bar over them):
 
 1. load the events and split them (``model.data``: leave-one-out and streaming);
 2. baselines: most-popular and co-visitation;
-3. teacher: a wide, deep, long-context SASRec, full-softmax cross-entropy;
+3. teacher: a wide, deep, long-context SASRec, chosen by a small search on
+   validation (``model.search``);
 4. the teacher's top items at every training position (distillation targets);
 5. two students of one size and initialisation: one on the data alone, one
    distilled from the teacher as well, so the card shows what distillation buys;
@@ -14,6 +15,13 @@ Stages, in order (one progress bar over them):
 8. evaluation of every variant through onnxruntime, as served: both protocols,
    intervals, agreement of int8 with fp32, candidate recall, latency;
 9. the card, the choice by ``f``, and the artifacts the flow and benchmark need.
+
+With a time budget (``model.budget``) each stage gets a share of the time left;
+training stages stop at their deadline, the others are not cut.  The loss follows
+the catalogue: a full softmax up to ``softmax_max_items`` items, a softmax over
+sampled negatives above (gBCE, also there, learnt too slowly on a short budget:
+validation fell below the warm start's in its first epoch); batch sizes follow the
+number of training windows.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -37,6 +46,7 @@ from tqdm import tqdm
 from model import card as model_card
 from model.baselines import Covisit, Popular
 from model.bench import Call, baseline_calls, interleaved, median_ms_per_event, onnx_calls
+from model.budget import Budget, clock_text
 from model.candidates import CandidateIndex, recall_at
 from model.data import PAD, EvalSet, Split, left_pad, split_events
 from model.export import (
@@ -49,6 +59,7 @@ from model.export import (
 from model.metrics import Interval, bootstrap, hit_at, ndcg_at, target_ranks
 from model.prune import PruneConfig, describe, importance, prune
 from model.sasrec import SASRec, SASRecConfig
+from model.search import TEACHER_CANDIDATES, Candidate, search
 from model.serving import INDEX_FILE, VOCAB_FILE, OnnxScorer
 from model.train import (
     TeacherTargets,
@@ -85,9 +96,15 @@ class Shape:
 class PipelineConfig:
     teacher: Shape
     student: Shape
-    teacher_train: TrainConfig
+    teacher_train: TrainConfig  # lr is the search's; batch_size is an upper bound (all three)
     student_train: TrainConfig  # the distilled student adds kd_weight to it
     finetune: TrainConfig  # after pruning, distilled too
+    candidates: tuple[Candidate, ...] = TEACHER_CANDIDATES  # the teacher's search
+    trial_epochs: int = 3  # most epochs of one search trial
+    search_share: float = 0.4  # of the teacher's time, for the trials
+    softmax_max_items: int = 10_000  # larger catalogues train on sampled negatives
+    steps_per_epoch: int = 50  # batch size: windows / this, a power of two in [16, batch_size]
+    early_stop_points: int = 5000  # validation points that decide early stopping (a subset)
     kd_weight: float = 0.5
     kd_temperature: float = 1.0
     kd_top: int = 50
@@ -96,6 +113,7 @@ class PipelineConfig:
     warm_start: bool = True  # item embeddings start from the co-visitation PPMI factors
     stream_fraction: float = 0.1  # the final stretch of time, as a share of the events
     stream_points: int = 3000  # streaming test points evaluated (a fixed random subset)
+    loo_points: int = 5000  # leave-one-out users evaluated (a fixed random subset)
     max_events: int | None = None  # keep only the first users' events (quick runs)
     serve_candidates: int = 200
     recall_at: tuple[int, ...] = (100, 200, 500)
@@ -110,17 +128,19 @@ FULL = PipelineConfig(
     student=Shape(
         max_len=50, d_model=64, n_heads=2, head_dim=32, d_ff=256, n_blocks=2, dropout=0.2
     ),
-    teacher_train=TrainConfig(epochs=8, patience=2, batch_size=8, lr=2e-3),
-    student_train=TrainConfig(epochs=8, patience=2, batch_size=16, lr=2e-3),
-    finetune=TrainConfig(epochs=3, patience=1, batch_size=16, lr=1e-3, warmup_steps=1),
+    teacher_train=TrainConfig(epochs=100, patience=3, batch_size=128),
+    student_train=TrainConfig(epochs=100, patience=3, batch_size=128, lr=2e-3),
+    finetune=TrainConfig(epochs=10, patience=2, batch_size=128, lr=1e-3, warmup_steps=1),
 )
 
 QUICK = PipelineConfig(
     teacher=Shape(max_len=30, d_model=32, n_heads=2, head_dim=16, d_ff=64, n_blocks=2, dropout=0.1),
     student=Shape(max_len=20, d_model=16, n_heads=2, head_dim=8, d_ff=32, n_blocks=1, dropout=0.1),
-    teacher_train=TrainConfig(epochs=2, patience=1, batch_size=32, lr=3e-3, warmup_steps=5),
+    teacher_train=TrainConfig(epochs=2, patience=1, batch_size=32, warmup_steps=5),
     student_train=TrainConfig(epochs=2, patience=1, batch_size=32, lr=3e-3, warmup_steps=5),
     finetune=TrainConfig(epochs=1, patience=1, batch_size=32, lr=1e-3, warmup_steps=1),
+    candidates=(Candidate(3e-3, 0.1), Candidate(1e-3, 0.1)),
+    trial_epochs=1,
     kd_top=20,
     prune=PruneConfig(batches=3),
     stream_points=300,
@@ -144,6 +164,19 @@ STAGES = (
     "latency",
     "card",
 )
+
+# Shares of the time budget (model.budget): training stages stop at their deadline; the
+# others hold a share so that training leaves them their usual time.
+BUDGET_SHARES = {
+    "load": 0.01,
+    "baselines": 0.01,
+    "teacher": 0.40,
+    "distillation targets": 0.03,
+    "student (no distillation)": 0.12,
+    "student (distilled)": 0.15,
+    "prune + fine-tune": 0.06,
+    "export + quantize": 0.22,  # with evaluation, latency and the card
+}
 
 
 @dataclass
@@ -181,12 +214,20 @@ def run(
     seed: int = 0,
     command: str = "streamrec train",
     settings: Settings | None = None,
+    time_budget_s: float | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Train, compress, evaluate and write the artifacts to ``out``; return the card."""
+    """Train, compress, evaluate and write the artifacts to ``out``; return the card.
+
+    ``time_budget_s``: the whole run's wall-clock budget (``None``: validation alone
+    ends training); ``threads``: torch and onnxruntime threads [default: the setting].
+    """
     settings = settings or Settings()
     cfg = QUICK if quick else FULL
-    torch.set_num_threads(settings.train_threads)
-    progress = Progress()
+    threads = threads or settings.train_threads
+    torch.set_num_threads(threads)
+    budget = Budget(time_budget_s, BUDGET_SHARES)
+    progress = Progress(budget)
     stage = progress.stage
 
     stage("load")
@@ -201,9 +242,26 @@ def run(
             len(split.stream_test), min(cfg.stream_points, len(split.stream_test)), replace=False
         )
     )
-    protocols = {"loo": split.loo_test, "stream": split.stream_test.subset(stream_pick)}
+    # Scoring the whole catalogue through every variant grows with users × items: a large
+    # dataset's leave-one-out points are a fixed random subset of users (the same for both).
+    loo_pick = np.sort(
+        rng.choice(len(split.loo_test), min(cfg.loo_points, len(split.loo_test)), replace=False)
+    )
+    protocols = {
+        "loo": split.loo_test.subset(loo_pick),
+        "stream": split.stream_test.subset(stream_pick),
+    }
     # Validation points choose the served variant; the test points only report on it.
-    evaluated = {**protocols, "valid": split.loo_valid}
+    evaluated = {**protocols, "valid": split.loo_valid.subset(loo_pick)}
+    early_stop = split.loo_valid.subset(
+        np.sort(
+            rng.choice(
+                len(split.loo_valid),
+                min(cfg.early_stop_points, len(split.loo_valid)),
+                replace=False,
+            )
+        )
+    )
     tqdm.write(f"data: {split.summary()}")
 
     stage("baselines")
@@ -220,10 +278,28 @@ def run(
 
     stage("teacher")
     train = [seq[-cfg.train_history :] for seq in split.train]
-    teacher = _new_model(cfg.teacher.config(n_items), split, cfg, seed)
-    train_info = {
-        "teacher": fit(teacher, train, split.loo_valid, cfg.teacher_train, seed, "teacher")
-    }
+    cfg = for_data(cfg, train, n_items, seed)
+    found = search(
+        lambda dropout: _new_model(
+            replace(cfg.teacher, dropout=dropout).config(n_items), split, cfg, seed
+        ),
+        train,
+        early_stop,
+        cfg.teacher_train,
+        cfg.candidates,
+        cfg.trial_epochs,
+        seed,
+        "teacher",
+        budget.deadline("teacher"),
+        cfg.search_share,
+    )
+    teacher = found.model
+    cfg = replace(
+        cfg,
+        teacher=replace(cfg.teacher, dropout=found.winner.dropout),
+        teacher_train=replace(cfg.teacher_train, lr=found.winner.lr),
+    )
+    train_info = {"teacher": found.final.summary()}
 
     stage("distillation targets")
     targets = teacher_targets(teacher, train, cfg.kd_top, cfg.kd_temperature)
@@ -232,23 +308,44 @@ def run(
     student_init = _new_model(cfg.student.config(n_items), split, cfg, seed + 1)
     student_nokd = _copy(student_init)
     train_info["student_nokd"] = fit(
-        student_nokd, train, split.loo_valid, cfg.student_train, seed + 1, "student_nokd"
-    )
+        student_nokd,
+        train,
+        early_stop,
+        cfg.student_train,
+        seed + 1,
+        "student_nokd",
+        deadline=budget.deadline("student (no distillation)"),
+    ).summary()
 
     stage("student (distilled)")
     kd = replace(cfg.student_train, kd_weight=cfg.kd_weight, kd_temperature=cfg.kd_temperature)
     student = _copy(student_init)
     train_info["student"] = fit(
-        student, train, split.loo_valid, kd, seed + 1, "student", teacher=targets
-    )
+        student,
+        train,
+        early_stop,
+        kd,
+        seed + 1,
+        "student",
+        teacher=targets,
+        deadline=budget.deadline("student (distilled)"),
+    ).summary()
 
     stage("prune + fine-tune")
+    deadline = budget.deadline("prune + fine-tune")
     pruned = _prune(student, train, targets, kd, cfg, seed)
     prune_info = describe(student, pruned)
     finetune = replace(cfg.finetune, kd_weight=cfg.kd_weight, kd_temperature=cfg.kd_temperature)
     train_info["student_pruned"] = fit(
-        pruned, train, split.loo_valid, finetune, seed + 2, "student_pruned", teacher=targets
-    )
+        pruned,
+        train,
+        early_stop,
+        finetune,
+        seed + 2,
+        "student_pruned",
+        teacher=targets,
+        deadline=deadline,
+    ).summary()
 
     stage("export + quantize")
     work = Path(tempfile.mkdtemp(prefix="streamrec-train-"))
@@ -290,7 +387,7 @@ def run(
         stage("evaluate")
         for v in tqdm([v for v in variants.values() if v.onnx], desc="evaluate", leave=False):
             assert v.onnx is not None
-            scorer = OnnxScorer(v.onnx, threads=settings.train_threads)
+            scorer = OnnxScorer(v.onnx, threads=threads)
             for proto, points in evaluated.items():
                 keep: list[np.ndarray] | None = [] if proto == "loo" else None
                 v.ranks[proto] = _ranks(_onnx_score_all(scorer, n_items), points, keep)
@@ -343,8 +440,14 @@ def run(
             data,
             quick,
         )
+        card["search"] = found.record()
+        card["budget"] = {
+            "minutes": None if time_budget_s is None else round(time_budget_s / 60, 2),
+            "threads": threads,
+            "early_stop_points": len(early_stop),
+        }
         chosen = variants[card["chosen"]]
-        scorer = OnnxScorer(chosen.onnx, threads=settings.train_threads)  # type: ignore[arg-type]
+        scorer = OnnxScorer(chosen.onnx, threads=threads)  # type: ignore[arg-type]
         end: dict[str, float] = {"C": cfg.serve_candidates}
         for proto, points in protocols.items():
             ranks = _ranks(_onnx_score_candidates(scorer, n_items, candidates_of[proto]), points)
@@ -355,26 +458,43 @@ def run(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     card["timings_s"] = progress.close()
+    if time_budget_s is not None:
+        card["budget"]["used_fraction"] = round(card["timings_s"]["total"] / time_budget_s, 3)
     model_card.write(out, card)
     return card
 
 
 class Progress:
-    """One progress bar over the stages, and how long each took."""
+    """One progress bar over the stages, how long each took, and the budget's time left
+    (refreshed every second by a daemon thread, since a stage may run for minutes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: Budget | None = None) -> None:
         self.bar = tqdm(total=len(STAGES), desc="streamrec train", unit="stage")
+        self.budget = budget
         self.started = self.stage_started = time.time()
         self.timings: dict[str, float] = {}
         self.current: str | None = None
+        self._closed = threading.Event()
+        if budget is not None and budget.seconds is not None:
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def _tick(self) -> None:
+        while not self._closed.wait(1.0):
+            self._show_left()
+
+    def _show_left(self) -> None:
+        if self.budget is not None and self.budget.seconds is not None:
+            self.bar.set_postfix_str(f"{clock_text(self.budget.left())} left of the budget")
 
     def stage(self, name: str) -> None:
         assert name in STAGES, name
         self._finish_current()
         self.current = name
         self.bar.set_description(f"streamrec train: {name}")
+        self._show_left()
 
     def close(self) -> dict[str, float]:
+        self._closed.set()
         self._finish_current()
         self.bar.close()
         return {**self.timings, "total": round(time.time() - self.started, 1)}
@@ -385,6 +505,45 @@ class Progress:
             self.timings[self.current] = round(now - self.stage_started, 1)
             self.bar.update(1)
         self.stage_started = now
+
+
+def for_data(
+    cfg: PipelineConfig, train: Sequence[np.ndarray], n_items: int, seed: int
+) -> PipelineConfig:
+    """The training configs made to fit the data: loss by catalogue size, batch by windows."""
+    loss = loss_for(n_items, cfg.softmax_max_items)
+    rng = np.random.default_rng(seed)
+
+    def fitted(train_cfg: TrainConfig, max_len: int) -> TrainConfig:
+        windows = len(training_windows(train, max_len, rng))
+        return replace(
+            train_cfg,
+            loss=loss,
+            batch_size=batch_size_for(windows, cfg.steps_per_epoch, train_cfg.batch_size),
+        )
+
+    return replace(
+        cfg,
+        teacher_train=fitted(cfg.teacher_train, cfg.teacher.max_len),
+        student_train=fitted(cfg.student_train, cfg.student.max_len),
+        finetune=fitted(cfg.finetune, cfg.student.max_len),
+    )
+
+
+def loss_for(n_items: int, softmax_max_items: int) -> str:
+    """Full softmax while the catalogue is small enough to score whole every step."""
+    return "softmax" if n_items <= softmax_max_items else "sampled"
+
+
+def batch_size_for(windows: int, steps_per_epoch: int, largest: int) -> int:
+    """The power of two nearest ``windows / steps_per_epoch``, within [16, ``largest``].
+
+    >>> batch_size_for(1000, 50, 128), batch_size_for(31000, 50, 128), batch_size_for(10, 50, 8)
+    (16, 128, 8)
+    """
+    wanted = max(windows / max(steps_per_epoch, 1), 1.0)
+    size = 2 ** round(np.log2(wanted))
+    return int(min(largest, max(16, size)))
 
 
 def _copy(model: SASRec) -> SASRec:
@@ -621,7 +780,16 @@ def _card(
         "chosen": chosen,
         "variants": rows,
         "protocols": {
-            "loo": {"points": len(protocols["loo"]), "description": "each user's last interaction"},
+            "loo": {
+                "points": len(protocols["loo"]),
+                "of": len(split.loo_test),
+                "description": "each user's last interaction"
+                + (
+                    ""
+                    if len(protocols["loo"]) == len(split.loo_test)
+                    else " (a fixed random subset of the users)"
+                ),
+            },
             "stream": {
                 "points": len(protocols["stream"]),
                 "of": len(split.stream_test),
@@ -636,6 +804,8 @@ def _card(
         "config": {
             "teacher": asdict(cfg.teacher),
             "student": asdict(cfg.student),
+            "loss_rule": f"full softmax (in chunks) up to {cfg.softmax_max_items:,} items, "
+            f"softmax over the target and {cfg.teacher_train.negatives} uniform negatives above",
             "teacher_train": asdict(cfg.teacher_train),
             "student_train": asdict(cfg.student_train),
             "finetune": asdict(cfg.finetune),
@@ -756,8 +926,8 @@ def _notes(rows: dict[str, dict[str, Any]], split: Split, cfg: PipelineConfig) -
         "kernel; dynamic int8 keeps in fp32 at most two MatMuls whose quantization alone "
         "moves the validation scores 3x more than the median one.",
         "Item embeddings of every model start from the truncated SVD of the co-visitation PPMI "
-        "matrix, and training keeps items already in the prefix out of the softmax (serving "
-        "never recommends them); models train on each user's newest "
+        "matrix; with the full softmax, training keeps items already in the prefix out of it "
+        "(serving never recommends them); models train on each user's newest "
         f"{cfg.train_history} training interactions.",
         "f is computed for every row, but only ONNX variants can be served; the baselines' f "
         "is shown for comparison.",

@@ -1,43 +1,92 @@
-"""Training: full-softmax cross-entropy over the catalogue, optionally distilled from a teacher.
+"""Training: next-item loss over the catalogue, optionally distilled from a teacher.
 
-Every position of a training window predicts the next item against all items
-(no sampled negatives).  A student may also learn the teacher's ranking: for
-each training position the teacher's top-``kd_top`` items and probabilities
-(at temperature ``kd_temperature``) are precomputed once, and the student's
-loss mixes the data's one-hot target with that soft target.  Early stopping
-keeps the epoch with the best validation NDCG@10.
+Every position of a training window predicts the next item, with a full softmax
+over all items or a loss on sampled negatives (``model.losses``; the pipeline
+picks one by catalogue size).  A student may also learn the teacher's
+ranking: for each training position the teacher's top-``kd_top`` items and
+probabilities (at temperature ``kd_temperature``) are precomputed once, and the
+student's loss mixes the data's target with that soft target.
+
+Validation decides when training ends, not a fixed number of epochs: the
+learning rate warms up, is halved after each epoch that does not improve
+validation NDCG@10, and training stops after ``patience`` such epochs in a row,
+at the ``epochs`` cap, or at a deadline (checked after every batch).  The model
+keeps the weights of its best validation epoch.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from model.budget import clock_text
 from model.data import PAD, EvalSet, left_pad
+from model.losses import LossOut, full_softmax, gbce, sampled_softmax
 from model.metrics import ndcg_at, target_ranks
 from model.sasrec import SASRec
+
+LOSSES = ("softmax", "gbce", "sampled")
 
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
-    epochs: int = 30  # upper bound; early stopping usually ends sooner
-    patience: int = 3  # epochs without a better validation NDCG@10 before stopping
+    epochs: int = 100  # upper bound; validation (patience) or the deadline usually ends sooner
+    patience: int = 3  # epochs in a row without a better validation NDCG@10 before stopping
     batch_size: int = 64  # training windows per step
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 50
+    lr_decay: float = 0.5  # learning rate factor after an epoch that does not improve
+    # "softmax" (full, in chunks), "gbce" or "sampled" (softmax) on uniform negatives
+    loss: str = "softmax"
+    negatives: int = 256  # gbce and sampled: uniform negatives per batch
+    gbce_t: float = 0.75  # gbce: calibration of the positive term (gSASRec's t)
+    chunk_elements: int = 1 << 26  # softmax: most logits alive at once (256 MB of fp32)
     kd_weight: float = 0.0  # share of the loss taken from the teacher's soft targets
     kd_temperature: float = 1.0
     # Serving never recommends a seen item: keep the prefix's items out of the softmax, so
     # the model spends no capacity pushing them down (the target itself is never masked).
     mask_seen: bool = True
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r} (known: {', '.join(LOSSES)})")
+
+
+@dataclass(slots=True)
+class FitReport:
+    """What one ``fit`` did: the learning curve and why it stopped."""
+
+    val_ndcg: list[float] = field(default_factory=list)  # validation NDCG@10 per epoch
+    loss: list[float] = field(default_factory=list)  # mean training loss per epoch
+    best_epoch: int = 0  # 0: no epoch beat the weights training started from
+    start_score: float = -1.0  # validation NDCG@10 of those weights, when known
+    stopped: str = "epochs"  # "patience", "deadline" or "epochs"
+    seconds: float = 0.0  # the whole fit, validation included
+    train_seconds: float = 0.0  # the training steps alone
+    steps: int = 0
+    sequences: int = 0  # training windows seen
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "val_ndcg@10": max([self.start_score, *self.val_ndcg, 0.0]),
+            "best_epoch": self.best_epoch,
+            "epochs_run": len(self.val_ndcg),
+            "stopped": self.stopped,
+            "seconds": round(self.seconds, 1),
+            "steps": self.steps,
+            "sequences_per_s": round(self.sequences / max(self.train_seconds, 1e-9), 1),
+            "s_per_epoch": round(self.train_seconds / max(len(self.val_ndcg), 1), 1),
+            "val_curve": [round(v, 5) for v in self.val_ndcg],
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,28 +161,49 @@ def batches(
 
 
 def loss_on(
-    model: SASRec, batch: Batch, cfg: TrainConfig, teacher: TeacherTargets | None
+    model: SASRec,
+    batch: Batch,
+    cfg: TrainConfig,
+    teacher: TeacherTargets | None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     hidden = model.encode(batch.inputs)
     valid = batch.targets != PAD
-    logits = hidden[valid] @ model.item_emb.weight.T  # [positions, n_items]
-    if cfg.mask_seen:
-        rows, items = seen_in_prefix(batch.inputs, valid, batch.targets)
-        logits = logits.index_put((rows, items), torch.tensor(-math.inf))
-    loss = F.cross_entropy(logits, batch.targets[valid])
-    if teacher is None or cfg.kd_weight == 0.0:
-        return loss
-    rows = batch.kd_rows[valid]
-    t_items = torch.from_numpy(teacher.items[rows.numpy()])
-    t_probs = torch.from_numpy(teacher.probs[rows.numpy()])
-    temp = cfg.kd_temperature
-    log_probs = F.log_softmax(logits / temp, dim=-1).gather(1, t_items)
+    h, targets = hidden[valid], batch.targets[valid]
+    items = model.item_emb.weight
+    distil = teacher is not None and cfg.kd_weight > 0.0
+    kd_items = None
+    if distil:
+        assert teacher is not None
+        rows = batch.kd_rows[valid].numpy()
+        kd_items = torch.from_numpy(teacher.items[rows])
+    out: LossOut
+    if cfg.loss == "gbce":
+        out = gbce(
+            h, items, targets, cfg.negatives, cfg.gbce_t, generator, kd_items, cfg.kd_temperature
+        )
+    elif cfg.loss == "sampled":
+        out = sampled_softmax(
+            h, items, targets, cfg.negatives, generator, kd_items, cfg.kd_temperature
+        )
+    else:
+        empty = torch.zeros(0, dtype=torch.long)
+        seen = (
+            seen_in_prefix(batch.inputs, valid, batch.targets) if cfg.mask_seen else (empty, empty)
+        )
+        out = full_softmax(
+            h, items, targets, seen, cfg.chunk_elements, kd_items, cfg.kd_temperature
+        )
+    if not distil:
+        return out.loss
+    assert teacher is not None and out.log_probs is not None
+    t_probs = torch.from_numpy(teacher.probs[batch.kd_rows[valid].numpy()])
     # A soft target on an item the student has masked as seen (one the teacher saw only
     # beyond its own window) contributes nothing.
-    usable = torch.isfinite(log_probs) & (t_probs > 0)
-    per_item = torch.where(usable, t_probs * log_probs, torch.zeros_like(log_probs))
-    kd = -per_item.sum(dim=1).mean() * temp * temp
-    return (1.0 - cfg.kd_weight) * loss + cfg.kd_weight * kd
+    usable = torch.isfinite(out.log_probs) & (t_probs > 0)
+    per_item = torch.where(usable, t_probs * out.log_probs, torch.zeros_like(out.log_probs))
+    kd = -per_item.sum(dim=1).mean() * cfg.kd_temperature**2
+    return (1.0 - cfg.kd_weight) * out.loss + cfg.kd_weight * kd
 
 
 def seen_in_prefix(
@@ -183,10 +253,20 @@ def fit(
     seed: int,
     name: str,
     teacher: TeacherTargets | None = None,
-) -> dict[str, float]:
-    """Train ``model`` in place; it ends with the weights of its best validation epoch."""
+    deadline: float | None = None,
+    start_score: float = -1.0,
+) -> FitReport:
+    """Train ``model`` in place; it ends with the weights of its best validation epoch.
+
+    ``deadline`` is a ``time.monotonic()`` instant: past it, the epoch under way ends
+    early, is validated, and training stops (at least one batch always runs).
+    ``start_score``: the validation NDCG@10 of the weights given, which an epoch must
+    beat to replace them (a warm restart).
+    """
+    started = time.monotonic()
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "emb" in n]
     opt = torch.optim.AdamW(
@@ -197,48 +277,65 @@ def fit(
         lr=cfg.lr,
     )
     kd_offsets = teacher.offsets if teacher is not None else None
-    best, best_state, best_epoch, step = -1.0, copy.deepcopy(model.state_dict()), 0, 0
-    history: list[float] = []
+    report = FitReport(start_score=start_score)
+    best, best_state, lr = start_score, copy.deepcopy(model.state_dict()), cfg.lr
     bar = tqdm(range(1, cfg.epochs + 1), desc=f"train {name}", unit="epoch", leave=False)
     for epoch in bar:
         model.train()
         epoch_batches = batches(
             train, training_windows(train, model.cfg.max_len, rng), cfg.batch_size, rng, kd_offsets
         )
-        total = 0.0
-        for batch in tqdm(epoch_batches, desc=f"epoch {epoch}", unit="batch", leave=False):
-            step += 1
+        total, done, epoch_started = 0.0, 0, time.monotonic()
+        inner = tqdm(epoch_batches, desc=f"epoch {epoch}", unit="batch", leave=False)
+        for batch in inner:
+            report.steps += 1
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * _schedule(step, len(epoch_batches) * cfg.epochs, cfg)
-            loss = loss_on(model, batch, cfg, teacher)
+                group["lr"] = lr * min(1.0, report.steps / max(cfg.warmup_steps, 1))
+            loss = loss_on(model, batch, cfg, teacher, generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             total += float(loss.detach())
+            done += 1
+            report.sequences += batch.inputs.shape[0]
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                inner.set_postfix_str(f"{clock_text(left)} left")
+                if left <= 0:
+                    report.stopped = "deadline"
+                    break
+        report.train_seconds += time.monotonic() - epoch_started
         score = float(ndcg_at(evaluate_ranks(model, valid), 10).mean())
-        history.append(score)
-        mean_loss = total / max(len(epoch_batches), 1)
-        bar.set_postfix(loss=f"{mean_loss:.3f}", val_ndcg=f"{score:.4f}")
-        tqdm.write(f"{name} epoch {epoch}: loss {mean_loss:.3f}, validation NDCG@10 {score:.4f}")
+        report.val_ndcg.append(score)
+        report.loss.append(total / max(done, 1))
+        bar.set_postfix(loss=f"{report.loss[-1]:.3f}", val_ndcg=f"{score:.4f}")
+        tqdm.write(
+            f"{name} epoch {epoch}: loss {report.loss[-1]:.3f}, validation NDCG@10 {score:.4f}"
+            + (" (stopped early: deadline)" if report.stopped == "deadline" else "")
+        )
         if score > best:
-            best, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
-        elif epoch - best_epoch >= cfg.patience:
+            best, best_state, report.best_epoch = score, copy.deepcopy(model.state_dict()), epoch
+        else:
+            lr *= cfg.lr_decay
+            if epoch - report.best_epoch >= cfg.patience and report.stopped == "epochs":
+                report.stopped = "patience"
+        if report.stopped != "epochs":
             break
     model.load_state_dict(best_state)
     model.eval()
-    return {"val_ndcg@10": best, "best_epoch": best_epoch, "epochs_run": len(history)}
-
-
-def _schedule(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then linear decay to a tenth over the epoch budget."""
-    warm = min(1.0, step / max(cfg.warmup_steps, 1))
-    return warm * max(0.1, 1.0 - step / max(total, 1))
+    report.seconds = time.monotonic() - started
+    return report
 
 
 @torch.no_grad()
 def teacher_targets(
-    teacher: SASRec, train: Sequence[np.ndarray], top: int, temperature: float, batch_size: int = 16
+    teacher: SASRec,
+    train: Sequence[np.ndarray],
+    top: int,
+    temperature: float,
+    batch_size: int = 128,
+    chunk_elements: int = 1 << 24,
 ) -> TeacherTargets:
     """The teacher's top items at every training position, each seen with its full context."""
     teacher.eval()
@@ -258,27 +355,31 @@ def teacher_targets(
             jobs.append((user, start, min(start + length, n - 1), keep_from))
             if start + length >= n - 1:
                 break
+    jobs.sort(key=lambda j: j[2] - j[1])  # similar widths together: less padding to encode
+    weight = teacher.item_emb.weight
     for lo in tqdm(range(0, len(jobs), batch_size), desc="teacher targets", leave=False):
         part = jobs[lo : lo + batch_size]
-        windows = [train[u][s:e] for u, s, e, _ in part]
-        inputs = torch.from_numpy(left_pad(windows, length))
-        hidden = teacher.encode(inputs)
+        inputs = torch.from_numpy(left_pad([train[u][s:e] for u, s, e, _ in part], length))
         width = inputs.shape[1]
+        kept = torch.zeros(inputs.shape, dtype=torch.bool)
+        dest = []
         for r, (user, start, end, keep_from) in enumerate(part):
-            n = end - start
-            h = hidden[r, width - n + keep_from :]
-            logits = (h @ teacher.item_emb.weight.T) / temperature
+            kept[r, width - (end - start) + keep_from :] = True
+            dest.append(offsets[user] + np.arange(start + keep_from, end))
+        rows_out = np.concatenate(dest)
+        hidden = teacher.encode(inputs)[kept]  # [P, d], row-major as seen_in_prefix counts
+        # Items the user has already seen are never a soft target (the student masks them).
+        seen_rows, seen_items = seen_in_prefix(inputs, kept)
+        step = max(1, chunk_elements // weight.shape[0])
+        for p_lo in range(0, hidden.shape[0], step):
+            p_hi = min(p_lo + step, hidden.shape[0])
+            logits = (hidden[p_lo:p_hi] @ weight.T) / temperature
             logits[:, PAD] = -math.inf
-            # Items the user has already seen are never a soft target (the student masks them).
-            window = inputs[r : r + 1, width - n :]
-            kept = torch.zeros(1, n, dtype=torch.bool)
-            kept[0, keep_from:] = True
-            rows, seen = seen_in_prefix(window, kept)
-            logits[rows, seen] = -math.inf
+            inside = (seen_rows >= p_lo) & (seen_rows < p_hi)
+            logits[seen_rows[inside] - p_lo, seen_items[inside]] = -math.inf
             p, idx = torch.softmax(logits, dim=-1).topk(top, dim=-1)
-            rows = offsets[user] + np.arange(start + keep_from, end)
-            items[rows] = idx.numpy()
-            probs[rows] = (p / p.sum(dim=-1, keepdim=True)).numpy()
+            items[rows_out[p_lo:p_hi]] = idx.numpy()
+            probs[rows_out[p_lo:p_hi]] = (p / p.sum(dim=-1, keepdim=True)).numpy()
     return TeacherTargets(offsets, items, probs)
 
 

@@ -4,6 +4,7 @@ Training (``model/``) and traffic replay (``tools/``) both read data through
 ``load_events``, so a new dataset needs one new loader here and nothing else.
 Ties in time are common (ratings arrive in bursts); the order is made stable by
 sorting on (event time, position in the source), so every run sees one order.
+A format without timestamps gets synthetic ones (see ``user_item_lines``).
 
 >>> from streamrec.settings import Settings
 >>> events = load_events(Settings().data_dir)
@@ -58,6 +59,86 @@ def movielens_ratings(path: Path) -> Iterator[Event]:
             )
 
 
+# Synthetic clock of formats without timestamps: one second per interaction from this epoch.
+SYNTHETIC_EPOCH_MS = 1_388_534_400_000  # 2014-01-01T00:00:00Z
+SYNTHETIC_STEP_MS = 1000
+
+
+def user_item_lines(path: Path) -> Iterator[Event]:
+    """``user item`` per line, each user's lines consecutive and oldest first, no timestamps.
+
+    The format of SASRec's preprocessed datasets (e.g. Amazon Video Games).  Times are
+    synthetic: a user's k-th of n interactions sits at the fraction (k + 1/2) / n of a
+    shared timeline, and all interactions, ordered by that fraction (then by line), get
+    one ``SYNTHETIC_STEP_MS`` step each from ``SYNTHETIC_EPOCH_MS``.  So each user's order
+    is kept, every time is distinct, every user is active across the whole timeline (the
+    final stretch of time holds every user's latest interactions, not the last users in
+    the file), and a replay interleaves users as a live stream would.  A review implies a
+    purchase: each line is a ``purchase`` event with no value.
+
+    >>> import tempfile
+    >>> f = Path(tempfile.mkdtemp()) / "tiny.txt"
+    >>> _ = f.write_text("1 10\\n1 11\\n2 12\\n")
+    >>> [(e.user_id, e.item_id, e.ts - SYNTHETIC_EPOCH_MS) for e in load_events(f)]
+    [('1', '10', 0), ('2', '12', 1000), ('1', '11', 2000)]
+    """
+    txt_path = _single_txt(path) if path.is_dir() else path
+    rows: list[tuple[str, str]] = []
+    length: dict[str, int] = {}
+    previous = ""
+    with txt_path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2:
+                raise DatasetError(
+                    f"{txt_path}:{line_no}: expected 'user item', got {line.rstrip()!r}"
+                )
+            user, item = fields
+            if user != previous and user in length:
+                raise DatasetError(
+                    f"{txt_path}:{line_no}: user {user}'s lines are not consecutive; "
+                    "this format needs each user's interactions together, oldest first"
+                )
+            previous = user
+            length[user] = length.get(user, 0) + 1
+            rows.append((user, item))
+    position: dict[str, int] = {}
+    keyed = []
+    for row_no, (user, item) in enumerate(rows):
+        k = position[user] = position.get(user, -1) + 1
+        keyed.append(((2 * k + 1) / (2 * length[user]), row_no, user, item, k))
+    keyed.sort()
+    stem = txt_path.stem
+    for step, (_, _, user, item, k) in enumerate(keyed):
+        yield Event(
+            event_id=f"{stem}:{user}:{k}",
+            user_id=user,
+            item_id=item,
+            type="purchase",
+            ts=SYNTHETIC_EPOCH_MS + step * SYNTHETIC_STEP_MS,
+        )
+
+
+def _single_txt(folder: Path) -> Path:
+    """The one data ``.txt`` of a dataset folder (a README.txt or LICENSE.txt is not data)."""
+    found = _data_txts(folder)
+    if len(found) != 1:
+        raise DatasetError(
+            f"{folder}: expected exactly one 'user item' .txt file, found {[p.name for p in found]}"
+        )
+    return found[0]
+
+
+def _data_txts(folder: Path) -> list[Path]:
+    return [
+        p
+        for p in sorted(folder.glob("*.txt"))
+        if not p.name.upper().startswith(("README", "LICENSE"))
+    ]
+
+
 def events_jsonl(path: Path) -> Iterator[Event]:
     """One event JSON per line, in the events-topic contract (e.g. an export of the topic)."""
     with path.open("rb") as f:
@@ -74,6 +155,7 @@ def events_jsonl(path: Path) -> Iterator[Event]:
 LOADERS: dict[str, Loader] = {
     "movielens": movielens_ratings,
     "events-jsonl": events_jsonl,
+    "user-item-lines": user_item_lines,
 }
 
 
@@ -84,9 +166,15 @@ def detect_format(path: Path) -> str:
         return "movielens"
     if path.suffix in {".jsonl", ".ndjson"}:
         return "events-jsonl"
+    if path.suffix == ".txt":
+        return "user-item-lines"
+    if path.is_dir() and _data_txts(path):
+        _single_txt(path)  # several candidates: say which were found
+        return "user-item-lines"
     raise DatasetError(
-        f"cannot tell the format of {path}: expected a MovieLens directory with ratings.csv "
-        f"or a .jsonl file of events; pass the format explicitly ({', '.join(LOADERS)})"
+        f"cannot tell the format of {path}: expected a MovieLens directory with ratings.csv, "
+        "a .jsonl file of events, or a 'user item' .txt file (or a directory holding one); "
+        f"pass the format explicitly ({', '.join(LOADERS)})"
     )
 
 

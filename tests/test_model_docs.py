@@ -8,7 +8,15 @@ from types import ModuleType
 
 import pytest
 
-RUNTIME = ["model.data", "model.metrics", "model.candidates", "model.baselines", "model.card"]
+RUNTIME = [
+    "model.data",
+    "model.metrics",
+    "model.candidates",
+    "model.baselines",
+    "model.card",
+    "model.budget",
+]
+TRAINING = ["model.sasrec", "model.losses", "model.search", "model.pipeline"]
 
 
 def check(module: ModuleType) -> None:
@@ -22,6 +30,7 @@ def test_the_docstring_examples_hold(name: str) -> None:
 
 
 @pytest.mark.train
-def test_the_model_docstring_example_holds() -> None:
+@pytest.mark.parametrize("name", TRAINING)
+def test_the_training_docstring_examples_hold(name: str) -> None:
     pytest.importorskip("torch")
-    check(importlib.import_module("model.sasrec"))
+    check(importlib.import_module(name))

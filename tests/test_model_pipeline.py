@@ -18,7 +18,10 @@ def quick_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from model.cli import train_command
 
     out = tmp_path_factory.mktemp("model")
-    result = CliRunner().invoke(train_command, ["--quick", "--out", str(out), "--seed", "1"])
+    result = CliRunner().invoke(
+        train_command,
+        ["--quick", "--out", str(out), "--seed", "1", "--time-budget", "5", "--threads", "1"],
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -105,5 +108,50 @@ def test_train_help_explains_the_options() -> None:
 
     result = CliRunner().invoke(train_command, ["--help"])
     assert result.exit_code == 0
-    for option in ("--data", "--out", "--quick", "--alpha", "--seed"):
+    for option in ("--data", "--out", "--quick", "--alpha", "--seed", "--time-budget", "--threads"):
         assert option in result.output
+
+
+def test_the_card_records_the_search_the_budget_and_why_training_stopped(
+    quick_artifacts: Path,
+) -> None:
+    card = json.loads((quick_artifacts / "card.json").read_text())
+    assert card["budget"]["minutes"] == 5.0 and card["budget"]["threads"] == 1
+    trials = card["search"]["trials"]
+    assert card["search"]["winner"] in {t["candidate"] for t in trials}
+    assert card["config"]["teacher_train"]["lr"] == float(card["search"]["winner"].split()[0][3:])
+    for name in ("teacher", "student_nokd", "student", "student_pruned"):
+        assert card["training"][name]["stopped"] in {"patience", "deadline", "epochs"}
+    assert "uniform negatives" in card["config"]["loss_rule"]
+    markdown = (quick_artifacts / "card.md").read_text()
+    assert "## Training" in markdown and card["search"]["winner"] in markdown
+
+
+def test_the_loss_follows_the_catalogue_size() -> None:
+    from model.pipeline import loss_for
+
+    assert loss_for(10_000, softmax_max_items=10_000) == "softmax"
+    assert loss_for(10_001, softmax_max_items=10_000) == "sampled"
+
+
+def test_batch_sizes_follow_the_number_of_training_windows() -> None:
+    import numpy as np
+
+    from model.pipeline import QUICK, for_data
+
+    few = [np.arange(1, 6)] * 40
+    many = [np.arange(1, 6)] * 40_000
+    small, large = for_data(QUICK, few, 10, seed=0), for_data(QUICK, many, 20_000, seed=0)
+    assert small.teacher_train.batch_size == 16 and small.teacher_train.loss == "softmax"
+    assert large.teacher_train.batch_size == QUICK.teacher_train.batch_size
+    assert large.student_train.loss == large.finetune.loss == "sampled"
+
+
+def test_the_progress_bar_shows_the_time_left_of_a_budget() -> None:
+    from model.budget import Budget
+    from model.pipeline import BUDGET_SHARES, Progress
+
+    progress = Progress(Budget(600.0, BUDGET_SHARES))
+    progress.stage("load")
+    assert "left of the budget" in progress.bar.postfix
+    progress.close()
