@@ -140,9 +140,10 @@ def _is_interrupt(err: BaseException) -> bool:
     type=click.Choice([AT_LEAST_ONCE, EXACTLY_ONCE]),
     default=None,
     help="Output delivery [default: at-least-once; STREAMREC_GUARANTEE]. exactly-once commits "
-    "each micro-batch's recommendations, dead letters, session changes and resume offset in "
-    "one Kafka transaction per partition (needs the changelog; no Bytewax recovery store): "
-    "consumers reading with isolation.level=read_committed see each event answered once.",
+    "a partition's recommendations, dead letters, session changes and resume offset in one "
+    "Kafka transaction every STREAMREC_TRANSACTION_INTERVAL_MS (100 ms; needs the changelog; "
+    "no Bytewax recovery store): consumers reading with isolation.level=read_committed see "
+    "each event answered once.",
 )
 @click.option(
     "--epoch-interval",
