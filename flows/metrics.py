@@ -7,6 +7,9 @@ so registering here is enough for one ``/metrics`` page to show everything.
 
 from __future__ import annotations
 
+import gc
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
 
 # Stage durations are sub-millisecond to tens of milliseconds.
@@ -109,9 +112,6 @@ SWEEP_SECONDS = STAGE_SECONDS.labels("sweep")
 
 def observe_gc_pauses() -> None:
     """Time every collection of the cyclic garbage collector into ``GC_PAUSE_SECONDS``."""
-    import gc
-    import time
-
     started = [0.0]
     by_generation = [GC_PAUSE_SECONDS.labels(str(g)) for g in range(3)]
 

@@ -145,13 +145,10 @@ class EventSource(FixedPartitionedSource[Message, int]):
             if self._stores.exactly_once:
                 # After the last committed micro-batch, wherever it was committed.
                 offset = self._stores.resume_at.get(int(partition), OFFSET_BEGINNING)
-            rebuilt_to = self._stores.rebuilt_to.get(int(partition))
-            if (
-                rebuilt_to is not None
-                and resume_state is not None
-                and not self._stores.exactly_once
-            ):
-                offset = min(resume_state, rebuilt_to)
+            else:
+                rebuilt_to = self._stores.rebuilt_to.get(int(partition))
+                if rebuilt_to is not None and resume_state is not None:
+                    offset = min(resume_state, rebuilt_to)
         transactions = (
             None if self._stores is None else self._stores.transactions.get(int(partition))
         )

@@ -279,7 +279,7 @@ class PartitionTransactions:
                 error: KafkaError = err.args[0]
                 if not error.retriable() or error.fatal():
                     raise
-                self._last_error = error.str()
+                self._last_error = f"{what}: {error.str()}"
                 self._note_failing()
 
     def _note_failing(self) -> None:
