@@ -213,7 +213,16 @@ class PartitionTransactions:
         except KafkaException as err:
             error: KafkaError = err.args[0]
             self._fail(error)
-            self._retry(lambda: producer.abort_transaction(POLL_S * 10), "abort")
+            try:
+                self._retry(lambda: producer.abort_transaction(POLL_S * 10), "abort")
+            except KafkaException as abort_err:
+                # Fencing may show first here, when the commit failed for another reason.
+                refused: KafkaError = abort_err.args[0]
+                self._fail(refused)
+                raise TransactionGaveUp(
+                    f"partition {self.partition}: a failed transaction could not be aborted "
+                    f"({refused.str()}); its shard is rebuilt from the changelog on the next start"
+                ) from abort_err
             metrics.TRANSACTIONS_ABORTED.inc()
             return False
 

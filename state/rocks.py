@@ -85,6 +85,8 @@ def open_read_write(path: Path) -> Rdict:
                 "of the events topic. Stop the other flow, or give this one its own "
                 "--state-dir."
             ) from None
+        if is_corruption(err):
+            raise damaged(path, err) from None
         raise StateError(f"cannot open shard DB {path}: {err}") from None
 
 
@@ -102,6 +104,14 @@ def open_read_only(path: Path) -> Rdict:
 def is_corruption(err: Exception) -> bool:
     """Whether rocksdict's error is RocksDB's "Corruption" status (a checksum failed)."""
     return str(err).startswith("Corruption")
+
+
+def damaged(path: Path, err: Exception) -> StateError:
+    """What to say of a shard DB whose checksums fail."""
+    return StateError(
+        f"shard DB {path} is damaged ({err}): restore it from a backup, or move it away "
+        "and let the flow rebuild the sessions from the events"
+    )
 
 
 def read_clock(db: Rdict) -> int | None:

@@ -20,6 +20,7 @@ False
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 from collections import OrderedDict
@@ -41,7 +42,7 @@ from state.consumed import (
     parse_types,
     with_item,
 )
-from state.errors import CorruptSessionError, StateError, StateWriteError
+from state.errors import CorruptSessionError, StateWriteError
 from state.keys import (
     APPLIED_PREFIX,
     CHANGELOG_CONSUMED_TAG,
@@ -61,6 +62,7 @@ from state.layout import check_shard_record, ensure_layout, shard_dir, shard_rec
 from state.rocks import (
     CLOCK,
     ShardStats,
+    damaged,
     is_corruption,
     open_read_write,
     read_clock,
@@ -254,12 +256,11 @@ class SessionStore:
             else:
                 check_shard_record(path, record, shard_index, shard_count)
         except BaseException as err:
-            db.close()
+            # A damaged table may fail the close as well; the first error says more.
+            with contextlib.suppress(Exception):
+                db.close()
             if isinstance(err, Exception) and is_corruption(err):
-                raise StateError(
-                    f"shard DB {path} is damaged ({err}): restore it from a backup, or move "
-                    "it away and let the flow rebuild the sessions from the events"
-                ) from err
+                raise damaged(path, err) from err
             raise
         return cls(
             db,

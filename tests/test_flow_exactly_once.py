@@ -135,7 +135,7 @@ def test_a_second_process_taking_the_partitions_fences_the_first(
         produce(kafka_settings, events[100:])
         collector.wait_for({e.event_id for e in events}, new)
         assert old.process is not None
-        assert old.process.wait(60) == 65
+        assert old.process.wait(60) == 65, old.output()[-3000:]
         assert new.stop() == 0, new.output()[-2000:]
     finally:
         collector.close()

@@ -1,0 +1,97 @@
+"""How a partition's transactions end when Kafka refuses them: a pure unit test.
+
+A stand-in producer plays the broker's answers that are hard to time with a real
+one (the broker itself is exercised in test_flow_exactly_once.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from flows import transactions as transactions_module
+from flows.transactions import PartitionTransactions, ProducerFenced, TransactionGaveUp
+from state.store import SessionStore
+from streamrec.settings import Settings
+
+ABORTABLE = KafkaError(KafkaError.INVALID_TXN_STATE, "commit failed", txn_requires_abort=True)
+FENCED = KafkaError(KafkaError._FENCED, "fenced by a newer instance", fatal=True)
+BROKEN = KafkaError(KafkaError._STATE, "the producer is in a state it cannot leave")
+
+
+class RefusingProducer:
+    """Takes every record; the commit and the abort answer what the test says."""
+
+    commit_error: KafkaError | None = None
+    abort_error: KafkaError | None = None
+
+    def __init__(self, _config: dict[str, Any]) -> None:
+        self.committed = 0
+
+    def init_transactions(self, _timeout: float) -> None:
+        pass
+
+    def begin_transaction(self) -> None:
+        pass
+
+    def produce(self, *_args: Any, **_kwargs: Any) -> None:
+        pass
+
+    def commit_transaction(self, _timeout: float) -> None:
+        if self.commit_error is not None:
+            raise KafkaException(self.commit_error)
+        self.committed += 1
+
+    def abort_transaction(self, _timeout: float) -> None:
+        if self.abort_error is not None:
+            raise KafkaException(self.abort_error)
+
+    def flush(self, _timeout: float) -> int:
+        return 0
+
+
+@pytest.fixture
+def partition(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[PartitionTransactions]:
+    monkeypatch.setattr(transactions_module, "Producer", RefusingProducer)
+    settings = Settings(state_dir=tmp_path / "state")
+    store = SessionStore.open(settings.state_dir, 0, 1, settings)
+    limits = {settings.recommendations_topic: 1_000_000, settings.dlq_topic: 1_000_000}
+    transactions = PartitionTransactions(settings, 0, limits)
+    transactions.attach(store, None, "topic-id")
+    yield transactions
+    store.close()
+
+
+def test_a_transaction_commits_its_outputs_and_moves_the_version(
+    partition: PartitionTransactions,
+) -> None:
+    partition.add([("recommendations", b"u1", b"{}", None)], next_offset=1)
+    partition.commit()
+    assert partition.version == 0  # no session changed: the shard's version stays
+    assert not partition.pending
+
+
+def test_fencing_that_shows_only_when_the_failed_commit_is_aborted_stops_as_fenced(
+    monkeypatch: pytest.MonkeyPatch, partition: PartitionTransactions
+) -> None:
+    monkeypatch.setattr(RefusingProducer, "commit_error", ABORTABLE)
+    monkeypatch.setattr(RefusingProducer, "abort_error", FENCED)
+    partition.add([("recommendations", b"u1", b"{}", None)], next_offset=1)
+    with pytest.raises(ProducerFenced, match="served by another process"):
+        partition.commit()
+    with pytest.raises(ProducerFenced):  # and every later commit says the same
+        partition.commit()
+
+
+def test_an_abort_kafka_refuses_for_another_reason_stops_with_the_shard_to_rebuild(
+    monkeypatch: pytest.MonkeyPatch, partition: PartitionTransactions
+) -> None:
+    monkeypatch.setattr(RefusingProducer, "commit_error", ABORTABLE)
+    monkeypatch.setattr(RefusingProducer, "abort_error", BROKEN)
+    partition.add([("recommendations", b"u1", b"{}", None)], next_offset=1)
+    with pytest.raises(TransactionGaveUp, match="could not be aborted.*rebuilt from the changelog"):
+        partition.commit()
