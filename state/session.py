@@ -143,6 +143,20 @@ class Session:
         session._item_ids = []
         return session
 
+    def restarted(self) -> Session:
+        """This session, expired, begun afresh: an empty window, every interaction in the tail.
+
+        ``with_event`` then drops those that no replayable event needs, so a
+        replay of an event from before the restart is still answered as it was.
+        """
+        rows = self._n + self._tail
+        header = (SESSION_FORMAT_VERSION, 0, 0, 0, 0, 0, 0, 0, -1, len(self.offsets), 0, rows)
+        session = Session(
+            self.user_id, _HEADER.pack(*header) + self.record[_HEADER.size :], header, self.offsets
+        )
+        session._item_ids = []
+        return session
+
     def with_event(
         self,
         event: Event,
@@ -283,17 +297,29 @@ class Session:
             raise CorruptSessionError(self.user_id, f"{len(item_ids)} item ids for {rows} rows")
         return item_ids
 
-    def item_ids_as_of(self, offset: int, max_items: int) -> list[str]:
+    def item_ids_as_of(self, offset: int, max_items: int, ttl_ms: int | None = None) -> list[str]:
         """The window as it was after the event at ``offset``: a replayed event's scorer input.
 
         Complete while the replay tail reaches back far enough (see ``with_event``);
-        interactions applied before format 3 count as older than any offset.
+        interactions applied before format 3 count as older than any offset.  With
+        ``ttl_ms``, a session that expired and restarted since (``restarted``) is told
+        apart by the gap in event time that restarted it.
         """
         rows = self._rows(with_tail=True)
         upto = len(rows)
         while upto and rows[upto - 1][1] > offset:
             upto -= 1
-        return self._all_item_ids()[max(upto - max_items, 0) : upto]
+        start = max(upto - max_items, 0)
+        if ttl_ms is not None and upto > 1:
+            # As the store decides expiry: an event later than the session's latest time by
+            # more than the TTL begins a new one.
+            latest = rows[0][0]
+            for index in range(1, upto):
+                ts = rows[index][0]
+                if ts - latest > ttl_ms:
+                    start = max(start, index)
+                latest = max(latest, ts)
+        return self._all_item_ids()[start:upto]
 
     @property
     def tail_length(self) -> int:
@@ -455,6 +481,18 @@ def last_seen_of(user_key: str | bytes, raw: bytes) -> int:
         return int(_LAST_SEEN.unpack_from(raw, _LAST_SEEN_AT)[0])
     except struct.error as err:
         raise CorruptSessionError(user_key, f"truncated header ({err})") from None
+
+
+def applied_offset_of(user_key: str | bytes, raw: bytes, partition: int) -> int | None:
+    """The offset of the last event a stored record applied from ``partition`` (for sweeps)."""
+    if not raw or raw[0] != SESSION_FORMAT_VERSION:
+        return None  # older formats hold no tail for replays
+    try:
+        header = _HEADER.unpack_from(raw, 0)
+        offsets, _ = _unpack_offsets(raw, _HEADER.size, header[9])
+    except struct.error as err:
+        raise CorruptSessionError(user_key, f"truncated offsets ({err})") from None
+    return offsets.get(partition)
 
 
 def _pack_offsets(offsets: dict[int, int]) -> bytes:

@@ -74,6 +74,7 @@ from state.session import (
     EVENT_TYPES,
     NO_REPLAY,
     Session,
+    applied_offset_of,
     decode_session,
     encode_session,
     last_seen_of,
@@ -449,8 +450,9 @@ class SessionStore:
                 return ApplyResult(stored, False)
             session = stored
             if self._has_expired(stored, event):
-                # The offsets outlive the expired session, so a replay cannot revive it.
-                session = Session.empty(event.user_id, stored.offsets)
+                # The offsets outlive the expired session, so a replay cannot revive it; its
+                # interactions stay for as long as a replay needs them (``replay_floor``).
+                session = stored.restarted()
                 self.counters.restarted += 1
         return ApplyResult(
             session.with_event(
@@ -515,7 +517,10 @@ class SessionStore:
                 # Resume after this key next time, even if its record turns out corrupt.
                 self._sweep_from = key + b"\x00"
                 try:
-                    idle = now - last_seen_of(key[_PREFIX_LEN:], cursor.value()) > self.ttl_ms
+                    value = cursor.value()
+                    idle = now - last_seen_of(key[_PREFIX_LEN:], value) > self.ttl_ms
+                    if idle and self._replay_needs(key, value):
+                        idle = False  # a later sweep takes it, once reading has moved on
                 except CorruptSessionError:
                     batch.put(QUARANTINE_PREFIX + key[_PREFIX_LEN:], cursor.value())
                     self.counters.quarantined.append(user_of(key))
@@ -539,6 +544,14 @@ class SessionStore:
                     self._cache.pop(key, None)
                     self._consumed_cache.pop(_consumed_key_of(key), None)
         return removed
+
+    def _replay_needs(self, key: bytes, raw: bytes) -> bool:
+        """Whether a crash could make this shard read an event of this session again."""
+        floor = self.replay_floor
+        if floor == NO_REPLAY:
+            return False
+        applied = applied_offset_of(key[_PREFIX_LEN:], raw, self.shard_index)
+        return applied is not None and applied >= floor
 
     def applied_offset(self, partition: int) -> int | None:
         """The offset of the last event this shard applied from ``partition`` (its watermark)."""

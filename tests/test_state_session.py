@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from state.errors import CorruptSessionError, UnknownSessionFormatError
 from state.session import (
     EVENT_TYPES,
+    NO_REPLAY,
     SESSION_FORMAT_VERSION,
     Interaction,
     Session,
@@ -196,6 +197,29 @@ def test_the_tail_is_not_part_of_the_window_the_counters_or_the_interactions() -
     assert [i.item_id for i in session.interactions()] == ["i3", "i4"]
     assert session.source_offsets == [3, 4]
     assert decode_session("u1", encode_session(session)) == session
+
+
+def test_a_replayed_event_from_before_its_session_restarted_sees_the_session_it_had() -> None:
+    ttl_ms = 1_000
+    # Offsets 0..3, one session; offset 4 comes after an idle gap and restarts it.
+    session = replayable_session(floor=2, count=4)
+    later = event("new", T0 + 3 + ttl_ms + 1)
+    restarted = session.restarted().with_event(later, 0, 4, 3, 2, 6)
+    assert restarted.item_ids == ["new"] and len(restarted) == 1
+    assert restarted.first_seen_ms == restarted.last_seen_ms == later.ts
+    assert restarted.item_ids_as_of(4, 3, ttl_ms) == ["new"]
+    assert restarted.item_ids_as_of(3, 3, ttl_ms) == ["i1", "i2", "i3"]
+    assert restarted.item_ids_as_of(2, 3, ttl_ms) == ["i0", "i1", "i2"]
+    # Without the TTL the restart cannot be told apart from one long session.
+    assert restarted.item_ids_as_of(4, 3) == ["i2", "i3", "new"]
+
+
+def test_a_restart_with_no_replay_to_serve_keeps_nothing_of_the_old_session() -> None:
+    session = replayable_session(floor=NO_REPLAY, count=4)
+    later = event("new", T0 + 10_000)
+    restarted = session.restarted().with_event(later, 0, 4, 3, NO_REPLAY, 6)
+    fresh = Session.empty("u1", session.offsets).with_event(later, 0, 4, 3, NO_REPLAY, 6)
+    assert restarted == fresh and restarted.tail_length == 0
 
 
 def format_2_record(items: list[str], offset: int) -> bytes:

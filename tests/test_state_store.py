@@ -330,6 +330,21 @@ def test_a_sweep_removes_expired_sessions_only(store: SessionStore) -> None:
     assert store.counters.swept == 1
 
 
+def test_a_sweep_spares_an_expired_session_a_replay_may_still_read_until_reading_moves_on(
+    store: SessionStore,
+) -> None:
+    store.replay_floor = 2  # a crash now could make the flow read offsets 2 and on again
+    store.apply(event("settled", "b", T0), 0, 1)
+    store.apply(event("replayable", "a", T0), 0, 2)
+    later = T0 + TTL_MS + 10
+    assert store.sweep_expired(now_ms=later, max_keys=100) == 1
+    assert list(store.user_ids()) == ["replayable"]
+    assert store.get("replayable", now_ms=later) is None  # expired all the same
+    store.replay_floor = 3
+    assert store.sweep_expired(now_ms=later, max_keys=100) == 1
+    assert list(store.user_ids()) == []
+
+
 def test_a_sweep_examines_at_most_max_keys_and_resumes_where_it_stopped(
     store: SessionStore,
 ) -> None:
