@@ -21,8 +21,9 @@ import numpy as np
 from confluent_kafka import Message
 
 from flows import metrics
+from flows.delivery import OffsetMark
 from flows.models import ModelSet, ModelWatcher, load_model_set, parse_variants
-from flows.sink import OutputRecord
+from flows.sink import OutputRecord, SinkItem
 from flows.source import REPLAY_FLOORS
 from flows.stores import PartitionStores
 from state.store import SessionStore
@@ -75,7 +76,7 @@ class EventProcessor:
         self._cache_reads = metrics.SESSION_READS.labels("cache")
         self._rocksdb_reads = metrics.SESSION_READS.labels("rocksdb")
 
-    def process(self, records: list[Message]) -> list[OutputRecord]:
+    def process(self, records: list[Message]) -> list[SinkItem]:
         """All outputs for one micro-batch, in input order per partition."""
         received_ms = time.time() * 1000.0
         latest_ts_ms = int(received_ms) + self._skew_ms
@@ -84,10 +85,10 @@ class EventProcessor:
             self._take_new_models(watcher)
         recommenders = self._models.recommenders
         started = time.perf_counter()
-        out: list[OutputRecord] = []
-        # Exactly once: the events partition of each output, and the last offset read of each.
-        out_partitions: list[int] = []
+        out: list[SinkItem] = []
+        # The last offset read of each events partition; exactly once, each output's partition.
         last_offsets: dict[int, int] = {}
+        out_partitions: list[int] = []
         events: list[Event] = []
         keys: list[bytes | None] = []
         histories: list[list[str]] = []
@@ -101,17 +102,16 @@ class EventProcessor:
                 parsed = parse_message(record.value(), key, self._max_bytes, latest_ts_ms)
             except ContractError as err:
                 out.append(self._dead_letter(record, err))
+                partition = cast(int, record.partition())
+                last_offsets[partition] = cast(int, record.offset())
                 if self._exactly_once:
-                    partition = cast(int, record.partition())
                     out_partitions.append(partition)
-                    last_offsets[partition] = cast(int, record.offset())
                 continue
             finally:
                 parse_s += time.perf_counter() - t0
             # Records from the consumer always carry their partition and offset.
             partition = cast(int, record.partition())
-            if self._exactly_once:
-                last_offsets[partition] = cast(int, record.offset())
+            last_offsets[partition] = cast(int, record.offset())
             store = self._own.get(partition)
             if store is None:
                 store = self._own[partition] = self._stores.get(partition)
@@ -136,7 +136,7 @@ class EventProcessor:
                 # Read again after a restart: answered as it was first, from the session as
                 # of this event, never from a newer one (which may have moved past it).
                 metrics.DUPLICATES.inc()
-                history = session.item_ids_as_of(offset, self._session_length)
+                history = session.item_ids_as_of(offset, self._session_length, store.ttl_ms)
             events.append(parsed)
             if self._exactly_once:
                 out_partitions.append(partition)
@@ -173,8 +173,13 @@ class EventProcessor:
         metrics.PARSE_SECONDS.observe(parse_s)
         metrics.STATE_SECONDS.observe(state_done - started - parse_s)
         if self._exactly_once:
-            self._commit_transactions(out, out_partitions, last_offsets)
+            # Exactly once the outputs hold no marks.
+            self._commit_transactions(cast(list[OutputRecord], out), out_partitions, last_offsets)
             out = []  # committed already: nothing for the sink
+        else:
+            # Resume points once the sink has these outputs delivered (flows/delivery.py).
+            for partition, last in last_offsets.items():
+                out.append(OffsetMark(partition, last + 1))
         if time.monotonic() >= self._next_sweep:
             self._sweep()
         return out
@@ -282,7 +287,7 @@ def processor_factory(
     variant: str | None,
     loaded: ModelSet | None = None,
     watcher: ModelWatcher | None = None,
-) -> Callable[[list[Message]], list[OutputRecord]]:
+) -> Callable[[list[Message]], list[SinkItem]]:
     """A batch function for ``flat_map_batch`` that gives each worker thread its own processor.
 
     Each worker thread gets its own models: a ``Recommender`` reuses its input
@@ -299,7 +304,7 @@ def processor_factory(
     spare = [loaded] if loaded is not None else []
     lock = threading.Lock()
 
-    def process(records: list[Message]) -> list[OutputRecord]:
+    def process(records: list[Message]) -> list[SinkItem]:
         processor = processors.get(threading.get_ident())
         if processor is None:
             with lock:

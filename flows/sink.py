@@ -1,13 +1,17 @@
 """Recommendations and dead letters out of the dataflow; no record is lost and none is fatal.
 
-``write_batch`` returns once Kafka has every record of the batch, so an epoch
-that Bytewax has snapshotted never has outputs in flight (at-least-once
-output).  Until then the worker waits, which stops its reading: memory stays
-bounded however long Kafka is away.  Each record's delivery report decides
-what happens to it:
+``write_batch`` queues a micro-batch's records and returns: the next batch is
+read and scored while Kafka acknowledges them.  Each batch ends with the
+``OffsetMark`` of every events partition it read (flows/delivery.py), released
+once the batch and every batch before it are acknowledged; a partition's
+reader never snapshots an offset past its released mark, so a snapshotted
+epoch never has outputs in flight (at-least-once output).  Each record's
+delivery report decides what happens to it:
 
 * a transient failure (broker down, leader moving, delivery timed out) sends
-  it again, in the batch's order; a wait longer than ``BLOCKED_AFTER_S`` is said once in
+  it again; while failures wait, or ``MAX_IN_FLIGHT`` records are unacknowledged,
+  the worker waits, which stops its reading: memory stays bounded however long
+  Kafka is away.  A batch unacknowledged for ``BLOCKED_AFTER_S`` is said once in
   the log (``flow: output blocked: ...``) and on ``/metrics``;
 * a refusal of that one record (too large, invalid) sets it aside: a
   recommendation becomes a dead letter, and a dead letter the dead-letter
@@ -27,14 +31,16 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from flows import metrics
+from flows.delivery import DELIVERED, OffsetMark, on_this_thread
 from flows.kafka_log import kafka_logger
 from flows.shutdown import STOP_READING
 from streamrec.contracts import (
@@ -59,6 +65,8 @@ from streamrec.settings import Settings
 Headers = list[tuple[str, str | bytes | None]]
 # (topic, key, value, headers): what the flow hands the sink, with no wrapper per record.
 OutputRecord = tuple[str, bytes | None, bytes | None, Headers | None]
+# What the processor hands the sink: output records, each micro-batch's offset marks after them.
+SinkItem = OutputRecord | OffsetMark
 
 
 # Every wait is this short, so a second SIGTERM (KeyboardInterrupt) is never held up.
@@ -86,8 +94,9 @@ REFUSED: Final = frozenset(
         KafkaError._BAD_MSG,
     }
 )
-# The outcome of a record queued in a producer that was then replaced, before its report.
-_UNCONFIRMED: Final = KafkaError(KafkaError._PURGE_QUEUE, "not confirmed before a new producer")
+# Unacknowledged records at which a worker stops reading (about 3 MB of recommendations):
+# far above what flows at full speed, reached only while Kafka is away.
+MAX_IN_FLIGHT: Final = 10_000
 
 
 def size_limits(limits: Mapping[str, int]) -> dict[str, str]:
@@ -153,76 +162,126 @@ def set_aside(
     return None
 
 
-class _BatchWriter(StatelessSinkPartition[OutputRecord]):
-    """One worker's producer: delivers every batch whole before it returns, whatever fails."""
+class _Batch:
+    """The records one ``write_batch`` queued, how many are unacknowledged, the marks after them.
+
+    Reused once released, with its delivery callbacks (one per position, made once):
+    the hot path allocates nothing per record for its report.
+    """
+
+    __slots__ = ("callbacks", "marks", "pending", "queued_at", "records", "replaced")
+
+    def __init__(self) -> None:
+        self.records: list[SinkItem] = []
+        self.pending = 0
+        self.marks: list[OffsetMark] = []
+        self.queued_at = 0.0
+        self.callbacks: list[Callable[[KafkaError | None, Message], None]] = []
+        # Positions whose record was set aside, with what replaced it (rarely any).
+        self.replaced: dict[int, OutputRecord] | None = None
+
+    def record(self, index: int) -> OutputRecord:
+        replaced = self.replaced
+        if replaced is not None and index in replaced:
+            return replaced[index]
+        return cast(OutputRecord, self.records[index])
+
+
+class _AsyncWriter(StatelessSinkPartition[SinkItem]):
+    """One worker's producer: queues each batch and returns; marks are released as Kafka acks."""
 
     def __init__(self, config: dict[str, Any], settings: Settings, limits: dict[str, int]) -> None:
         self._config = config | {"error_cb": self._on_error, "logger": kafka_logger("producer")}
         self._producer = Producer(self._config)
+        # Producers replaced after a fatal error, until they have reported every record.
+        self._retired: list[Producer] = []
         self._settings = settings
         self._limits = limits
         self._dlq_topic = settings.dlq_topic
-        # One delivery callback per position in a round, made once per producer and
-        # reused: the hot path allocates nothing per record for its report.
-        self._callbacks: list[Callable[[KafkaError | None, Message], None]] = []
-        self._generation = 0
-        # Per position of the round being delivered: None once Kafka has it, else the error.
-        self._outcomes: list[KafkaError | None] = []
-        self._delivered = 0
+        # Oldest first; a batch's marks are released once it and every batch before it is acked.
+        self._batches: deque[_Batch] = deque()
+        self._spare: list[_Batch] = []
+        # Records Kafka failed (batch, position, why): refused ones set aside, the rest sent again.
+        self._failed: list[tuple[_Batch, int, KafkaError]] = []
+        self._again_at = 0.0
         self._fatal: KafkaError | None = None
         self._last_error = ""
-        self._waiting_since = 0.0
         self._blocked_since: float | None = None
         self._stop_noted = False
+        on_this_thread(self._take_reports)
 
-    def write_batch(self, items: list[OutputRecord]) -> None:
-        self._waiting_since = time.monotonic()
-        records = items
-        while records:
-            outcomes = self._send(records)
-            self._await_reports()
-            if self._delivered == len(records):
-                break
-            records = self._next_round(records, outcomes)
-        if self._blocked_since is not None:
-            self._resumed()
-
-    def close(self) -> None:
-        # write_batch returned only with everything delivered: nothing is left to wait for.
-        self._producer.flush(POLL_S)
-
-    def _send(self, records: list[OutputRecord]) -> list[KafkaError | None]:
-        """Queue ``records`` in order; their delivery reports fill the returned outcomes."""
-        if self._fatal is not None:
-            self._replace_producer()
-        outcomes = self._outcomes = [_UNCONFIRMED] * len(records)
-        self._delivered = 0
-        callbacks = self._callbacks
-        while len(callbacks) < len(records):
-            callbacks.append(partial(self._on_delivery, self._generation, len(callbacks)))
+    def write_batch(self, items: list[SinkItem]) -> None:
+        batch = self._spare.pop() if self._spare else _Batch()
+        batch.records = items
+        batch.queued_at = time.monotonic()
+        callbacks = batch.callbacks
+        while len(callbacks) < len(items):
+            callbacks.append(partial(self._on_delivery, batch, len(callbacks)))
         produce = self._producer.produce
-        for index, (topic, key, value, headers) in enumerate(records):
+        marks = batch.marks
+        for index, item in enumerate(items):
+            if isinstance(item, OffsetMark):
+                marks.append(item)
+                continue
+            topic, key, value, headers = item
+            batch.pending += 1
             try:
                 produce(topic, value, key, headers=headers, on_delivery=callbacks[index])
             except (BufferError, KafkaException) as err:
-                if not self._send_slowly(index, records[index], err):
-                    # The rest stays unconfirmed: a new producer sends it, in order.
-                    break
+                self._send_slowly(batch, index, err)
                 produce = self._producer.produce
-        return outcomes
+        self._batches.append(batch)
+        self._take_reports()
+        # Kafka away: reading waits once this much is in flight, or records wait to be sent
+        # again, so memory stays bounded however long the outage lasts.
+        while self._failed or len(self._producer) > MAX_IN_FLIGHT:
+            self._serve(POLL_S)
 
-    def _send_slowly(self, index: int, record: OutputRecord, err: Exception) -> bool:
-        """Queue a record that ``produce`` did not take at once; False on a fatal error."""
-        topic, key, value, headers = record
+    def close(self) -> None:
+        # Everything queued is delivered before the flow ends: nothing is left in flight.
+        while self._batches:
+            self._serve(POLL_S)
+
+    def _take_reports(self) -> None:
+        self._serve(0)
+
+    def _serve(self, timeout_s: float) -> None:
+        """Take delivery reports for up to ``timeout_s``, send failures again, release marks."""
+        if self._fatal is not None:
+            self._replace_producer()
+        self._producer.poll(timeout_s)
+        if self._retired:
+            self._poll_retired()
+        if self._failed:
+            self._send_again()
+        batches = self._batches
+        while batches and batches[0].pending == 0:
+            self._release(batches.popleft())
+        if batches:
+            self._note_waiting(batches[0].queued_at)
+        elif self._blocked_since is not None:
+            self._resumed()
+
+    def _release(self, batch: _Batch) -> None:
+        for partition, next_offset in batch.marks:
+            DELIVERED[partition] = next_offset
+        batch.marks.clear()
+        batch.records = []
+        batch.replaced = None
+        self._spare.append(batch)
+
+    def _send_slowly(self, batch: _Batch, index: int, err: Exception) -> None:
+        """Queue a record that ``produce`` did not take at once (queue full, Kafka away)."""
+        topic, key, value, headers = batch.record(index)
         while True:
             if isinstance(err, KafkaException):
                 error: KafkaError = err.args[0]
-                if error.fatal():
-                    self._fatal = error
-                    return False
-                if error.code() in REFUSED:
-                    self._outcomes[index] = error
-                    return True
+                if error.fatal() or error.code() in REFUSED:
+                    if error.fatal():
+                        self._fatal = error
+                    # Handled as a delivery report: set aside, or sent by a new producer.
+                    self._failed.append((batch, index, error))
+                    return
                 # Not refused, so not lost: the topic may be missing for now, the broker away.
                 metrics.OUTPUT_FAILURES.labels(error.name(), "retried").inc()
                 self._last_error = error.str()
@@ -230,49 +289,55 @@ class _BatchWriter(StatelessSinkPartition[OutputRecord]):
                 self._last_error = "the producer's queue is full"
             # Reports are served meanwhile, which makes room in the queue.
             self._producer.poll(POLL_S)
-            self._note_waiting(len(self._producer))
+            if self._batches:
+                self._note_waiting(self._batches[0].queued_at)
             try:
                 self._producer.produce(
-                    topic, value, key, headers=headers, on_delivery=self._callbacks[index]
+                    topic, value, key, headers=headers, on_delivery=batch.callbacks[index]
                 )
-                return True
+                return
             except (BufferError, KafkaException) as again:
                 err = again
 
-    def _await_reports(self) -> None:
-        """Wait, in short steps, until every queued record has its delivery report."""
-        while True:
-            undelivered = self._producer.flush(POLL_S)
-            if self._fatal is not None:
-                self._replace_producer()
-                return
-            if undelivered == 0:
-                return
-            self._note_waiting(undelivered)
+    def _on_delivery(
+        self, batch: _Batch, index: int, err: KafkaError | None, _msg: Message
+    ) -> None:
+        if err is None:
+            batch.pending -= 1
+            return
+        if err.fatal():
+            self._fatal = err
+        self._failed.append((batch, index, err))
 
-    def _next_round(
-        self, records: list[OutputRecord], outcomes: list[KafkaError | None]
-    ) -> list[OutputRecord]:
-        """What to send next: failed records again, in order, then what replaces refused ones."""
-        again: list[OutputRecord] = []
-        replacements: list[OutputRecord] = []
-        for record, error in zip(records, outcomes, strict=True):
-            if error is None:
-                continue
+    def _send_again(self) -> None:
+        """Failed records: refused ones set aside, the rest sent again (not in a busy loop)."""
+        now = time.monotonic()
+        if now < self._again_at:
+            return
+        failed, self._failed = self._failed, []
+        for batch, index, error in failed:
+            record = batch.record(index)
             if error.code() in REFUSED:
                 replacement = self._set_aside(record, error)
-                if replacement is not None:
-                    replacements.append(replacement)
+                if replacement is None:
+                    batch.pending -= 1
+                    continue
+                if batch.replaced is None:
+                    batch.replaced = {}
+                batch.replaced[index] = record = replacement
             else:
                 metrics.OUTPUT_FAILURES.labels(error.name(), "retried").inc()
                 self._last_error = error.str()
-                again.append(record)
-        if again:
-            # Kafka has already retried these for message.timeout.ms or refused them
-            # as a whole topic (missing, unauthorized): no hurry, and no busy loop.
-            time.sleep(POLL_S)
-            self._note_waiting(len(again))
-        return again + replacements
+                # Kafka has already retried it for message.timeout.ms, or refused the whole
+                # topic (missing, unauthorized): the next failure waits before its turn.
+                self._again_at = now + POLL_S
+            topic, key, value, headers = record
+            try:
+                self._producer.produce(
+                    topic, value, key, headers=headers, on_delivery=batch.callbacks[index]
+                )
+            except (BufferError, KafkaException) as err:
+                self._send_slowly(batch, index, err)
 
     def _set_aside(self, record: OutputRecord, error: KafkaError) -> OutputRecord | None:
         return set_aside(record, error, self._limits, self._dlq_topic, self._say)
@@ -280,45 +345,36 @@ class _BatchWriter(StatelessSinkPartition[OutputRecord]):
     def _replace_producer(self) -> None:
         error, self._fatal = self._fatal, None
         old = self._producer
-        # Every record still queued or in flight gets its report now, as failed: the new
+        # Every record still queued or in flight gets its report, as failed: the new
         # producer sends them again (an in-flight one may arrive twice: at-least-once).
         old.purge()
-        deadline = time.monotonic() + 10 * POLL_S
-        while len(old) and time.monotonic() < deadline:
-            old.poll(POLL_S / 5)
+        self._retired.append(old)
         self._producer = Producer(self._config)
-        # A report the old producer might still give must not land on a later round.
-        self._generation += 1
-        self._callbacks = []
+        self._poll_retired()
         name = error.name() if error is not None else "_FATAL"
         metrics.OUTPUT_FAILURES.labels(name, "new_producer").inc()
         self._say(f"flow: output producer failed ({error}); a new one sends what was undelivered")
 
-    def _on_delivery(
-        self, generation: int, index: int, err: KafkaError | None, msg: Message
-    ) -> None:
-        if generation != self._generation:
-            return
-        self._outcomes[index] = err
-        if err is None:
-            self._delivered += 1
-        elif err.fatal():
-            self._fatal = err
+    def _poll_retired(self) -> None:
+        for old in self._retired:
+            old.poll(0)
+        self._retired = [old for old in self._retired if len(old)]
 
     def _on_error(self, err: KafkaError) -> None:
         self._last_error = err.str()
         if err.fatal():
             self._fatal = err
 
-    def _note_waiting(self, undelivered: int) -> None:
-        waited = time.monotonic() - self._waiting_since
+    def _note_waiting(self, since: float) -> None:
+        waited = time.monotonic() - since
         if self._blocked_since is None and waited >= BLOCKED_AFTER_S:
-            self._blocked_since = self._waiting_since
+            self._blocked_since = since
             metrics.OUTPUT_BLOCKED.inc()
+            undelivered = len(self._producer) + len(self._failed)
             self._say(
                 f"flow: output blocked: {undelivered} records undelivered for {waited:.0f} s "
-                f"(last error: {self._last_error or 'none reported'}); reading is paused "
-                "until Kafka takes them"
+                f"(last error: {self._last_error or 'none reported'}); reading goes on until "
+                f"{MAX_IN_FLIGHT} are in flight, then waits until Kafka takes them"
             )
         if self._blocked_since is not None and STOP_READING.is_set() and not self._stop_noted:
             self._stop_noted = True
@@ -337,17 +393,17 @@ class _BatchWriter(StatelessSinkPartition[OutputRecord]):
         print(redact(line, self._settings), file=sys.stderr, flush=True)
 
 
-class OutputSink(DynamicSink[OutputRecord]):
+class OutputSink(DynamicSink[SinkItem]):
     """Recommendations and dead letters, each record naming its topic; one producer per worker."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _BatchWriter:
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _AsyncWriter:
         limits = output_limits(self._settings)
         # The deployment's own settings (in producer_config) still win over the sizes.
         config: dict[str, Any] = size_limits(limits) | producer_config(self._settings)
-        return _BatchWriter(config, self._settings, limits)
+        return _AsyncWriter(config, self._settings, limits)
 
 
 def output_limits(settings: Settings) -> dict[str, int]:

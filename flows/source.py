@@ -22,6 +22,7 @@ from confluent_kafka import (
 )
 
 from flows import metrics
+from flows.delivery import DELIVERED, delivered_through, take_reports
 from flows.kafka_log import kafka_logger
 from flows.shutdown import STOP_READING
 from flows.stores import PartitionStores
@@ -44,7 +45,11 @@ class ResumeOffsetError(RuntimeError):
 
 
 class _PartitionReader(StatefulSourcePartition[Message, int]):
-    """Reads one Kafka partition from a resume offset; the snapshot is the next offset to read."""
+    """Reads one Kafka partition from a resume offset.
+
+    The snapshot is the next offset to read, or, at least once, the first whose
+    outputs are not yet all acknowledged (flows/delivery.py).
+    """
 
     def __init__(
         self,
@@ -69,12 +74,19 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
         # no record comes, so that answers never wait for the next one).
         self._transactions = transactions
         self._snapshots: deque[int] = deque(maxlen=SNAPSHOTS_UNTIL_COMMITTED)
+        if transactions is None:
+            # At least once, outputs are acknowledged after reading goes on (flows/delivery.py).
+            DELIVERED[partition] = offset
         # Without a recovery store every run reads from the start: no tail can cover that.
         REPLAY_FLOORS[partition] = max(offset, 0) if resumable else NO_REPLAY
         self._reported: set[int] = set()
 
     def next_batch(self) -> list[Message]:
         if STOP_READING.is_set():
+            if self._transactions is None:
+                take_reports()
+                if delivered_through(self._partition, self._offset) < self._offset:
+                    return []  # the end waits for the outputs of what was read
             raise StopIteration
         transactions = self._transactions
         if transactions is not None and transactions.due():
@@ -105,11 +117,14 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
             )
 
     def snapshot(self) -> int:
+        # Never past an event whose outputs Kafka has yet to acknowledge.
+        take_reports()
+        offset = delivered_through(self._partition, self._offset)
         if self._resumable:
-            self._snapshots.append(self._offset)
+            self._snapshots.append(offset)
             if len(self._snapshots) == SNAPSHOTS_UNTIL_COMMITTED:
                 REPLAY_FLOORS[self._partition] = self._snapshots[0]
-        return self._offset
+        return offset
 
     def close(self) -> None:
         self._consumer.close()
