@@ -9,6 +9,7 @@ librdkafka through untouched.  Offsets are Bytewax resume state, as in
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from typing import Final, cast
 
@@ -44,6 +45,60 @@ class ResumeOffsetError(RuntimeError):
     """The recovery store's resume offset lies past the end of its partition."""
 
 
+class _WorkerConsumer:
+    """One librdkafka consumer for all the events partitions a worker reads.
+
+    A consumer per partition would mean a set of threads and a fetch per
+    partition; one per worker fetches them together.  Each partition's reader
+    takes its records from here: what a poll brings for the others waits in
+    their buffers, which their readers empty on their next turn (Bytewax polls a
+    worker's partitions in turn, on the worker's own thread).
+    """
+
+    def __init__(self, config: dict[str, str]) -> None:
+        self._consumer = Consumer({**config, "logger": kafka_logger("consumer")})
+        self._buffers: dict[int, deque[Message]] = {}
+        self.closed = False
+
+    def add(self, topic: str, partition: int, offset: int) -> int:
+        """Start reading ``partition`` at ``offset`` (checked); returns the offset it reads from."""
+        if offset != OFFSET_BEGINNING:
+            offset = checked_resume_offset(self._consumer, topic, partition, offset)
+        self._consumer.incremental_assign([TopicPartition(topic, partition, offset)])
+        self._buffers[partition] = deque()
+        return offset
+
+    def take(self, partition: int, batch: int) -> list[Message]:
+        """Up to ``batch`` records of ``partition``; an error with no partition comes to all."""
+        buffers = self._buffers
+        buffer = buffers[partition]
+        if not buffer:
+            if len(buffers) > 1 and any(len(other) >= batch for other in buffers.values()):
+                return []  # the others' records first: a backlog stays in Kafka, not here
+            records = self._consumer.consume(batch * len(buffers), 0)
+            if len(buffers) == 1 or not records:
+                return records  # nearly always, on a worker reading one partition
+            for record in records:
+                own = buffers.get(cast(int, record.partition()))
+                if own is not None:
+                    own.append(record)
+                else:
+                    for other in buffers.values():
+                        other.append(record)
+        if len(buffer) <= batch:
+            taken = list(buffer)
+            buffer.clear()
+            return taken
+        return [buffer.popleft() for _ in range(batch)]
+
+    def remove(self, partition: int) -> None:
+        """Stop reading ``partition``; the consumer closes with the worker's last partition."""
+        self._buffers.pop(partition, None)
+        if not self._buffers and not self.closed:
+            self.closed = True
+            self._consumer.close()
+
+
 class _PartitionReader(StatefulSourcePartition[Message, int]):
     """Reads one Kafka partition from a resume offset.
 
@@ -53,7 +108,7 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
 
     def __init__(
         self,
-        config: dict[str, str],
+        reader: _WorkerConsumer,
         topic: str,
         partition: int,
         offset: int,
@@ -61,10 +116,8 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
         resumable: bool,
         transactions: PartitionTransactions | None = None,
     ):
-        self._consumer = Consumer({**config, "logger": kafka_logger("consumer")})
-        if offset != OFFSET_BEGINNING:
-            offset = checked_resume_offset(self._consumer, topic, partition, offset)
-        self._consumer.assign([TopicPartition(topic, partition, offset)])
+        self._reader = reader
+        offset = reader.add(topic, partition, offset)
         self._topic = topic
         self._partition = partition
         self._offset = offset
@@ -91,7 +144,7 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
         transactions = self._transactions
         if transactions is not None and transactions.due():
             transactions.commit()
-        records = self._consumer.consume(self._batch, 0)
+        records = self._reader.take(self._partition, self._batch)
         if not records:
             return records
         good = [r for r in records if r.error() is None]
@@ -127,7 +180,7 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
         return offset
 
     def close(self) -> None:
-        self._consumer.close()
+        self._reader.remove(self._partition)
 
 
 class EventSource(FixedPartitionedSource[Message, int]):
@@ -144,6 +197,8 @@ class EventSource(FixedPartitionedSource[Message, int]):
         self._batch = batch
         self._resumable = resumable
         self._stores = stores
+        # Per worker thread, the consumer its partitions share.
+        self._consumers: dict[int, _WorkerConsumer] = {}
 
     def list_parts(self) -> list[str]:
         # The topic is part of the name, so resume offsets never carry over to another topic.
@@ -152,7 +207,6 @@ class EventSource(FixedPartitionedSource[Message, int]):
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _PartitionReader:
         partition, topic = for_part.split("-", 1)
-        config = consumer_config(self._settings, group="streamrec-flow")
         offset = OFFSET_BEGINNING if resume_state is None else resume_state
         if self._stores is not None:
             # The shard first, rebuilt if needed: its state decides where reading may resume.
@@ -168,8 +222,22 @@ class EventSource(FixedPartitionedSource[Message, int]):
             None if self._stores is None else self._stores.transactions.get(int(partition))
         )
         return _PartitionReader(
-            config, topic, int(partition), offset, self._batch, self._resumable, transactions
+            self._consumer_of_this_worker(),
+            topic,
+            int(partition),
+            offset,
+            self._batch,
+            self._resumable,
+            transactions,
         )
+
+    def _consumer_of_this_worker(self) -> _WorkerConsumer:
+        thread = threading.get_ident()
+        consumer = self._consumers.get(thread)
+        if consumer is None or consumer.closed:
+            config = consumer_config(self._settings, group="streamrec-flow")
+            consumer = self._consumers[thread] = _WorkerConsumer(config)
+        return consumer
 
 
 def checked_resume_offset(consumer: Consumer, topic: str, partition: int, offset: int) -> int:
