@@ -75,23 +75,25 @@ def test_a_transaction_commits_its_outputs_and_moves_the_version(
     assert not partition.pending
 
 
-def test_fencing_that_shows_only_when_the_failed_commit_is_aborted_stops_as_fenced(
-    monkeypatch: pytest.MonkeyPatch, partition: PartitionTransactions
+@pytest.mark.parametrize(
+    ("abort_error", "stop", "says"),
+    [
+        # Fencing may show only when the commit that failed for another reason is aborted.
+        (FENCED, ProducerFenced, "served by another process"),
+        (BROKEN, TransactionGaveUp, "could not be aborted.*rebuilt from the changelog"),
+    ],
+)
+def test_an_abort_kafka_refuses_stops_the_flow_saying_why_every_time(
+    monkeypatch: pytest.MonkeyPatch,
+    partition: PartitionTransactions,
+    abort_error: KafkaError,
+    stop: type[Exception],
+    says: str,
 ) -> None:
     monkeypatch.setattr(RefusingProducer, "commit_error", ABORTABLE)
-    monkeypatch.setattr(RefusingProducer, "abort_error", FENCED)
+    monkeypatch.setattr(RefusingProducer, "abort_error", abort_error)
     partition.add([("recommendations", b"u1", b"{}", None)], next_offset=1)
-    with pytest.raises(ProducerFenced, match="served by another process"):
+    with pytest.raises(stop, match=says):
         partition.commit()
-    with pytest.raises(ProducerFenced):  # and every later commit says the same
-        partition.commit()
-
-
-def test_an_abort_kafka_refuses_for_another_reason_stops_with_the_shard_to_rebuild(
-    monkeypatch: pytest.MonkeyPatch, partition: PartitionTransactions
-) -> None:
-    monkeypatch.setattr(RefusingProducer, "commit_error", ABORTABLE)
-    monkeypatch.setattr(RefusingProducer, "abort_error", BROKEN)
-    partition.add([("recommendations", b"u1", b"{}", None)], next_offset=1)
-    with pytest.raises(TransactionGaveUp, match="could not be aborted.*rebuilt from the changelog"):
+    with pytest.raises(stop):  # and every later commit says the same
         partition.commit()
