@@ -297,7 +297,10 @@ def run_command(
     recovery = None
     # Exactly once, the changelog's marks are the resume points: Bytewax's store is not used.
     if not no_recovery and not exactly_once:
-        ensure_recovery_store(settings.recovery_dir, partitions)
+        # One recovery partition per process, not per Kafka partition: each is a SQLite file
+        # committed (fsync) at every epoch on the thread that scores events, and a few bytes
+        # of offsets need no more.  A store made earlier keeps its count.
+        ensure_recovery_store(settings.recovery_dir, processes)
         recovery = RecoveryConfig(str(settings.recovery_dir))
     if settings.metrics_port:
         port = settings.metrics_port + (process_id or 0)
