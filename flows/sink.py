@@ -259,8 +259,10 @@ class _AsyncWriter(StatelessSinkPartition[SinkItem]):
             self._release(batches.popleft())
         if batches:
             self._note_waiting(batches[0].queued_at)
-        elif self._blocked_since is not None:
-            self._resumed()
+        if self._blocked_since is not None and (
+            not batches or time.monotonic() - batches[0].queued_at < BLOCKED_AFTER_S
+        ):
+            self._resumed()  # under steady traffic a batch is always in flight: a young one
 
     def _release(self, batch: _Batch) -> None:
         for partition, next_offset in batch.marks:

@@ -8,6 +8,7 @@ exercised by test_flow.py (SIGKILLs) and test_flow_output.py (outage, limits).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -211,3 +212,21 @@ def test_close_returns_only_once_everything_is_delivered(
     monkeypatch.setattr(kafka, "poll", poll)
     writer.close()
     assert polls >= 3 and kafka.sent == [rec(1)] and DELIVERED[0] == 110
+
+
+def test_blocked_output_is_said_once_and_its_end_too_while_traffic_goes_on(
+    monkeypatch: pytest.MonkeyPatch, writer: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = [1_000.0]
+    monkeypatch.setattr(sink, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=lambda _: 0))
+    kafka = HeldProducer.made[0]
+    writer.write_batch([rec(1), OffsetMark(0, 110)])
+    now[0] += sink.BLOCKED_AFTER_S + 1  # Kafka away
+    take_reports()
+    take_reports()
+    writer.write_batch([rec(2), OffsetMark(0, 120)])  # traffic goes on meanwhile
+    kafka.answer(0)  # Kafka back: the first batch is acknowledged, the second is in flight
+    take_reports()
+    said = capsys.readouterr().err
+    assert said.count("flow: output blocked") == 1 and "flow: output resumed after" in said
+    assert DELIVERED[0] == 110
