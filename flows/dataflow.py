@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from flows.models import ModelSet, ModelWatcher
 from flows.processor import processor_factory
-from flows.sink import OutputSink
+from flows.sink import OutputSink, SinkItem
 from flows.source import EventSource
 from flows.stores import PartitionStores
 from streamrec.settings import Settings
@@ -40,5 +41,19 @@ def build_dataflow(
     outputs = op.flat_map_batch(
         "recommend", records, processor_factory(settings, stores, variant, model, watcher)
     )
-    op.output("kafka-out", outputs, OutputSink(settings))
+    # Exactly once, each partition's transaction carries the outputs: the sink gets none.
+    sink = NoOutput() if stores.exactly_once else OutputSink(settings)
+    op.output("kafka-out", outputs, sink)
     return flow
+
+
+class _Nothing(StatelessSinkPartition[SinkItem]):
+    def write_batch(self, items: list[SinkItem]) -> None:
+        assert not items, "exactly once, outputs go in the partitions' transactions"
+
+
+class NoOutput(DynamicSink[SinkItem]):
+    """The sink of a flow whose outputs leave otherwise: no producer, no start-up lookups."""
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _Nothing:
+        return _Nothing()
