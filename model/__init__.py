@@ -7,12 +7,13 @@ Run time (numpy + onnxruntime only, what the flow imports):
 Training (torch, ``streamrec train``):
   data.py        sequences, vocabulary, leave-one-out and streaming splits
   baselines.py   most-popular and co-visitation
-  sasrec.py      the transformer (teacher and student share it)
+  sasrec.py      the transformer (teacher and student share it), plain or hybrid
+  hybrid.py      a hybrid's co-visitation input in torch (the sums serving computes)
   train.py       full-softmax training, distillation targets, early stopping
   prune.py       structured pruning of FFN units, heads and dimensions
   export.py      ONNX export, int8 quantization, agreement with fp32
   metrics.py     full-ranking NDCG/HR, bootstrap intervals
   bench.py       scoring latency
-  card.py        card.json, card.md, the frontier plot and the choice by f
+  card.py        card.json, card.md, frontier and learning-curve plots, the choice by f
   pipeline.py    the stages in order;  cli.py  the ``train`` command
 """

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from model.candidates import PAD, covisit_pairs
+from model.candidates import PAD, RECENCY, covisit_pairs
 
 
 class Popular:
@@ -51,7 +51,7 @@ class Covisit:
         self.indptr, self.neighbour, self.weight = covisit_pairs(train, n_items, window)
         popularity = Popular(train, n_items).counts
         self.prior = 1e-6 * popularity / max(float(popularity.max()), 1.0)
-        self.recency = 0.7 ** np.arange(recent)
+        self.recency = RECENCY ** np.arange(recent)
         self.recent = recent
 
     def score_all(self, histories: Sequence[np.ndarray]) -> np.ndarray:

@@ -31,6 +31,8 @@ import numpy as np
 
 PAD = 0
 SIMILAR_WIDTH = 100  # nearest items kept per item: enough to match a full scan's recall@200
+NEIGHBOUR_WIDTH = 50  # co-visitation neighbours kept per item
+RECENCY = 0.7  # the k-th newest item of a session weighs RECENCY**k in co-visitation sums
 
 
 def covisit_pairs(
@@ -62,6 +64,27 @@ def covisit_pairs(
     indptr = np.zeros(n_items + 1, dtype=np.int64)
     np.add.at(indptr, uniq_row + 1, 1)
     return np.cumsum(indptr), (uniq % n_items).astype(np.int64), summed
+
+
+def neighbour_table(
+    sequences: Sequence[np.ndarray],
+    n_items: int,
+    width: int = NEIGHBOUR_WIDTH,
+    window: int = 3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's ``width`` strongest co-visitation neighbours [n_items, width] (int64, PAD
+    where empty) and their weights [n_items, width] (float32, 0 where empty), strongest first."""
+    indptr, col, weight = covisit_pairs(sequences, n_items, window)
+    neighbours = np.zeros((n_items, width), dtype=np.int64)
+    weights = np.zeros((n_items, width), dtype=np.float32)
+    for item in range(n_items):
+        lo, hi = indptr[item], indptr[item + 1]
+        if hi == lo:
+            continue
+        top = np.argsort(-weight[lo:hi], kind="stable")[:width]
+        neighbours[item, : len(top)] = col[lo:hi][top]
+        weights[item, : len(top)] = weight[lo:hi][top]
+    return neighbours, weights
 
 
 def nearest_items(item_vectors: np.ndarray, width: int = SIMILAR_WIDTH) -> np.ndarray:
@@ -115,7 +138,7 @@ class CandidateIndex:
         self.recent = recent
         self.covisit_share, self.nn_share = covisit_share, nn_share
         self.n_items = len(popularity)
-        self._recency = 0.7 ** np.arange(recent, dtype=np.float32)
+        self._recency = RECENCY ** np.arange(recent, dtype=np.float32)
         # The top list, its negated counts (ascending) and each item's place in it (-1: not).
         self._popular: np.ndarray | None = None
         self._popular_neg = np.zeros(0)
@@ -128,20 +151,11 @@ class CandidateIndex:
         sequences: Sequence[np.ndarray],
         n_items: int,
         item_vectors: np.ndarray,
-        width: int = 50,
+        width: int = NEIGHBOUR_WIDTH,
         window: int = 3,
     ) -> CandidateIndex:
         """An index over ``sequences`` of item indices with ``n_items`` rows (padding included)."""
-        indptr, col, weight = covisit_pairs(sequences, n_items, window)
-        neighbours = np.zeros((n_items, width), dtype=np.int64)
-        weights = np.zeros((n_items, width), dtype=np.float32)
-        for item in range(n_items):
-            lo, hi = indptr[item], indptr[item + 1]
-            if hi == lo:
-                continue
-            top = np.argsort(-weight[lo:hi], kind="stable")[:width]
-            neighbours[item, : len(top)] = col[lo:hi][top]
-            weights[item, : len(top)] = weight[lo:hi][top]
+        neighbours, weights = neighbour_table(sequences, n_items, width, window)
         popularity = np.bincount(
             np.concatenate([*sequences, np.zeros(0, np.int64)]).astype(np.int64),
             minlength=n_items,
@@ -305,6 +319,25 @@ class CandidateIndex:
         vectors = self.item_vectors.take(items, axis=0)  # take(): faster than [] for rows
         scores[keys] = np.einsum("bpd,bd->bp", vectors, sessions)
         return _first_copies(_by_score(keys, scores[keys]))
+
+    def covisit_sums(self, items: np.ndarray, candidates: np.ndarray, recent: int) -> np.ndarray:
+        """Co-visitation sums [B, C] of ``candidates`` [B, C] after ``items`` [B, L] (left-padded).
+
+        A candidate's sum adds its neighbour weight from each of the ``recent`` newest
+        items, the k-th newest weighted ``RECENCY**k``: the input a hybrid model needs.
+        """
+        b, n_items = len(items), self.n_items
+        newest = np.zeros((b, recent), dtype=np.int64)  # newest first, PAD-filled
+        tail = items[:, ::-1][:, :recent]
+        newest[:, : tail.shape[1]] = tail
+        offsets = np.arange(0, b * n_items, n_items, dtype=np.int64)[:, None, None]
+        keys = self.neighbours.take(newest, axis=0) + offsets  # [B, recent, width]
+        weights = (
+            self.neighbour_weights.take(newest, axis=0)
+            * (RECENCY ** np.arange(recent, dtype=np.float32))[:, None]
+        )
+        sums = np.bincount(keys.ravel(), weights.ravel(), minlength=b * n_items)
+        return sums.reshape(b, n_items)[np.arange(b)[:, None], candidates].astype(np.float32)
 
     def save(self, path: Path) -> None:
         np.savez_compressed(

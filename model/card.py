@@ -1,4 +1,4 @@
-"""The model card: each variant's accuracy, size and speed, the choice by ``f``, the frontier plot.
+"""The model card: each variant's accuracy, size and speed, the choice by ``f``, two plots.
 
 The served variant minimises ``f = α·T + (1−α)·(1−quality)`` among the
 variants that can be served (those exported to ONNX), where ``T`` is the
@@ -24,6 +24,7 @@ import orjson
 CARD_JSON = "card.json"
 CARD_MD = "card.md"
 FRONTIER_PNG = "frontier.png"
+CURVES_PNG = "learning_curves.png"
 
 
 def objective(row: dict[str, Any], reference: dict[str, Any], alpha: float) -> float:
@@ -49,6 +50,7 @@ def write(out_dir: Path, card: dict[str, Any]) -> None:
     )
     (out_dir / CARD_MD).write_text(markdown(card), encoding="utf-8")
     plot_frontier(card, out_dir / FRONTIER_PNG)
+    plot_learning_curves(card, out_dir / CURVES_PNG)
 
 
 def _ci(row: dict[str, Any], key: str) -> str:
@@ -180,6 +182,7 @@ def _training(card: dict[str, Any]) -> list[str]:
             f"{t.get('stopped', '–')} | {t.get('s_per_epoch', '–')} | "
             f"{t.get('sequences_per_s', '–')} | {curve} |"
         )
+    lines += ["", f"Learning curves, against the baselines' validation NDCG@10: {CURVES_PNG}."]
     search = card.get("search")
     if search:
         lines += [
@@ -243,6 +246,41 @@ def plot_frontier(card: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("NDCG@10 (leave-one-out, full ranking)")
     ax.set_title(f"{card['dataset']['name']}: speed/accuracy (★ served: {card['chosen']})")
     ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_learning_curves(card: dict[str, Any], path: Path) -> None:
+    """Validation NDCG@10 by epoch of every trained model (the teacher's search trials
+    dashed), with the baselines' validation NDCG@10 as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    search = card.get("search") or {}
+    trials = [t for t in search.get("trials", []) if "val_curve" in t]
+    for t in trials:
+        curve = t["val_curve"]
+        ax.plot(range(1, len(curve) + 1), curve, "x--", alpha=0.6, label=f"trial {t['candidate']}")
+    # The teacher trains on from its winning trial's best epoch: its curve continues there.
+    winner = next((t for t in trials if t["candidate"] == search.get("winner")), None)
+    start = winner["best_epoch"] if winner else 0
+    for name, info in card.get("training", {}).items():
+        curve = info.get("val_curve", [])
+        offset = start if name == "teacher" else 0
+        ax.plot(range(offset + 1, offset + len(curve) + 1), curve, "o-", label=name)
+    for row in card["variants"]:
+        if row["name"] in ("popular", "covisit"):
+            ax.axhline(row["val_ndcg@10"], color="grey", linestyle=":")
+            ax.annotate(row["name"], (1, row["val_ndcg@10"]), fontsize=7, va="bottom")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation NDCG@10")
+    ax.set_title(f"{card['dataset']['name']}: learning curves")
+    ax.legend(loc="lower right", fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

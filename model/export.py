@@ -45,6 +45,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from model.candidates import CandidateIndex
 from model.data import left_pad
 from model.sasrec import SASRec
 from model.serving import OnnxScorer
@@ -63,19 +64,27 @@ def export_onnx(model: SASRec, path: Path, name: str) -> float:
     cfg = model.cfg
     seq = torch.randint(1, cfg.n_items, (2, cfg.max_len))
     candidates = torch.randint(1, cfg.n_items, (2, 16))
+    inputs: tuple[torch.Tensor, ...] = (seq, candidates)
+    names = ["items", "candidates"]
+    axes = {
+        "items": {0: "batch", 1: "length"},
+        "candidates": {0: "batch", 1: "n_candidates"},
+        "scores": {0: "batch", 1: "n_candidates"},
+    }
+    if model.hybrid:
+        # The candidates' co-visitation sums: serving computes them from its candidate index.
+        inputs += (torch.rand(2, 16) * 4,)
+        names.append("covisit")
+        axes["covisit"] = {0: "batch", 1: "n_candidates"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             model,
-            (seq, candidates),
+            inputs,
             str(path),
-            input_names=["items", "candidates"],
+            input_names=names,
             output_names=["scores"],
-            dynamic_axes={
-                "items": {0: "batch", 1: "length"},
-                "candidates": {0: "batch", 1: "n_candidates"},
-                "scores": {0: "batch", 1: "n_candidates"},
-            },
+            dynamic_axes=axes,
             opset_version=OPSET,
             dynamo=False,
             do_constant_folding=True,
@@ -104,8 +113,14 @@ def parity_error(model: SASRec, path: Path) -> float:
     seq = torch.randint(1, model.cfg.n_items, (3, length), generator=g)
     seq[0, : length // 2] = 0
     candidates = torch.randint(1, model.cfg.n_items, (3, 37), generator=g)
-    expected = model.score(seq, candidates).numpy()
-    got = OnnxScorer(path).score(seq.numpy(), candidates.numpy())
+    covisit = None
+    if model.hybrid:
+        # Zero for most candidates, as in serving, large for a few.
+        covisit = torch.rand(3, 37, generator=g) * 50 * (torch.rand(3, 37, generator=g) < 0.3)
+    expected = model.score(seq, candidates, covisit).numpy()
+    got = OnnxScorer(path).score(
+        seq.numpy(), candidates.numpy(), None if covisit is None else covisit.numpy()
+    )
     return float(np.abs(expected - got).max())
 
 
@@ -211,7 +226,10 @@ def sensitive_matmuls(
 def _score_feeds(path: Path, feeds: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
     scorer = OnnxScorer(path)
     return np.concatenate(
-        [scorer.score(feed["items"], feed["candidates"]).ravel() for feed in feeds]
+        [
+            scorer.score(feed["items"], feed["candidates"], feed.get("covisit")).ravel()
+            for feed in feeds
+        ]
     )
 
 
@@ -230,16 +248,24 @@ def calibration_feeds(
     candidates: Sequence[np.ndarray],
     max_len: int,
     batch_size: int = 32,
+    covisit: CandidateIndex | None = None,
+    covisit_recent: int = 0,
 ) -> list[dict[str, np.ndarray]]:
+    """Model inputs in batches; with ``covisit_recent`` (a hybrid) the sums from ``covisit``."""
     feeds = []
     for lo in range(0, len(histories), batch_size):
         width = min(len(c) for c in candidates[lo : lo + batch_size])
-        feeds.append(
-            {
-                "items": left_pad(histories[lo : lo + batch_size], max_len),
-                "candidates": np.stack([c[:width] for c in candidates[lo : lo + batch_size]]),
-            }
-        )
+        feed = {
+            "items": left_pad(histories[lo : lo + batch_size], max_len),
+            "candidates": np.stack([c[:width] for c in candidates[lo : lo + batch_size]]),
+        }
+        if covisit_recent:
+            if covisit is None:
+                raise ValueError("a hybrid's calibration feeds need the candidate index")
+            feed["covisit"] = covisit.covisit_sums(
+                feed["items"], feed["candidates"], covisit_recent
+            )
+        feeds.append(feed)
     return feeds
 
 

@@ -68,6 +68,8 @@ def importance(
                     dim_sum += _gw(m.weight).sum(1) + _gw(m.bias)
             dim_sum += _gw(model.item_emb.weight).sum(0) + _gw(model.pos_emb.weight).sum(0)
             dim_sum += _gw(model.ln_out.weight) + _gw(model.ln_out.bias)
+            if model.hybrid:
+                dim_sum += _gw(model.covisit_gate.weight).sum(0)
             dims += dim_sum.abs()
     model.zero_grad(set_to_none=True)
     return Importance(ffn, heads, dims)
@@ -108,6 +110,9 @@ def prune(model: SASRec, imp: Importance, cfg: PruneConfig) -> SASRec:
             units = _top(imp.ffn[b], n_ff)
             _copy_linear(new.ffn.up, old.ffn.up, units, keep_dims)
             _copy_linear(new.ffn.down, old.ffn.down, keep_dims, units)
+        if model.hybrid:
+            _copy_linear(small.covisit_gate, model.covisit_gate, torch.tensor([0]), keep_dims)
+    small.covisit_table = model.covisit_table
     return small
 
 

@@ -6,6 +6,12 @@ products with the item embedding table (tied input/output embeddings), so the
 model ranks the whole catalogue in training and only the candidates it is given
 at serving time.
 
+A hybrid (``covisit_recent`` > 0) takes one more input, the
+co-visitation sums of the candidates after the session's newest items
+(``model.candidates``), and adds ``gate(h) · log1p(sum)`` to each score: the gate is
+learnt from the hidden state, so the model decides per session how far to trust
+co-visitation, and the transformer learns what co-visitation misses.
+
 Sequences are left-padded with item 0 and positions are counted from the right
 (the newest item always sits at position ``max_len - 1``), so a batch may be cut
 to its longest session without changing any score.
@@ -14,6 +20,12 @@ to its longest session without changing any score.
 >>> model = SASRec(SASRecConfig(n_items=20, max_len=8, d_model=16, n_heads=2, d_ff=32))
 >>> model.score(torch.tensor([[0, 0, 3, 4]]), torch.tensor([[5, 6, 7]])).shape
 torch.Size([1, 3])
+>>> hybrid = SASRec(SASRecConfig(n_items=20, max_len=8, d_model=16, covisit_recent=3)).eval()
+>>> seq, cands = torch.tensor([[3, 4]]), torch.tensor([[5, 6]])
+>>> plain = hybrid.score(seq, cands, torch.zeros(1, 2))
+>>> bonus = hybrid.score(seq, cands, torch.tensor([[9.0, 0.0]])) - plain
+>>> bool(bonus[0, 0] > 0), bool(bonus[0, 1] == 0)  # only the co-visited candidate moves up
+(True, True)
 """
 
 from __future__ import annotations
@@ -44,6 +56,8 @@ class SASRecConfig:
     dropout: float = 0.2
     # Input embeddings are scaled by sqrt(d_model); pruning dimensions keeps the original factor.
     emb_scale: float | None = None
+    # Hybrid: co-visitation from this many newest items adds to the scores (0: none).
+    covisit_recent: int = 0
 
     @property
     def embedding_scale(self) -> float:
@@ -129,6 +143,14 @@ class SASRec(nn.Module):
             persistent=False,
         )
         self.apply(_init_weights)
+        # Set from the training data before training (``model.hybrid``); never exported:
+        # at serving time the sums come from the candidate index, kept up to date online.
+        self.covisit_table: Any = None
+        if cfg.covisit_recent:
+            self.covisit_gate = nn.Linear(cfg.d_model, 1)
+            nn.init.zeros_(self.covisit_gate.weight)
+            # softplus(0.5413) = 1: the sums start at full weight, as the baseline ranks.
+            nn.init.constant_(self.covisit_gate.bias, 0.5413)
 
     def encode(self, seq: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Hidden states of ``seq`` [B, L ≤ max_len]: [B, L, d], or [B, d] with ``last_only``."""
@@ -147,17 +169,47 @@ class SASRec(nn.Module):
         x = self.ln_out(x)
         return x[:, -1] if last_only else x
 
-    def score(self, seq: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Scores [B, C] of ``candidates`` [B, C] as the next item after ``seq`` [B, L]."""
+    @property
+    def hybrid(self) -> bool:
+        return self.cfg.covisit_recent > 0
+
+    def covisit_weight(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The gate [...] on the co-visitation input, from hidden states [..., d]."""
+        return F.softplus(self.covisit_gate(hidden)).squeeze(-1)
+
+    def score(
+        self, seq: torch.Tensor, candidates: torch.Tensor, covisit: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores [B, C] of ``candidates`` [B, C] as the next item after ``seq`` [B, L].
+
+        ``covisit`` [B, C]: the candidates' co-visitation sums (a hybrid needs them).
+        """
         h = self.encode(seq, last_only=True)
-        return (self.item_emb(candidates) @ h.unsqueeze(-1)).squeeze(-1)
+        return self._with_covisit(
+            (self.item_emb(candidates) @ h.unsqueeze(-1)).squeeze(-1), h, covisit
+        )
 
-    def score_all(self, seq: torch.Tensor) -> torch.Tensor:
+    def score_all(self, seq: torch.Tensor, covisit: torch.Tensor | None = None) -> torch.Tensor:
         """Scores [B, n_items] of every item (index 0, the padding, included)."""
-        return self.encode(seq, last_only=True) @ self.item_emb.weight.T
+        h = self.encode(seq, last_only=True)
+        return self._with_covisit(h @ self.item_emb.weight.T, h, covisit)
 
-    def forward(self, seq: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        return self.score(seq, candidates)
+    def forward(
+        self, seq: torch.Tensor, candidates: torch.Tensor, covisit: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.score(seq, candidates, covisit)
+
+    def _with_covisit(
+        self, scores: torch.Tensor, hidden: torch.Tensor, covisit: torch.Tensor | None
+    ) -> torch.Tensor:
+        if not self.hybrid:
+            return scores
+        if covisit is None:
+            raise ValueError(
+                "a hybrid SASRec scores with its candidates' co-visitation sums: pass covisit "
+                "(model.hybrid.CovisitTable or CandidateIndex.covisit_sums)"
+            )
+        return scores + self.covisit_weight(hidden)[:, None] * torch.log1p(covisit)
 
     def block_list(self) -> list[Block]:
         """The blocks, typed (iterating an ``nn.ModuleList`` yields plain modules)."""

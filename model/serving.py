@@ -21,7 +21,8 @@ batch: there, scores move slightly with the batch (static int8 and fp32 do not).
 
 For each session: the item ids known to the vocabulary are the model's input
 (unknown ones are cold: invisible to the model but still seen); the candidate
-index proposes unseen items; the ONNX model scores them; the best ``k`` are
+index proposes unseen items; the ONNX model scores them (a hybrid model with
+their co-visitation sums from the same index); the best ``k`` are
 returned best first.  A session with no known item gets the popular items.
 Items whose hash is in the session's ``exclude`` (what the user consumed
 beyond the window, ``state.consumed``) are replaced, before scoring, by the
@@ -68,18 +69,40 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
 
 
 class OnnxScorer:
-    """An exported model: item sequences [B, L] and candidates [B, C] → scores [B, C]."""
+    """An exported model: item sequences [B, L] and candidates [B, C] → scores [B, C].
 
-    def __init__(self, path: Path, threads: int = 1) -> None:
+    A hybrid model also takes the candidates' co-visitation sums; the
+    scorer computes them from ``covisit``, the candidate index, unless they are given.
+    """
+
+    def __init__(self, path: Path, threads: int = 1, covisit: CandidateIndex | None = None) -> None:
         self.path = Path(path)
         self.session = ort.InferenceSession(
             str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
         )
         meta = self.session.get_modelmeta().custom_metadata_map
         self.max_len = int(meta.get("max_len", "50"))
+        self.covisit = covisit
+        # The newest items whose co-visitation a hybrid takes as input (0: a plain model).
+        self.covisit_recent = int(meta.get("config.covisit_recent", "0"))
+        names = {i.name for i in self.session.get_inputs()}
+        if "covisit" in names and not self.covisit_recent:
+            raise ArtifactError(f"{self.path} takes co-visitation but names no covisit_recent")
 
-    def score(self, items: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        out: np.ndarray = self.session.run(None, {"items": items, "candidates": candidates})[0]
+    def score(
+        self, items: np.ndarray, candidates: np.ndarray, covisit: np.ndarray | None = None
+    ) -> np.ndarray:
+        feeds = {"items": items, "candidates": candidates}
+        if self.covisit_recent:
+            if covisit is None:
+                if self.covisit is None:
+                    raise ArtifactError(
+                        f"{self.path.name} is a hybrid: give OnnxScorer the candidate index "
+                        "(covisit=CandidateIndex.load(...)) or score(..., covisit=sums)"
+                    )
+                covisit = self.covisit.covisit_sums(items, candidates, self.covisit_recent)
+            feeds["covisit"] = covisit
+        out: np.ndarray = self.session.run(None, feeds)[0]
         return out
 
 
@@ -132,10 +155,12 @@ class Recommender:
             )
         path = artifact_dir / onnx_file
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+        # One index: a hybrid scores with the co-visitation that ``observe`` keeps current.
+        index = CandidateIndex.load(artifact_dir / INDEX_FILE)
         return cls(
-            OnnxScorer(path, threads),
+            OnnxScorer(path, threads, covisit=index),
             Vocab.load(artifact_dir / VOCAB_FILE),
-            CandidateIndex.load(artifact_dir / INDEX_FILE),
+            index,
             version=f"{name}@{digest}",
             candidates=candidates,
         )

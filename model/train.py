@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from model.budget import clock_text
 from model.data import PAD, EvalSet, left_pad
+from model.hybrid import dense_sums, score_bonus, table_of
 from model.losses import LossOut, full_softmax, gbce, sampled_softmax
 from model.metrics import ndcg_at, target_ranks
 from model.sasrec import SASRec
@@ -171,6 +172,7 @@ def loss_on(
     valid = batch.targets != PAD
     h, targets = hidden[valid], batch.targets[valid]
     items = model.item_emb.weight
+    bonus = score_bonus(model, batch.inputs, valid, h)
     distil = teacher is not None and cfg.kd_weight > 0.0
     kd_items = None
     if distil:
@@ -180,11 +182,19 @@ def loss_on(
     out: LossOut
     if cfg.loss == "gbce":
         out = gbce(
-            h, items, targets, cfg.negatives, cfg.gbce_t, generator, kd_items, cfg.kd_temperature
+            h,
+            items,
+            targets,
+            cfg.negatives,
+            cfg.gbce_t,
+            generator,
+            kd_items,
+            cfg.kd_temperature,
+            bonus,
         )
     elif cfg.loss == "sampled":
         out = sampled_softmax(
-            h, items, targets, cfg.negatives, generator, kd_items, cfg.kd_temperature
+            h, items, targets, cfg.negatives, generator, kd_items, cfg.kd_temperature, bonus
         )
     else:
         empty = torch.zeros(0, dtype=torch.long)
@@ -192,7 +202,7 @@ def loss_on(
             seen_in_prefix(batch.inputs, valid, batch.targets) if cfg.mask_seen else (empty, empty)
         )
         out = full_softmax(
-            h, items, targets, seen, cfg.chunk_elements, kd_items, cfg.kd_temperature
+            h, items, targets, seen, cfg.chunk_elements, kd_items, cfg.kd_temperature, bonus
         )
     if not distil:
         return out.loss
@@ -233,7 +243,7 @@ def score_all(model: SASRec, histories: Sequence[np.ndarray], batch_size: int = 
     out = []
     for lo in range(0, len(histories), batch_size):
         seq = torch.from_numpy(left_pad(histories[lo : lo + batch_size], model.cfg.max_len))
-        out.append(model.score_all(seq).numpy())
+        out.append(model.score_all(seq, dense_sums(model, seq)).numpy())
     return np.concatenate(out) if out else np.zeros((0, model.cfg.n_items), np.float32)
 
 
@@ -357,6 +367,7 @@ def teacher_targets(
                 break
     jobs.sort(key=lambda j: j[2] - j[1])  # similar widths together: less padding to encode
     weight = teacher.item_emb.weight
+    table = table_of(teacher) if teacher.hybrid else None
     for lo in tqdm(range(0, len(jobs), batch_size), desc="teacher targets", leave=False):
         part = jobs[lo : lo + batch_size]
         inputs = torch.from_numpy(left_pad([train[u][s:e] for u, s, e, _ in part], length))
@@ -368,12 +379,17 @@ def teacher_targets(
             dest.append(offsets[user] + np.arange(start + keep_from, end))
         rows_out = np.concatenate(dest)
         hidden = teacher.encode(inputs)[kept]  # [P, d], row-major as seen_in_prefix counts
+        recent = table.prefixes(inputs)[kept] if table is not None else None
         # Items the user has already seen are never a soft target (the student masks them).
         seen_rows, seen_items = seen_in_prefix(inputs, kept)
         step = max(1, chunk_elements // weight.shape[0])
         for p_lo in range(0, hidden.shape[0], step):
             p_hi = min(p_lo + step, hidden.shape[0])
-            logits = (hidden[p_lo:p_hi] @ weight.T) / temperature
+            logits = hidden[p_lo:p_hi] @ weight.T
+            if table is not None and recent is not None:
+                gate = teacher.covisit_weight(hidden[p_lo:p_hi])
+                logits += gate[:, None] * torch.log1p(table.dense(recent[p_lo:p_hi]))
+            logits /= temperature
             logits[:, PAD] = -math.inf
             inside = (seen_rows >= p_lo) & (seen_rows < p_hi)
             logits[seen_rows[inside] - p_lo, seen_items[inside]] = -math.inf

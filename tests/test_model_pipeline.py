@@ -29,6 +29,7 @@ def quick_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_quick_run_writes_every_artifact(quick_artifacts: Path) -> None:
     names = {p.name for p in quick_artifacts.iterdir()}
     assert {"card.json", "card.md", "frontier.png", "vocab.json", "candidates.npz"} <= names
+    assert "learning_curves.png" in names
     assert "teacher.onnx" in names
     card = json.loads((quick_artifacts / "card.json").read_text())
     assert f"{card['chosen']}.onnx" in names
