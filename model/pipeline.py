@@ -72,6 +72,7 @@ from model.train import (
     teacher_targets,
     training_windows,
 )
+from streamrec.cpu import describe_int8_support
 from streamrec.datasets import load_events
 from streamrec.settings import Settings
 
@@ -968,13 +969,14 @@ def _notes(rows: dict[str, dict[str, Any]], split: Split, cfg: PipelineConfig) -
         "Exported with torch's TorchScript-based exporter (dynamo=False): it exports in under a "
         "second (the dynamo exporter took 6-17 s per model here) and, after onnxruntime's graph "
         "optimizations, both graphs score equally fast; every export is checked against torch.",
-        "On this CPU (AVX2, no VNNI) int8 kernels gain little on matrices this small: the "
-        "latency columns are measured, not assumed.  int8 covers the transformer's weight "
-        "MatMuls; the embedding lookups and the final scoring product stay fp32 (one int8 "
-        "scale per embedding table reordered the full-catalogue ranking).  Weights are 7-bit "
-        "per output channel: full 8-bit weights saturate the int16 sums of the non-VNNI "
-        "kernel; dynamic int8 keeps in fp32 at most two MatMuls whose quantization alone "
-        "moves the validation scores 3x more than the median one.",
+        f"The CPU here: {describe_int8_support() or 'unknown'}; what int8 gains on matrices "
+        "this small depends on it, so the latency columns are measured, not assumed.  int8 "
+        "covers the transformer's weight MatMuls; the embedding lookups and the final scoring "
+        "product stay fp32 (one int8 scale per embedding table reordered the full-catalogue "
+        "ranking).  Weights are 7-bit per output channel: full 8-bit weights saturate the "
+        "int16 sums of the kernel CPUs without VNNI use; dynamic int8 keeps in fp32 at most "
+        "two MatMuls whose quantization alone moves the validation scores 3x more than the "
+        "median one.",
         "Item embeddings of every model start from the truncated SVD of the co-visitation PPMI "
         "matrix; with the full softmax, training keeps items already in the prefix out of it "
         "(serving never recommends them); models train on each user's newest "

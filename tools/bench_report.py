@@ -25,6 +25,8 @@ from typing import Any
 
 import psutil
 
+from streamrec.cpu import cpu_model, describe_int8_support
+
 SECTION_TITLE = "## End to end"
 REFERENCE_RATE = 1000.0
 P50_FLOOR_FACTOR = 2.0
@@ -398,31 +400,12 @@ def _teacher_ratio(
 
 
 def machine_description() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     memory_gib = psutil.virtual_memory().total / 2**30
+    support = describe_int8_support()
     return (
-        f"{model}{_vector_extensions()}, {psutil.cpu_count()} cores, {memory_gib:.0f} GiB, "
-        f"{platform.system()}"
+        f"{cpu_model()}{f' ({support})' if support else ''}, {psutil.cpu_count()} cores, "
+        f"{memory_gib:.0f} GiB, {platform.system()}"
     )
-
-
-def _vector_extensions() -> str:
-    """Whether the CPU has AVX-512 VNNI: the int8 student's speed depends on it."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "").split()
-    if not flags:
-        return ""
-    return " (AVX-512 VNNI)" if "avx512_vnni" in flags else " (no AVX-512 VNNI)"
 
 
 def _ms(value: float) -> str:
