@@ -111,7 +111,7 @@ class EventProcessor:
                 parse_s += time.perf_counter() - t0
             # Records from the consumer always carry their partition and offset.
             partition = cast(int, record.partition())
-            last_offsets[partition] = cast(int, record.offset())
+            offset = last_offsets[partition] = cast(int, record.offset())
             store = self._own.get(partition)
             if store is None:
                 store = self._own[partition] = self._stores.get(partition)
@@ -121,7 +121,6 @@ class EventProcessor:
                     metrics.FORGOTTEN.inc()
                 continue
             # Written by the commit below, once for the whole micro-batch.
-            offset = cast(int, record.offset())
             result = store.stage(parsed, partition, offset)
             session = result.session
             if result.applied:

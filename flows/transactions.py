@@ -40,7 +40,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from flows import metrics
 from flows.kafka_log import kafka_logger
-from flows.sink import POLL_S, REFUSED, OutputRecord, set_aside, size_limits
+from flows.sink import BLOCKED_AFTER_S, POLL_S, REFUSED, OutputRecord, set_aside, size_limits
 from state.changelog import MARKS_KEY, Marks, encode_marks
 from state.errors import StateError
 from state.store import SessionStore
@@ -49,8 +49,6 @@ from streamrec.settings import Settings
 
 # A transaction open longer is aborted by Kafka; one micro-batch's takes milliseconds.
 TRANSACTION_TIMEOUT_MS: Final = 30_000
-# Said once in the log (and on /metrics) when a transaction has not committed for this long.
-BLOCKED_AFTER_S: Final = 5.0
 
 Changes = list[tuple[bytes, bytes | None]]
 
