@@ -165,6 +165,14 @@ def _is_interrupt(err: BaseException) -> bool:
     help="Most records read from a partition per micro-batch [default: 32].",
 )
 @click.option(
+    "--batch-linger-ms",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="When the worker is busy (processing over 70% of the time), the longest a record "
+    "waits for a fuller micro-batch of STREAMREC_BATCH_FILL (16) records; an idle worker never "
+    "waits [default: 3; 0: never].",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(min=0),
     default=None,
@@ -186,6 +194,7 @@ def run_command(
     top_k: int | None,
     candidates: int | None,
     batch_max: int | None,
+    batch_linger_ms: float | None,
     metrics_port: int | None,
 ) -> None:
     """Run the dataflow: every event in, one top-K recommendation out.
@@ -221,6 +230,7 @@ def run_command(
         top_k=top_k,
         candidates=candidates,
         batch_max_events=batch_max,
+        batch_linger_ms=batch_linger_ms,
         metrics_port=metrics_port,
     )
     exactly_once = settings.guarantee == EXACTLY_ONCE

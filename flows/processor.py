@@ -23,6 +23,7 @@ from confluent_kafka import Message
 from flows import metrics
 from flows.delivery import OffsetMark
 from flows.models import ModelSet, ModelWatcher, load_model_set, parse_variants
+from flows.pacing import pacer_of_this_thread
 from flows.sink import OutputRecord, SinkItem
 from flows.source import REPLAY_FLOORS
 from flows.stores import PartitionStores
@@ -67,6 +68,8 @@ class EventProcessor:
         self._top_k = settings.top_k
         self._learn_online = settings.online_candidates
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+        # How busy this worker is decides whether its source fills micro-batches (same thread).
+        self._pacer = pacer_of_this_thread(settings.batch_fill, settings.batch_linger_ms / 1000.0)
         # The stores of the partitions this worker reads: it alone uses them.
         self._own: dict[int, SessionStore] = {}
         # Exactly once: their transactions, which carry the outputs instead of the sink.
@@ -78,6 +81,12 @@ class EventProcessor:
 
     def process(self, records: list[Message]) -> list[SinkItem]:
         """All outputs for one micro-batch, in input order per partition."""
+        began = self._pacer.now()
+        out = self._process(records)
+        self._pacer.worked(began, self._pacer.now())
+        return out
+
+    def _process(self, records: list[Message]) -> list[SinkItem]:
         received_ms = time.time() * 1000.0
         latest_ts_ms = int(received_ms) + self._skew_ms
         watcher = self._watcher
@@ -152,7 +161,8 @@ class EventProcessor:
         state_done = time.perf_counter()
         if events:
             if len(recommenders) == 1:
-                ranked = recommenders[0].recommend(histories, self._top_k, consumed)
+                users = [event.user_id for event in events]
+                ranked = recommenders[0].recommend(histories, self._top_k, consumed, users)
                 versions = [recommenders[0].version] * len(events)
             else:
                 ranked, versions = self._recommend_split(events, histories, consumed)
@@ -196,7 +206,10 @@ class EventProcessor:
             if not rows:
                 continue
             answers = recommender.recommend(
-                [histories[row] for row in rows], self._top_k, [consumed[row] for row in rows]
+                [histories[row] for row in rows],
+                self._top_k,
+                [consumed[row] for row in rows],
+                [events[row].user_id for row in rows],
             )
             for row, answer in zip(rows, answers, strict=True):
                 ranked[row] = answer

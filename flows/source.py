@@ -25,6 +25,7 @@ from confluent_kafka import (
 from flows import metrics
 from flows.delivery import DELIVERED, delivered_through, take_reports
 from flows.kafka_log import kafka_logger
+from flows.pacing import Pacer, pacer_of_this_thread
 from flows.shutdown import STOP_READING
 from flows.stores import PartitionStores
 from flows.transactions import PartitionTransactions
@@ -55,9 +56,13 @@ class _WorkerConsumer:
     worker's partitions in turn, on the worker's own thread).
     """
 
-    def __init__(self, config: dict[str, str]) -> None:
-        self._consumer = Consumer({**config, "logger": kafka_logger("consumer")})
+    def __init__(self, consumer: Consumer, pacer: Pacer) -> None:
+        self._consumer = consumer
         self._buffers: dict[int, deque[Message]] = {}
+        self._pacer = pacer
+        self._buffered = 0  # records in all buffers
+        self._since = 0.0  # when the oldest of them was polled (pacer clock)
+        self._releasing = False  # a fuller batch is being handed over: no partition holds it
         self.closed = False
 
     def add(self, topic: str, partition: int, offset: int) -> int:
@@ -69,31 +74,62 @@ class _WorkerConsumer:
         return offset
 
     def take(self, partition: int, batch: int) -> list[Message]:
-        """Up to ``batch`` records of ``partition``; an error with no partition comes to all."""
+        """Up to ``batch`` records of ``partition``; an error with no partition comes to all.
+
+        A busy worker's records wait in the buffers for a fuller micro-batch
+        (flows/pacing.py); the first partition that hands its records over makes
+        the others hand theirs over too, so Bytewax gives them to the worker together.
+        """
         buffers = self._buffers
         buffer = buffers[partition]
-        if not buffer:
-            if len(buffers) > 1 and any(len(other) >= batch for other in buffers.values()):
-                return []  # the others' records first: a backlog stays in Kafka, not here
+        pacer = self._pacer
+        if not pacer.busy and not self._buffered:
+            # Not busy, nothing waiting: every record at once, as it comes.
             records = self._consumer.consume(batch * len(buffers), 0)
             if len(buffers) == 1 or not records:
                 return records  # nearly always, on a worker reading one partition
-            for record in records:
-                own = buffers.get(cast(int, record.partition()))
-                if own is not None:
-                    own.append(record)
-                else:
-                    for other in buffers.values():
-                        other.append(record)
+            self._buffer(records)
+        elif not buffer or not self._releasing:
+            if not buffer and any(len(other) >= batch for other in buffers.values()):
+                return []  # the others' records first: a backlog stays in Kafka, not here
+            room = batch * len(buffers) - self._buffered
+            if room > 0:
+                self._buffer(self._consumer.consume(room, 0))
+            if not self._releasing:
+                if pacer.holds(self._buffered, self._since):
+                    return []
+                self._releasing = True
         if len(buffer) <= batch:
             taken = list(buffer)
             buffer.clear()
-            return taken
-        return [buffer.popleft() for _ in range(batch)]
+        else:
+            taken = [buffer.popleft() for _ in range(batch)]
+        self._buffered -= len(taken)
+        if not self._buffered:
+            self._releasing = False
+        return taken
+
+    def _buffer(self, records: list[Message]) -> None:
+        if not records:
+            return
+        if not self._buffered:
+            self._since = self._pacer.now()
+        buffers = self._buffers
+        for record in records:
+            own = buffers.get(cast(int, record.partition()))
+            if own is not None:
+                own.append(record)
+                self._buffered += 1
+            else:
+                for other in buffers.values():
+                    other.append(record)
+                    self._buffered += 1
 
     def remove(self, partition: int) -> None:
         """Stop reading ``partition``; the consumer closes with the worker's last partition."""
-        self._buffers.pop(partition, None)
+        dropped = self._buffers.pop(partition, None)
+        if dropped:
+            self._buffered -= len(dropped)
         if not self._buffers and not self.closed:
             self.closed = True
             self._consumer.close()
@@ -236,7 +272,12 @@ class EventSource(FixedPartitionedSource[Message, int]):
         consumer = self._consumers.get(thread)
         if consumer is None or consumer.closed:
             config = consumer_config(self._settings, group="streamrec-flow")
-            consumer = self._consumers[thread] = _WorkerConsumer(config)
+            pacer = pacer_of_this_thread(
+                self._settings.batch_fill, self._settings.batch_linger_ms / 1000.0
+            )
+            consumer = self._consumers[thread] = _WorkerConsumer(
+                Consumer({**config, "logger": kafka_logger("consumer")}), pacer
+            )
         return consumer
 
 

@@ -25,6 +25,7 @@ The nearest-item table is fixed: item embeddings do not change between trainings
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ import numpy as np
 PAD = 0
 SIMILAR_WIDTH = 100  # nearest items kept per item: enough to match a full scan's recall@200
 NEIGHBOUR_WIDTH = 50  # co-visitation neighbours kept per item
+MAX_MOVES = 64  # popularity changes the top list follows one by one before it is re-sorted
 RECENCY = 0.7  # the k-th newest item of a session weighs RECENCY**k in co-visitation sums
 
 
@@ -113,6 +115,24 @@ def nearest_items(item_vectors: np.ndarray, width: int = SIMILAR_WIDTH) -> np.nd
     return similar
 
 
+@dataclass(frozen=True, slots=True)
+class Excluded:
+    """Items never to propose to some rows of a batch: ``items[i]`` not to row ``rows[i]``."""
+
+    rows: np.ndarray  # int64
+    items: np.ndarray  # int64 item indices (never PAD)
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateBatch:
+    """Candidates [B, n] (PAD after each row's count), the counts [B] and, when asked for,
+    the candidates' co-visitation sums [B, n] (float32): a hybrid model's input."""
+
+    items: np.ndarray
+    counts: np.ndarray
+    covisit: np.ndarray | None
+
+
 class CandidateIndex:
     """Co-visitation neighbours, popularity, item vectors, nearest items; answers ``candidates``."""
 
@@ -172,9 +192,9 @@ class CandidateIndex:
             return
         self.popularity[item] += 1.0
         if self._popular is not None:
-            # The top list catches up when next used: a few moves (an event per call) are
-            # much cheaper than a re-sort, which is cheaper than many moves.
-            if len(self._moved) < 8:
+            # The top list catches up when next used: moves (a memmove of the list each) are
+            # much cheaper than a re-sort, up to a micro-batch of many events.
+            if len(self._moved) < MAX_MOVES:
                 self._moved.append(item)
             else:
                 self._popular, self._moved = None, []
@@ -202,7 +222,8 @@ class CandidateIndex:
             self._move_up(item)
         self._moved.clear()
         if self._popular is None or len(self._popular) < n:
-            n_top = min(max(n, 1000), self.n_items - 1)
+            # Room to grow: a longer list is asked for as sessions consume more.
+            n_top = min(max(2 * n, 1000), self.n_items - 1)
             top = np.argpartition(-self.popularity, n_top)[:n_top]
             self._popular = top[np.argsort(-self.popularity[top], kind="stable")]
             self._popular_neg = -self.popularity[self._popular]
@@ -240,18 +261,33 @@ class CandidateIndex:
     def candidate_matrix(
         self, histories: Sequence[np.ndarray], n: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Candidates [B, n] (PAD-filled after each row's count) and the counts [B].
+        """Candidates [B, n] (PAD-filled after each row's count) and the counts [B]."""
+        batch = self.candidate_batch(histories, n)
+        return batch.items, batch.counts
+
+    def candidate_batch(
+        self,
+        histories: Sequence[np.ndarray],
+        n: int,
+        excluded: Excluded | None = None,
+        covisit_recent: int = 0,
+    ) -> CandidateBatch:
+        """Up to ``n`` candidates per history, none seen or ``excluded`` (for that row).
 
         Items are handled as (row, item) keys, ``row * n_items + item``.  Each source
         is a [B, pool] matrix of keys in priority order per row, its pool fixed by the
         row's own newest items, so a session's candidates never depend on the sessions
-        batched with it.  Keys taken so far (seen or picked) are one flat bitmap, so
-        merging a source is a few whole-batch array operations and no Python per session.
+        batched with it.  Keys taken so far (seen, excluded or picked) are one flat
+        bitmap, so merging a source is a few whole-batch array operations and no Python
+        per session.  With ``covisit_recent`` equal to the index's own ``recent``, the
+        co-visitation sums of the candidates (a hybrid model's input) come with them,
+        read from the sums the first source computes anyway.
         """
         b, n_items = len(histories), self.n_items
         n = min(n, n_items - 1)
         if b == 0 or n <= 0:
-            return np.zeros((b, max(n, 0)), dtype=np.int64), np.zeros(b, dtype=np.int64)
+            empty = np.zeros((b, max(n, 0)), dtype=np.int64)
+            return CandidateBatch(empty, np.zeros(b, dtype=np.int64), None)
         longest = max(self.recent, *(len(h) for h in histories))
         padded = np.zeros((b, longest), dtype=np.int64)  # histories right-aligned after PAD
         for r, history in enumerate(histories):
@@ -261,16 +297,24 @@ class CandidateIndex:
         free = np.ones(b * n_items + 1, dtype=bool)  # the last key is a dump for unpicked ones
         free[padded + offsets] = False
         free[offsets] = False  # padding is never a candidate
+        most_excluded = 0
+        if excluded is not None and len(excluded.rows):
+            free[excluded.rows * n_items + excluded.items] = False
+            most_excluded = int(np.bincount(excluded.rows).max())
         out = np.zeros(b * n + 1, dtype=np.int64)  # picked keys, row after row; the last: a dump
         before = np.arange(-1, b * n - 1, n, dtype=np.int64)[:, None]  # each row's slot - 1
         last = before  # each row's latest filled slot
         quotas = (int(n * self.covisit_share), int(n * (self.covisit_share + self.nn_share)), n)
-        # n + len(history) popular items always fill a row (at most len(history) of them are
-        # seen, the others are picked), so a pool sized for the longest history is harmless.
+        covisit_keys, sums = self._covisit(recent, offsets)
+        # n + len(history) popular items always fill a row (at most len(history) of them
+        # are seen, the others are picked), so a pool sized for the longest history is
+        # harmless; room for as many exclusions again, and a row they still leave short is
+        # filled below.
+        pool = n + longest + min(most_excluded, n + longest)
         sources = (
-            self._covisit(recent, offsets),
+            covisit_keys,
             self._nearest(recent, offsets),
-            self._top(n + longest) + offsets,  # the sum is a new array: no copy needed
+            self._top(pool) + offsets,  # the sum is a new array: no copy needed
         )
         for keys, quota in zip(sources, quotas, strict=True):
             if keys.shape[1] == 0:
@@ -282,25 +326,39 @@ class CandidateIndex:
             out[np.where(pick, slot, b * n)] = keys
             free[np.where(pick, keys, b * n_items)] = False
             last = np.minimum(slot[:, -1:], end)
-        matrix = out[:-1].reshape(b, n) % n_items  # keys back to items; empty slots stay PAD
+        keys = out[:-1].reshape(b, n)
+        matrix = keys % n_items  # keys back to items; empty slots stay PAD
         counts = (last - before)[:, 0]
-        if counts.min() < n:  # a tiny catalogue: fill from everything unseen
+        if counts.min() < n:
+            # Many exclusions: more popular items; a tiny catalogue: everything unseen.
+            more = self._top(min(4 * pool, n_items - 1))
             for short in np.flatnonzero(counts < n):
-                unseen = np.flatnonzero(free[short * n_items : (short + 1) * n_items])
-                extra = unseen[: n - counts[short]]
+                row_free = free[short * n_items : (short + 1) * n_items]
+                extra = more[row_free[more]]
+                if len(extra) < n - counts[short]:
+                    extra = np.flatnonzero(row_free)
+                extra = extra[: n - counts[short]]
                 matrix[short, counts[short] : counts[short] + len(extra)] = extra
+                keys[short, counts[short] : counts[short] + len(extra)] = extra + short * n_items
                 counts[short] += len(extra)
-        return matrix, counts
+        covisit = None
+        if covisit_recent:
+            if covisit_recent == self.recent:
+                covisit = sums[keys].astype(np.float32)  # an empty slot reads row 0's PAD: 0
+            else:
+                covisit = self.covisit_sums(padded, matrix, covisit_recent)
+        return CandidateBatch(matrix, counts, covisit)
 
-    def _covisit(self, recent: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """Co-visitation neighbours' keys [B, recent * width], strongest first; repeats → 0."""
+    def _covisit(self, recent: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Co-visitation neighbours' keys [B, recent * width], strongest first (repeats → 0),
+        and the sum of every key [B * n_items + 1] (the last, the dump key's: 0)."""
         b = len(recent)
         # Row PAD of the table is empty (weight 0): the padding of a short session adds nothing.
         keys = self.neighbours.take(recent, axis=0).reshape(b, -1) + offsets
         weights = self.neighbour_weights.take(recent, axis=0) * self._recency[:, None]
         # Every copy of a key reads back the same sum, so copies sort side by side.
-        summed = np.bincount(keys.ravel(), weights.ravel(), minlength=b * self.n_items)[keys]
-        return _first_copies(_by_score(keys, summed))
+        sums = np.bincount(keys.ravel(), weights.ravel(), minlength=b * self.n_items + 1)
+        return _first_copies(_by_score(keys, sums[keys])), sums
 
     def _nearest(self, recent: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Keys of the items nearest each session [B, recent * SIMILAR_WIDTH]; repeats → 0.

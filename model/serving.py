@@ -25,8 +25,8 @@ index proposes unseen items; the ONNX model scores them (a hybrid model with
 their co-visitation sums from the same index); the best ``k`` are
 returned best first.  A session with no known item gets the popular items.
 Items whose hash is in the session's ``exclude`` (what the user consumed
-beyond the window, ``state.consumed``) are replaced, before scoring, by the
-most popular items the session has neither seen nor excluded.
+beyond the window, ``state.consumed``) are never candidates, as if seen: the
+candidate sources fill their places with the next items they would propose.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ import numpy as np
 import onnxruntime as ort
 import orjson
 
-from model.candidates import CandidateIndex
+from model.candidates import CandidateIndex, Excluded
 from model.data import PAD, Vocab
+from model.exclusions import ExclusionCodes
 from streamrec.item_hashes import EMPTY, HASH_DTYPE, isin_sorted, item_hashes
 
 CARD_FILE = "card.json"
@@ -126,6 +127,7 @@ class Recommender:
         # The hash of every item by its code (PAD's is 0), to match exclusions without decoding.
         self._hashes = np.zeros(vocab.size, dtype=HASH_DTYPE)
         self._hashes[1:] = item_hashes(vocab.items)
+        self._exclusions = ExclusionCodes(self._hashes)
 
     @classmethod
     def load(
@@ -170,18 +172,25 @@ class Recommender:
         histories: Sequence[Sequence[str]],
         k: int,
         exclude: Sequence[np.ndarray] | None = None,
+        users: Sequence[str] | None = None,
     ) -> list[list[tuple[str, float]]]:
         """Top ``k`` (item id, score) per session, best first, none already in the session.
 
         ``exclude``: per session, hashes (``streamrec.item_hashes.item_hash``) of items never
-        to recommend either.
+        to recommend either; ``users``: whose sessions they are, so that each user's
+        exclusions are looked up anew only for what they consumed since (``model.exclusions``).
         """
         out: list[list[tuple[str, float]]] = []
         if k <= 0:
             return [[] for _ in histories]
         for lo in range(0, len(histories), MAX_BATCH):
-            batch_exclude = None if exclude is None else exclude[lo : lo + MAX_BATCH]
-            out += self._recommend_batch(histories[lo : lo + MAX_BATCH], k, batch_exclude)
+            hi = lo + MAX_BATCH
+            out += self._recommend_batch(
+                histories[lo:hi],
+                k,
+                None if exclude is None else exclude[lo:hi],
+                None if users is None else users[lo:hi],
+            )
         return out
 
     def observe(self, prev_item: str | None, item: str) -> None:
@@ -190,32 +199,36 @@ class Recommender:
         self.index.observe(prev, self.vocab.encode(item))
 
     def _recommend_batch(
-        self, histories: Sequence[Sequence[str]], k: int, exclude: Sequence[np.ndarray] | None
+        self,
+        histories: Sequence[Sequence[str]],
+        k: int,
+        exclude: Sequence[np.ndarray] | None,
+        users: Sequence[str] | None,
     ) -> list[list[tuple[str, float]]]:
         known = [self._known(h) for h in histories]
         rows = [r for r, h in enumerate(known) if len(h)]
         out: list[list[tuple[str, float]]] = [[] for _ in histories]
-        for r, h in enumerate(known):
-            if not len(h):
-                out[r] = self._popular(h, k, EMPTY if exclude is None else exclude[r])
+        if len(rows) < len(known):
+            for r, h in enumerate(known):
+                if not len(h):
+                    out[r] = self._popular(h, k, EMPTY if exclude is None else exclude[r])
         if not rows:
             return out
         sessions = [known[r] for r in rows]
-        candidates, counts = self.index.candidate_matrix(sessions, self.n_candidates)
-        if exclude is not None:
-            for i, r in enumerate(rows):
-                if len(exclude[r]):
-                    self._replace_excluded(candidates, counts, i, sessions[i], exclude[r], k)
+        excluded = None if exclude is None else self._excluded(rows, exclude, users)
+        batch = self.index.candidate_batch(
+            sessions, self.n_candidates, excluded, self.scorer.covisit_recent
+        )
         width = min(self.max_len, max(len(h) for h in sessions))
         items = self._items[: len(rows) * width].reshape(len(rows), width)
-        n_rows, n_cands = candidates.shape
+        n_rows, n_cands = batch.items.shape
         cands = self._candidates[: n_rows * n_cands].reshape(n_rows, n_cands)
         items.fill(PAD)
         for i, h in enumerate(sessions):
             tail = h[-width:]
             items[i, width - len(tail) :] = tail
-        cands[...] = candidates
-        scores = self.scorer.score(items, cands)
+        cands[...] = batch.items
+        scores = self.scorer.score(items, cands, batch.covisit)
         scores[cands == PAD] = -np.inf  # padding after a short candidate list
         n = min(k, n_cands)
         if n < n_cands:
@@ -224,59 +237,33 @@ class Recommender:
             top = np.tile(np.arange(n), (n_rows, 1))
         top_scores = np.take_along_axis(scores, top, axis=1)
         order = np.argsort(-top_scores, axis=1, kind="stable")
-        best = np.take_along_axis(top, order, axis=1)
-        best_items = np.take_along_axis(cands, best, axis=1)
-        best_scores = np.take_along_axis(top_scores, order, axis=1)
-        decode = self.vocab.items
+        best_items = np.take_along_axis(cands, np.take_along_axis(top, order, axis=1), axis=1)
+        best_scores = np.take_along_axis(top_scores, order, axis=1).tolist()
+        decode = self.vocab.items.__getitem__
+        codes = (best_items - 1).tolist()  # item code c is vocab.items[c - 1]
+        counts = batch.counts.tolist()
         for i, r in enumerate(rows):
-            m = min(n, int(counts[i]))
-            out[r] = [
-                (decode[item - 1], float(score))
-                for item, score in zip(
-                    best_items[i, :m].tolist(), best_scores[i, :m].tolist(), strict=True
-                )
-            ]
+            m = min(n, counts[i])
+            out[r] = list(zip(map(decode, codes[i][:m]), best_scores[i][:m], strict=True))
         return out
 
     def _known(self, history: Sequence[str]) -> np.ndarray:
         encoded = self.vocab.encode_many(history)
         return encoded[encoded != PAD]
 
-    def _replace_excluded(
-        self,
-        candidates: np.ndarray,
-        counts: np.ndarray,
-        row: int,
-        seen: np.ndarray,
-        exclude: np.ndarray,
-        k: int,
-    ) -> None:
-        """Drop excluded candidates; only if fewer than ``k`` remain, refill with popular items."""
-        count = int(counts[row])
-        proposed = candidates[row, :count]
-        exclude = np.sort(exclude)  # then a binary search per candidate, not a set operation
-        excluded = isin_sorted(self._hashes[proposed], exclude)
-        if not excluded.any():
-            return
-        kept = proposed[~excluded]
-        if len(kept) >= k:
-            # The common case, even for heavy raters: enough candidates are left to rank.
-            candidates[row, : len(kept)] = kept
-            candidates[row, len(kept) :] = PAD
-            counts[row] = len(kept)
-            return
-        pool = self.index.popular(count + len(seen) + len(exclude))
-        pool = pool[
-            (pool != PAD)
-            & ~np.isin(pool, kept)
-            & ~np.isin(pool, seen)
-            & ~isin_sorted(self._hashes[pool], exclude)
-        ][: count - len(kept)]
-        filled = len(kept) + len(pool)
-        candidates[row, : len(kept)] = kept
-        candidates[row, len(kept) : filled] = pool
-        candidates[row, filled:] = PAD
-        counts[row] = filled
+    def _excluded(
+        self, rows: list[int], exclude: Sequence[np.ndarray], users: Sequence[str] | None
+    ) -> Excluded | None:
+        """The items of the vocabulary among the excluded hashes of ``rows`` (others are
+        never candidates anyway), row numbers counted among ``rows``."""
+        if not any(len(exclude[r]) for r in rows):
+            return None
+        of = self._exclusions.of
+        codes = [of(None if users is None else users[r], exclude[r]) for r in rows]
+        items = np.concatenate(codes)
+        row_of = np.repeat(np.arange(len(rows)), [len(c) for c in codes])
+        known = items != PAD
+        return Excluded(row_of[known], items[known])
 
     def _popular(self, seen: np.ndarray, k: int, exclude: np.ndarray) -> list[tuple[str, float]]:
         """Cold start: the most popular unseen items, scored by their interaction counts."""

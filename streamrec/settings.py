@@ -180,10 +180,20 @@ class Settings:
     epoch_interval_s: float = _setting(
         1.0, "Bytewax epoch: snapshot interval, and the bound on work in flight (backpressure)."
     )
-    # Micro-batches wait for nothing: they are the records that arrived together
-    # (one read per partition, then Bytewax hands the worker's items over at once).
+    # Micro-batches are the records that arrived together (one read per partition, then
+    # Bytewax hands the worker's items over at once); only a busy worker waits to fill them.
     batch_max_events: int = _setting(
         32, "Most records read from one partition at a time (bounds a micro-batch's share)."
+    )
+    batch_fill: int = _setting(
+        16,
+        "A busy worker (processing over 70% of the time) lets records wait for a micro-batch "
+        "of this many, which spreads each batch's fixed cost over more events; 1: never waits.",
+    )
+    batch_linger_ms: float = _setting(
+        3.0,
+        "The longest a busy worker lets a record wait for a fuller micro-batch; 0: never waits. "
+        "A worker that is not busy hands every record over at once.",
     )
     metrics_port: int = _setting(9464, "Port of the flow's Prometheus metrics endpoint (0: off).")
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.candidates import PAD, CandidateIndex, nearest_items, recall_at
+from model.candidates import PAD, CandidateIndex, Excluded, nearest_items, recall_at
 
 
 def index(width: int = 4) -> CandidateIndex:
@@ -159,3 +159,46 @@ def test_the_popular_list_keeps_up_with_observed_interactions() -> None:
         top = idx.popular(1000)
         assert len(set(top.tolist())) == 1000
         assert idx.popularity[top].tolist() == np.sort(idx.popularity)[::-1][:1000].tolist()
+
+
+def test_excluded_items_are_never_candidates_and_rows_stay_full() -> None:
+    idx = random_index()
+    sessions = [s for s in random_sessions(idx.n_items, 20) if len(s)]
+    rng = np.random.default_rng(5)
+    # Some rows exclude nothing, some a few items, one almost the whole catalogue.
+    excluded = [rng.choice(np.arange(1, idx.n_items), size, replace=False) for size in (0, 5, 90)]
+    excluded += [np.zeros(0, dtype=np.int64)] * (len(sessions) - len(excluded))
+    rows = np.repeat(np.arange(len(sessions)), [len(e) for e in excluded])
+    batch = idx.candidate_batch(sessions, 20, Excluded(rows, np.concatenate(excluded)))
+    for session, gone, cands, count in zip(
+        sessions, excluded, batch.items, batch.counts, strict=True
+    ):
+        proposed = cands[:count].tolist()
+        assert not set(proposed) & {PAD, *session.tolist(), *gone.tolist()}
+        unseen_left = idx.n_items - 1 - len(set(session.tolist()) | set(gone.tolist()))
+        assert count == len(set(proposed)) == min(20, unseen_left)
+
+
+def test_rows_without_exclusions_are_unchanged_by_others_in_the_batch() -> None:
+    idx = random_index()
+    sessions = [s for s in random_sessions(idx.n_items, 8) if len(s)]
+    plain = idx.candidate_batch(sessions, 30).items
+    others = Excluded(np.zeros(50, dtype=np.int64), np.arange(1, 51))  # row 0 excludes 1..50
+    batch = idx.candidate_batch(sessions, 30, others).items
+    assert (batch[1:] == plain[1:]).all()
+    assert not set(batch[0].tolist()) & set(range(1, 51))
+
+
+def test_co_visitation_sums_come_with_the_candidates_as_computed_apart() -> None:
+    idx = random_index()
+    sessions = [s for s in random_sessions(idx.n_items, 12) if len(s)]
+    batch = idx.candidate_batch(sessions, 40, covisit_recent=idx.recent)
+    longest = max(len(s) for s in sessions)
+    items = np.zeros((len(sessions), longest), dtype=np.int64)
+    for row, session in enumerate(sessions):
+        items[row, longest - len(session) :] = session
+    apart = idx.covisit_sums(items, batch.items, idx.recent)
+    assert batch.covisit is not None and batch.covisit.dtype == np.float32
+    assert np.allclose(batch.covisit, apart)
+    assert batch.covisit.any()  # not trivially zero
+    assert idx.candidate_batch(sessions, 40).covisit is None  # only when asked for

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from model.serving import ArtifactError, Recommender, read_card
+from streamrec.item_hashes import item_hashes
 from streamrec.settings import Settings
 
 ARTIFACTS = Settings().model_dir
@@ -82,3 +83,21 @@ def test_scores_for_a_batch_are_numbers() -> None:
     rec = Recommender.load(ARTIFACTS)
     [[(_, score), *_]] = rec.recommend([known_items(rec, 3)], k=2)
     assert np.isfinite(score)
+
+
+def test_consumed_items_are_never_recommended_and_the_per_user_lookup_changes_nothing() -> None:
+    rec = Recommender.load(ARTIFACTS)
+    fresh = Recommender.load(ARTIFACTS)  # looks every user's hashes up anew
+    history = known_items(rec, 5)
+    [top] = rec.recommend([history], k=10)
+    consumed = np.zeros(0, dtype=np.uint64)
+    # The user consumes what they were offered, one item per event: their record grows
+    # by appends (the cached codes by one lookup each), then is cut (a session restart).
+    steps = [item for item, _ in top] + ["no-such-item"]
+    records = [item_hashes(steps[: n + 1]) for n in range(len(steps))] + [item_hashes(steps[:1])]
+    for consumed in records:
+        [cached] = rec.recommend([history], k=10, exclude=[consumed], users=["u1"])
+        [anew] = fresh.recommend([history], k=10, exclude=[consumed])
+        assert [i for i, _ in cached] == [i for i, _ in anew]
+        assert len(cached) == 10
+        assert not {item_hashes([i])[0] for i, _ in cached} & set(consumed.tolist())
