@@ -80,7 +80,7 @@ def _is_interrupt(err: BaseException) -> bool:
     "--variant",
     default=None,
     help="Model variant to serve, a name from the model card [default: the card's chosen one]; "
-    "or an A/B split by user, e.g. student_int8_dynamic=90,teacher=10 (weights, any scale): "
+    "or an A/B split by user, e.g. student_pruned_int8_dynamic=90,teacher=10 (weights, any scale): "
     "each user always gets the same variant, and each recommendation names it in 'model'.",
 )
 @click.option(

@@ -1,6 +1,6 @@
 """The models a flow serves: variants split by user, and new artifacts taken without a restart.
 
-``--variant student_int8_dynamic=90,teacher=10`` serves two variants at once;
+``--variant student_pruned_int8_dynamic=90,teacher=10`` serves two variants at once;
 each user is given one by a hash of their id (stable across restarts,
 processes and model versions), so a user's recommendations never flip between
 variants.  Each recommendation's ``model`` field names the variant and the
@@ -13,8 +13,8 @@ and checks the new artifacts in the background while the old ones serve;
 each worker takes them between two micro-batches.  Artifacts that cannot be
 served are refused with one log line, and the old version goes on.
 
->>> parse_variants("student_int8_dynamic=90,teacher=10")
-[('student_int8_dynamic', 90), ('teacher', 10)]
+>>> parse_variants("student_pruned_int8_dynamic=90,teacher=10")
+[('student_pruned_int8_dynamic', 90), ('teacher', 10)]
 >>> parse_variants(None)
 [(None, 100)]
 """

@@ -48,7 +48,9 @@ from streamrec.item_hashes import EMPTY, HASH_DTYPE, isin_sorted, item_hashes
 CARD_FILE = "card.json"
 VOCAB_FILE = "vocab.json"
 INDEX_FILE = "candidates.npz"
-MAX_BATCH = 64  # sessions per onnxruntime call; larger batches are split
+# Sessions per call; larger batches are split.  Candidate generation takes a few arrays of
+# batch × catalogue: past 32 sessions they outgrow the caches and cost more per event.
+MAX_BATCH = 32
 
 
 class ArtifactError(RuntimeError):

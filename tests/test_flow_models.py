@@ -13,12 +13,14 @@ import orjson
 import pytest
 
 from flows.models import ModelWatcher, VariantSpecError, load_model_set, parse_variants
+from model.serving import read_card
 from streamrec.contracts import Event
 from streamrec.settings import Settings
 from tests.flow_harness import FlowProcess, RecommendationCollector, produce
 
 ARTIFACTS = Settings().model_dir
-SPLIT = "student_int8_dynamic=90,teacher=10"
+SERVED = read_card(ARTIFACTS)["chosen"]  # the int8 student the card chose
+SPLIT = f"{SERVED}=90,teacher=10"
 
 
 def artifacts_copy(
@@ -59,7 +61,7 @@ def repoint(link: Path, target: Path) -> None:
 
 
 def test_a_split_names_each_variant_with_its_weight() -> None:
-    assert parse_variants(SPLIT) == [("student_int8_dynamic", 90), ("teacher", 10)]
+    assert parse_variants(SPLIT) == [(SERVED, 90), ("teacher", 10)]
     assert parse_variants("teacher") == [("teacher", 100)]
     assert parse_variants(None) == [(None, 100)]
 
@@ -80,7 +82,7 @@ def test_each_user_keeps_one_variant_and_the_shares_follow_the_weights() -> None
     assert picks == [models.pick(user) for user in users]  # stable
     share = Counter(picks)[1] / len(users)
     assert 0.08 < share < 0.12
-    assert [v.split("@")[0] for v in models.versions] == ["student_int8_dynamic", "teacher"]
+    assert [v.split("@")[0] for v in models.versions] == [SERVED, "teacher"]
 
 
 def test_the_watcher_takes_new_artifacts_and_refuses_broken_ones_with_one_line(
@@ -145,9 +147,9 @@ def test_a_running_flow_switches_model_under_load_and_loses_no_event(
         collector.wait_for({e.event_id for e in events[:900]}, flow)
         repoint(
             link,
-            artifacts_copy(tmp_path, "v3", chosen="student_int8_dynamic", broken="teacher.onnx"),
+            artifacts_copy(tmp_path, "v3", chosen=SERVED, broken="teacher.onnx"),
         )
-        repoint(link, artifacts_copy(tmp_path, "v4", broken="student_int8_dynamic.onnx"))
+        repoint(link, artifacts_copy(tmp_path, "v4", broken=f"{SERVED}.onnx"))
         producing.join()
         collector.wait_for({e.event_id for e in events}, flow)
         assert flow.stop() == 0, flow.output()[-2000:]
@@ -159,9 +161,9 @@ def test_a_running_flow_switches_model_under_load_and_loses_no_event(
     answered = {event_id: recs[0].model for event_id, recs in collector.by_event.items()}
     assert set(answered) >= {e.event_id for e in events}
     order = [answered[e.event_id].split("@")[0] for e in events]
-    assert order[0] == "student_int8_dynamic" and order[-1] == "teacher"
+    assert order[0] == SERVED and order[-1] == "teacher"
     assert order.count("teacher") < len(order)  # the switch happened under load, not before
-    assert "model roll-out: student_int8_dynamic@" in flow.output()
+    assert f"model roll-out: {SERVED}@" in flow.output()
     assert flow.output().count("refused the model") >= 1
 
 
@@ -172,7 +174,7 @@ def test_an_ab_split_answers_each_user_always_with_their_variant(
 ) -> None:
     events = movielens[:800]
     produce(kafka_settings, events)
-    flow = FlowProcess(kafka_settings, ["--variant", "student_int8_dynamic=50,teacher=50"]).start()
+    flow = FlowProcess(kafka_settings, ["--variant", f"{SERVED}=50,teacher=50"]).start()
     collector = RecommendationCollector(kafka_settings)
     try:
         collector.wait_for({e.event_id for e in events}, flow)
@@ -183,4 +185,4 @@ def test_an_ab_split_answers_each_user_always_with_their_variant(
     for recs in collector.by_event.values():
         variants_of.setdefault(recs[0].user_id, set()).add(recs[0].model.split("@")[0])
     assert all(len(variants) == 1 for variants in variants_of.values())
-    assert set().union(*variants_of.values()) == {"student_int8_dynamic", "teacher"}
+    assert set().union(*variants_of.values()) == {SERVED, "teacher"}
