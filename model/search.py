@@ -3,12 +3,13 @@
 Every candidate (a learning rate and a dropout) trains from the same initialisation
 for at most ``trial_epochs`` epochs, each within an equal slice of ``search_share``
 of the time; the one with the best validation NDCG@10 then keeps training (a warm
-restart of its optimiser) until validation stops improving or the deadline.  Short
-trials favour fast starters (a high learning rate); the card records every trial so
-a reader can judge.  When a trial's slice does not hold even one epoch (a large
-dataset on a short budget), comparing half-trained models says little: the
-remaining candidates are skipped and their time goes to the winner, so the order
-of ``candidates`` is the order of preference.
+restart of its optimiser, at the learning rate its trial had decayed to) until
+validation stops improving or the deadline.  Short trials favour fast starters (a
+high learning rate); the card records every trial so a reader can judge.  When a
+trial's slice does not hold even one epoch (a large dataset on a short budget),
+comparing half-trained models says little: the remaining candidates are skipped
+and their time goes to the winner, so the order of ``candidates`` is the order of
+preference.
 
 >>> [c.name for c in TEACHER_CANDIDATES]
 ['lr=0.001 dropout=0.2', 'lr=0.003 dropout=0.2', 'lr=0.001 dropout=0.5', 'lr=0.003 dropout=0.5']
@@ -75,7 +76,7 @@ def search(
         raise ValueError("the search needs at least one candidate")
     search_end = None if deadline is None else clock() + (deadline - clock()) * search_share
     trials: list[dict[str, Any]] = []
-    best: tuple[float, Candidate, SASRec] | None = None
+    best: tuple[float, Candidate, SASRec, FitReport] | None = None
     for i, cand in enumerate(candidates):
         trial_deadline = None
         if search_end is not None:
@@ -87,7 +88,7 @@ def search(
         score = max(report.val_ndcg, default=0.0)
         trials.append({"candidate": cand.name, **report.summary()})
         if best is None or score > best[0]:
-            best = (score, cand, model)
+            best = (score, cand, model, report)
         if report.stopped == "deadline" and len(report.val_ndcg) == 1:
             trials += [
                 {"candidate": c.name, "skipped": "a trial's share of the budget holds < 1 epoch"}
@@ -95,12 +96,12 @@ def search(
             ]
             break
     assert best is not None
-    _, winner, model = best
+    _, winner, model, trial = best
     final = fit(
         model,
         train,
         valid,
-        replace(base, lr=winner.lr),
+        replace(base, lr=continued_lr(winner.lr, trial, base.lr_decay)),
         seed + 100,
         f"{name} [{winner.name}, continued]",
         None,
@@ -108,3 +109,14 @@ def search(
         start_score=best[0],  # a continuation that never beats the trial keeps its weights
     )
     return SearchResult(model, winner, trials, final)
+
+
+def continued_lr(lr: float, trial: FitReport, decay: float) -> float:
+    """The learning rate the winner's trial would have trained on at: ``lr`` decayed once per
+    epoch after its best.  Restarting at the full rate undid that decay (a warm restart that
+    never beat the trial on ml-latest-small: 0.0829 against its 0.0895 validation NDCG@10).
+
+    >>> continued_lr(3e-3, FitReport(val_ndcg=[0.08, 0.09, 0.087], best_epoch=2), 0.5)
+    0.0015
+    """
+    return lr * decay ** (len(trial.val_ndcg) - trial.best_epoch)

@@ -156,3 +156,39 @@ def test_the_progress_bar_shows_the_time_left_of_a_budget() -> None:
     progress.stage("load")
     assert "left of the budget" in progress.bar.postfix
     progress.close()
+
+
+def test_the_teacher_grows_a_block_per_doubling_of_training_windows() -> None:
+    from model.pipeline import teacher_blocks
+
+    assert teacher_blocks(8192, base=3, windows_per_block=8192) == 3
+    assert teacher_blocks(2 * 8192, base=3, windows_per_block=8192) == 4
+    assert teacher_blocks(4 * 8192, base=3, windows_per_block=8192) == 5
+    assert teacher_blocks(2**40, base=3, windows_per_block=8192, most=3) == 6
+
+
+def test_many_training_windows_deepen_the_teacher_and_never_the_students() -> None:
+    import numpy as np
+
+    from model.pipeline import FULL, for_data
+
+    few = [np.arange(1, 6)] * 40
+    many = [np.arange(1, 6)] * 40_000
+    small, large = for_data(FULL, few, 10, seed=0), for_data(FULL, many, 20_000, seed=0)
+    assert small.teacher.n_blocks == FULL.teacher.n_blocks
+    assert large.teacher.n_blocks > FULL.teacher.n_blocks
+    assert large.student == small.student == FULL.student
+
+
+def test_the_students_take_the_teachers_covisitation_input() -> None:
+    from model.pipeline import FULL, QUICK
+
+    for cfg in (FULL, QUICK):
+        assert cfg.student.covisit_recent == cfg.teacher.covisit_recent > 0
+
+
+def test_the_teacher_holds_at_least_half_of_a_time_budget() -> None:
+    from model.pipeline import BUDGET_SHARES
+
+    assert sum(BUDGET_SHARES.values()) == pytest.approx(1.0)
+    assert BUDGET_SHARES["teacher"] >= 0.5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,3 +69,24 @@ def test_trials_that_cannot_hold_an_epoch_are_skipped_for_the_first() -> None:
 def test_a_search_without_candidates_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one candidate"):
         search(make_model, TRAIN, VALID, BASE, [], 1, seed=0, name="t")
+
+
+def test_the_winner_continues_at_the_learning_rate_its_trial_decayed_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import model.search as search_module
+
+    rates: list[float] = []
+    real_fit = search_module.fit
+
+    def recording_fit(*args: Any, **kwargs: Any) -> Any:
+        rates.append(args[3].lr)  # fit(model, train, valid, cfg, ...)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(search_module, "fit", recording_fit)
+    # Too slow to change a ranking: every epoch after the first fails to improve.
+    stalled = Candidate(lr=1e-9, dropout=0.0)
+    found = search(make_model, TRAIN, VALID, BASE, [stalled], 3, seed=0, name="t")
+    [trial] = found.trials
+    assert (trial["best_epoch"], trial["epochs_run"]) == (1, 3)
+    assert rates == [stalled.lr, pytest.approx(stalled.lr * BASE.lr_decay**2)]
