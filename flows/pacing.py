@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from streamrec.settings import Settings
+
 WINDOW_S: Final = 0.1  # busy share measured over this much wall time
 BUSY_ABOVE: Final = 0.7  # starts filling batches above this share of time busy ...
 IDLE_BELOW: Final = 0.45  # ... and stops below this one
@@ -75,11 +77,13 @@ _PACERS: dict[int, Pacer] = {}
 _LOCK = threading.Lock()
 
 
-def pacer_of_this_thread(fill: int, linger_s: float) -> Pacer:
-    """The pacer of the calling worker thread, made on first use."""
+def pacer_of_this_thread(settings: Settings) -> Pacer:
+    """The pacer of the calling worker thread, made on first use from ``settings``."""
     thread = threading.get_ident()
     pacer = _PACERS.get(thread)
     if pacer is None:
         with _LOCK:
-            pacer = _PACERS.setdefault(thread, Pacer(fill, linger_s))
+            pacer = _PACERS.setdefault(
+                thread, Pacer(settings.batch_fill, settings.batch_linger_ms / 1000.0)
+            )
     return pacer

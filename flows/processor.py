@@ -69,7 +69,7 @@ class EventProcessor:
         self._learn_online = settings.online_candidates
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
         # How busy this worker is decides whether its source fills micro-batches (same thread).
-        self._pacer = pacer_of_this_thread(settings.batch_fill, settings.batch_linger_ms / 1000.0)
+        self._pacer = pacer_of_this_thread(settings)
         # The stores of the partitions this worker reads: it alone uses them.
         self._own: dict[int, SessionStore] = {}
         # Exactly once: their transactions, which carry the outputs instead of the sink.

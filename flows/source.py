@@ -272,11 +272,9 @@ class EventSource(FixedPartitionedSource[Message, int]):
         consumer = self._consumers.get(thread)
         if consumer is None or consumer.closed:
             config = consumer_config(self._settings, group="streamrec-flow")
-            pacer = pacer_of_this_thread(
-                self._settings.batch_fill, self._settings.batch_linger_ms / 1000.0
-            )
             consumer = self._consumers[thread] = _WorkerConsumer(
-                Consumer({**config, "logger": kafka_logger("consumer")}), pacer
+                Consumer({**config, "logger": kafka_logger("consumer")}),
+                pacer_of_this_thread(self._settings),
             )
         return consumer
 

@@ -292,7 +292,7 @@ class CandidateIndex:
         padded = np.zeros((b, longest), dtype=np.int64)  # histories right-aligned after PAD
         for r, history in enumerate(histories):
             padded[r, longest - len(history) :] = history
-        recent = padded[:, : -self.recent - 1 : -1]  # newest first, PAD-filled
+        recent = newest_first(padded, self.recent)
         offsets = np.arange(0, b * n_items, n_items, dtype=np.int64)[:, None]
         free = np.ones(b * n_items + 1, dtype=bool)  # the last key is a dump for unpicked ones
         free[padded + offsets] = False
@@ -305,7 +305,8 @@ class CandidateIndex:
         before = np.arange(-1, b * n - 1, n, dtype=np.int64)[:, None]  # each row's slot - 1
         last = before  # each row's latest filled slot
         quotas = (int(n * self.covisit_share), int(n * (self.covisit_share + self.nn_share)), n)
-        covisit_keys, sums = self._covisit(recent, offsets)
+        keys, sums = self._neighbour_sums(recent, offsets)
+        covisit_keys = _first_copies(_by_score(keys, sums[keys]))
         # n + len(history) popular items always fill a row (at most len(history) of them
         # are seen, the others are picked), so a pool sized for the longest history is
         # harmless; room for as many exclusions again, and a row they still leave short is
@@ -349,16 +350,22 @@ class CandidateIndex:
                 covisit = self.covisit_sums(padded, matrix, covisit_recent)
         return CandidateBatch(matrix, counts, covisit)
 
-    def _covisit(self, recent: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Co-visitation neighbours' keys [B, recent * width], strongest first (repeats → 0),
-        and the sum of every key [B * n_items + 1] (the last, the dump key's: 0)."""
-        b = len(recent)
+    def _neighbour_sums(
+        self, newest: np.ndarray, offsets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The co-visitation neighbours of ``newest`` [B, r] (newest first, PAD-filled) as keys
+        [B, r * width], and every key's sum [B * n_items + 1], the k-th newest item's weights
+        counting ``RECENCY**k`` (the last key, the dump's, sums to 0)."""
+        b, r = newest.shape
         # Row PAD of the table is empty (weight 0): the padding of a short session adds nothing.
-        keys = self.neighbours.take(recent, axis=0).reshape(b, -1) + offsets
-        weights = self.neighbour_weights.take(recent, axis=0) * self._recency[:, None]
-        # Every copy of a key reads back the same sum, so copies sort side by side.
+        keys = self.neighbours.take(newest, axis=0).reshape(b, -1) + offsets
+        recency = (
+            self._recency[:r] if r <= self.recent else RECENCY ** np.arange(r, dtype=np.float32)
+        )
+        weights = self.neighbour_weights.take(newest, axis=0) * recency[:, None]
+        # Every copy of a key reads back the same sum.
         sums = np.bincount(keys.ravel(), weights.ravel(), minlength=b * self.n_items + 1)
-        return _first_copies(_by_score(keys, sums[keys])), sums
+        return keys, sums
 
     def _nearest(self, recent: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Keys of the items nearest each session [B, recent * SIMILAR_WIDTH]; repeats → 0.
@@ -384,18 +391,9 @@ class CandidateIndex:
         A candidate's sum adds its neighbour weight from each of the ``recent`` newest
         items, the k-th newest weighted ``RECENCY**k``: the input a hybrid model needs.
         """
-        b, n_items = len(items), self.n_items
-        newest = np.zeros((b, recent), dtype=np.int64)  # newest first, PAD-filled
-        tail = items[:, ::-1][:, :recent]
-        newest[:, : tail.shape[1]] = tail
-        offsets = np.arange(0, b * n_items, n_items, dtype=np.int64)[:, None, None]
-        keys = self.neighbours.take(newest, axis=0) + offsets  # [B, recent, width]
-        weights = (
-            self.neighbour_weights.take(newest, axis=0)
-            * (RECENCY ** np.arange(recent, dtype=np.float32))[:, None]
-        )
-        sums = np.bincount(keys.ravel(), weights.ravel(), minlength=b * n_items)
-        return sums.reshape(b, n_items)[np.arange(b)[:, None], candidates].astype(np.float32)
+        offsets = np.arange(0, len(items) * self.n_items, self.n_items, dtype=np.int64)[:, None]
+        _, sums = self._neighbour_sums(newest_first(items, recent), offsets)
+        return sums[candidates + offsets].astype(np.float32)
 
     def save(self, path: Path) -> None:
         np.savez_compressed(
@@ -417,6 +415,19 @@ class CandidateIndex:
                 f["item_vectors"].astype(np.float32),
                 similar=f.get("similar"),  # absent before the table was saved
             )
+
+
+def newest_first(items: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` newest of left-padded ``items`` [B, L] as [B, count], newest first,
+    PAD-filled where a row has fewer.
+
+    >>> newest_first(np.array([[0, 7, 8, 9]]), 5).tolist()
+    [[9, 8, 7, 0, 0]]
+    """
+    newest = np.zeros((len(items), count), dtype=np.int64)
+    tail = items[:, ::-1][:, :count]
+    newest[:, : tail.shape[1]] = tail
+    return newest
 
 
 def _by_score(keys: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from streamrec.item_hashes import HASH_DTYPE
+from streamrec.item_hashes import HASH_DTYPE, find_sorted
 
 PAD = 0
 MAX_CACHED_CODES = 4_000_000  # 32 MB of int64 codes at most, over all cached users
@@ -61,12 +61,10 @@ class ExclusionCodes:
         return codes
 
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
-        sorted_hashes = self._sorted_hashes
-        if not len(sorted_hashes):
-            return np.zeros(len(hashes), dtype=np.int64)
-        at = np.searchsorted(sorted_hashes, hashes)
-        at[at == len(sorted_hashes)] = 0
-        return np.where(sorted_hashes[at] == hashes, self._codes_by_hash[at], PAD)
+        at, found = find_sorted(hashes, self._sorted_hashes)
+        codes = np.full(len(hashes), PAD, dtype=np.int64)  # where not in the vocabulary
+        codes[found] = self._codes_by_hash[at[found]]
+        return codes
 
     def _grown(self, before: np.ndarray, codes: np.ndarray, after: np.ndarray) -> np.ndarray:
         """Codes of ``after`` from those of ``before``, if ``after`` is ``before`` with items

@@ -16,22 +16,21 @@ _CPUINFO = Path("/proc/cpuinfo")
 
 def cpu_flags() -> frozenset[str]:
     """The first CPU's feature flags; empty where the system does not say."""
-    try:
-        text = _CPUINFO.read_text()
-    except OSError:
-        return frozenset()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
+    return frozenset(_cpuinfo("flags").split())
 
 
 def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def _cpuinfo(key: str) -> str:
+    """The first CPU's ``key`` line of /proc/cpuinfo, its value stripped ('' if none)."""
     try:
-        for line in _CPUINFO.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = _CPUINFO.read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return ""
+    line = next((line for line in text.splitlines() if line.startswith(key)), "")
+    return line.partition(":")[2].strip()
 
 
 def describe_int8_support(flags: frozenset[str] | None = None) -> str:

@@ -33,9 +33,20 @@ def item_hashes(item_ids: Iterable[str]) -> np.ndarray:
 
 def isin_sorted(hashes: np.ndarray, sorted_consumed: np.ndarray) -> np.ndarray:
     """Which of ``hashes`` are in ``np.sort(consumed)``: ten times faster than ``np.isin``."""
-    if not len(sorted_consumed):
-        return np.zeros(len(hashes), dtype=bool)
-    at = np.searchsorted(sorted_consumed, hashes)
-    at[at == len(sorted_consumed)] = 0
-    found: np.ndarray = sorted_consumed[at] == hashes
-    return found
+    return find_sorted(hashes, sorted_consumed)[1]
+
+
+def find_sorted(hashes: np.ndarray, sorted_hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``hashes`` is in ``sorted_hashes`` (any place where it is not found)
+    and whether it is found there: one binary search each.
+
+    >>> at, found = find_sorted(np.array([7, 4, 9], dtype=HASH_DTYPE), np.array([4, 7], HASH_DTYPE))
+    >>> at[found].tolist(), found.tolist()
+    ([1, 0], [True, True, False])
+    """
+    if not len(sorted_hashes):
+        return np.zeros(len(hashes), dtype=np.intp), np.zeros(len(hashes), dtype=bool)
+    at = np.searchsorted(sorted_hashes, hashes)
+    at[at == len(sorted_hashes)] = 0
+    found: np.ndarray = sorted_hashes[at] == hashes
+    return at, found
