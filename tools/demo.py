@@ -1,9 +1,11 @@
 """`streamrec demo`: the whole system, end to end, on real MovieLens traffic.
 
 Starts the local broker, creates fresh demo topics, runs the flow serving the
-committed model, replays ratings as live events on an open-loop schedule,
-measures event-to-recommendation latency, shows a few recommendations with
-their movie titles, and stops everything it started.
+committed model, replays the ratings after the model's training cut-off as
+live events on an open-loop schedule, measures event-to-recommendation latency
+and the online hit rate (with an interval, beside two baselines on the same
+events: ``tools.online_quality``), shows a few recommendations with their movie
+titles, and stops everything it started.
 """
 
 from __future__ import annotations
@@ -13,13 +15,19 @@ import gc
 import shutil
 import threading
 import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 import orjson
 from confluent_kafka import Consumer
 
-from streamrec.contracts import Recommendation
+from model.candidates import CandidateIndex
+from model.data import Vocab
+from model.serving import INDEX_FILE, VOCAB_FILE, read_card
+from streamrec.contracts import Event, Recommendation
 from streamrec.datasets import load_events
 from streamrec.kafka_clients import consumer_config, end_offsets, topic_partitions
 from streamrec.settings import REPO_ROOT, Settings
@@ -33,7 +41,18 @@ from tools.bench_services import (
     service_environment,
 )
 from tools.kafka_local import KafkaLauncherError, LocalKafka
-from tools.latency import LatencyCollector, StopRule
+from tools.latency import LatencyCollector, LatencyMatcher, StopRule
+from tools.online_quality import (
+    BASELINES,
+    RESAMPLES,
+    CardError,
+    HeldOut,
+    Interval,
+    StreamProtocol,
+    baseline_hit_rates,
+    held_out,
+    interval_of,
+)
 from tools.replay import DatasetSource, replay
 from tools.schedule import Timing
 
@@ -84,13 +103,84 @@ def show_examples(settings: Settings, how_many: int = 3) -> None:
             click.echo(f"  {item.score:8.3f}  {titles.get(item.item_id, item.item_id)}")
 
 
+def _utc(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def report_quality(
+    settings: Settings,
+    events: Sequence[Event],
+    window: HeldOut,
+    served: int,
+    matcher: LatencyMatcher,
+    protocol: StreamProtocol,
+) -> dict[str, Any]:
+    """Print the served model's online hit rate beside the baselines' on the same events.
+
+    The baselines replay in process what the flow was sent: the warm-up events
+    (``events[:served]``, sessions and counts only) and then the measured ones.
+    """
+    replayed = events[window.start : window.start + window.count]
+    index = CandidateIndex.load(settings.model_dir / INDEX_FILE)
+    vocab = Vocab.load(settings.model_dir / VOCAB_FILE)
+    baselines = baseline_hit_rates(
+        replayed, index, vocab, settings.top_k, events[:served], settings.online_candidates
+    )
+    figures: dict[str, Interval] = {
+        "served model": interval_of(list(matcher.stats.per_model.values()))
+    }
+    figures |= {name: interval_of([baselines[name]]) for name in BASELINES}
+    before = {e.user_id for e in events[: window.start]}
+    users = {e.user_id for e in replayed}
+    k = settings.top_k
+    lines = [
+        f"online quality: hit rate@{k} on the {window.count:,} events after the model's training "
+        f"cut-off ({_utc(window.cutoff_ts)}), none of which it was trained on",
+        f"  hit: the user's next event's item among the {k} recommended on their previous event; "
+        f"[95% interval: {RESAMPLES:,} bootstrap resamples of users]",
+        f"  {'served model':<14}{', '.join(matcher.stats.per_model) or '-'}: "
+        f"{figures['served model'].describe()}",
+    ]
+    for name in BASELINES:
+        lines.append(f"  {name:<14}in process, same events: {figures[name].describe()}")
+    if protocol.hr is not None and protocol.hr_ci is not None:
+        low, high = protocol.hr_ci
+        lines.append(
+            f"  {'model card':<14}{protocol.chosen} offline stream HR@10 {protocol.hr:.1%} "
+            f"[{low:.1%}, {high:.1%}] (from each user's full history)"
+        )
+    lines.append(
+        "  cold sessions: the flow starts empty, so it knows nothing of these users before the "
+        f"cut-off ({len(users & before)} of the {len(users)} had ratings there); a fresh live "
+        "deploy meets the same"
+    )
+    click.echo("\n" + "\n".join(lines))
+    return {
+        "cutoff_ts": window.cutoff_ts,
+        "events": window.count,
+        "users": len(users),
+        "users_with_history_before_cutoff": len(users & before),
+        "k": k,
+        "hit_rate": {
+            name: {
+                "hits": f.hits,
+                "judged": f.judged,
+                "rate": round(f.point, 4),
+                "ci95": [round(f.low, 4), round(f.high, 4)],
+            }
+            for name, f in figures.items()
+        },
+        "card_stream_hr@10": protocol.hr,
+    }
+
+
 @click.command("demo")
 @click.option(
     "--count",
     type=click.IntRange(min=1),
     default=5000,
     show_default=True,
-    help="MovieLens ratings replayed as live events.",
+    help="MovieLens ratings replayed as live events, from the model's training cut-off on.",
 )
 @click.option(
     "--rate",
@@ -105,17 +195,47 @@ def show_examples(settings: Settings, how_many: int = 3) -> None:
     help="Leave the broker running afterwards (the flow is always stopped).",
 )
 def demo_command(count: int, rate: float, keep_running: bool) -> None:
-    """Run the whole system end to end on MovieLens traffic and report its latency.
+    """Run the whole system end to end on MovieLens traffic; report latency and hit rate.
 
     \b
     1. start a real Kafka broker (KRaft, Java 17; jars from Maven Central)
     2. create fresh demo topics (demo.events with 4 partitions, ...)
     3. run the flow serving the model card's chosen variant (model/artifacts)
-    4. replay COUNT ratings at RATE events/s, keyed by user
+    4. replay COUNT ratings after the card's training cut-off (all there
+       are, if fewer) at RATE events/s, keyed by user
     5. measure latency from each event's Kafka timestamp to its recommendation
-    6. stop the flow and, unless --keep-running, the broker
+    6. report the online hit rate with a 95% interval, beside the "popular"
+       and "co-visitation" baselines on the same events (run in process)
+    7. stop the flow and, unless --keep-running, the broker
+
+    Only events the model was not trained on are replayed, so the hit rate is
+    out of sample; the flow starts empty, so these users' sessions start cold.
     """
     settings = demo_settings()
+    events = load_events(settings.data_dir)
+    try:
+        protocol = StreamProtocol.from_card(read_card(settings.model_dir))
+    except (CardError, OSError) as err:
+        raise click.ClickException(
+            f"cannot read the model card in {settings.model_dir}: {err}"
+        ) from None
+    window = held_out(events, protocol, count)
+    if protocol.cutoff_ts is None:
+        click.echo(
+            f"the model card records no cut-off: drawn as training does, at the last "
+            f"{protocol.fraction:.0%} of {settings.data_dir}'s events ({_utc(window.cutoff_ts)})"
+        )
+    elif window.recomputed_ts != window.cutoff_ts:
+        click.echo(
+            f"warning: the model card's cut-off ({_utc(window.cutoff_ts)}) is not the one "
+            f"{settings.data_dir} gives ({_utc(window.recomputed_ts)}): the model was trained "
+            "on other data"
+        )
+    if window.count == 0:
+        raise click.ClickException(
+            f"{settings.data_dir} has no event after the model's training cut-off "
+            f"({_utc(window.cutoff_ts)}); train on it first (`streamrec train --data ...`)"
+        )
     broker = LocalKafka(settings, log=lambda line: click.echo(line))
     was_running = broker.status().running
     try:
@@ -131,22 +251,36 @@ def demo_command(count: int, rate: float, keep_running: bool) -> None:
         log = DEMO_DIR / "flow.log"
         click.echo(f"flow: starting (log: {log})")
         flow = Service(STUDENT, service_commands(STUDENT), service_environment(settings), log)
-        events = load_events(settings.data_dir)
         started = time.monotonic()
         try:
-            # The benchmark's readiness check: probe until answered, then a warm-up.
+            # The benchmark's readiness check: probe until answered, then a warm-up, with
+            # the first (training) events, so that the held-out ones are all measured.
             served = wait_until_serving(settings, flow, events, 0, READINESS)
         except BenchError as err:
             raise click.ClickException(str(err)) from None
         click.echo(f"flow: serving after {time.monotonic() - started:.1f} s")
+        if served > window.start:
+            raise click.ClickException(
+                f"the warm-up took {served} events, past the cut-off at event {window.start}"
+            )
 
-        source = DatasetSource(events, served, count, name=str(settings.data_dir))
+        count = window.count
+        source = DatasetSource(events, window.start, count, name=str(settings.data_dir))
         # The collector fixes its start offsets now, before the first event goes out.
         collector = LatencyCollector(settings, group="streamrec-demo")
         rule = StopRule(count=count, idle_timeout_s=30.0)
         reading = threading.Thread(target=collector.run, args=(rule,))
         reading.start()
-        click.echo(f"replay: {count} MovieLens ratings at {rate:g} events/s")
+        if window.short:
+            click.echo(
+                f"only {window.available:,} events follow the training cut-off, fewer than "
+                f"--count {window.asked:,}: replaying all of them"
+            )
+        click.echo(
+            f"replay: {count:,} MovieLens ratings after the training cut-off "
+            f"({_utc(window.cutoff_ts)}; events {window.start:,}..{window.start + count - 1:,} "
+            f"of {len(events):,}) at {rate:g} events/s"
+        )
         try:
             report = replay(settings, source, Timing.fixed_rate(rate), progress=True)
             click.echo(report.describe())
@@ -155,8 +289,10 @@ def demo_command(count: int, rate: float, keep_running: bool) -> None:
             collector.close()
         matcher = collector.matcher
         click.echo("\n" + matcher.describe())
+        quality = report_quality(settings, events, window, served, matcher, protocol)
         summary = DEMO_DIR / "latency.json"
-        summary.write_bytes(orjson.dumps(matcher.summary(), option=orjson.OPT_INDENT_2))
+        figures = {**matcher.summary(), "online_quality": quality}
+        summary.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
         click.echo(f"figures: {summary}")
         show_examples(settings)
         if matcher.stats.matched < count:

@@ -196,6 +196,9 @@ class ModelStats:
     top_k: int = 0
     # None while it is the only model seen: the overall histograms are its own then.
     latency: LatencyBreakdown | None = None
+    # The same two counts per user, for an interval that resamples users (tools/online_quality).
+    judged_by_user: Counter[str] = field(default_factory=Counter)
+    hits_by_user: Counter[str] = field(default_factory=Counter)
 
     @property
     def variant(self) -> str:
@@ -205,9 +208,12 @@ class ModelStats:
     def hit_rate(self) -> float | None:
         return self.hits / self.judged if self.judged else None
 
-    def judge(self, hit: bool) -> None:
+    def judge(self, hit: bool, user_id: str | None = None) -> None:
         self.judged += 1
         self.hits += hit
+        if user_id is not None:
+            self.judged_by_user[user_id] += 1
+            self.hits_by_user[user_id] += hit
 
 
 @dataclass(slots=True)
@@ -326,8 +332,8 @@ class OnlineHitRate:
       recommendation, are not judged; a forget request starts the user afresh.
 
     Memory: one entry per user seen (their latest event and, once it arrived,
-    its recommended items), and one per event whose successor arrived before
-    its recommendation.
+    its recommended items, and their counts in ``ModelStats``), and one per
+    event whose successor arrived before its recommendation.
     """
 
     def __init__(self) -> None:
@@ -342,14 +348,14 @@ class OnlineHitRate:
                 self._next_item[latest.event_id] = item_id
             else:
                 model, items = latest.answer
-                model.judge(_recommends(items, item_id))
+                model.judge(_recommends(items, item_id), user_id)
         self._latest[user_id] = _LatestEvent(event_id)
 
     def on_answer(self, rec: Recommendation, model: ModelStats) -> None:
         """``rec`` matched to its event (once per ``event_id``), made by ``model``."""
         next_item = self._next_item.pop(rec.event_id, None)
         if next_item is not None:
-            model.judge(_recommends(rec.items, next_item))
+            model.judge(_recommends(rec.items, next_item), rec.user_id)
             return
         latest = self._latest.get(rec.user_id)
         if latest is not None and latest.event_id == rec.event_id:
