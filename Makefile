@@ -6,13 +6,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STREAMREC := $(VENV)/bin/streamrec
 
-.PHONY: demo test compose-client lint typecheck check train bench-state bench-e2e kafka-up kafka-down clean
+.PHONY: demo test soak compose-client lint typecheck check train bench-state bench-e2e kafka-up kafka-down clean
 
 demo: $(VENV)/.runtime
 	$(STREAMREC) demo
 
 test: $(VENV)/.dev compose-client
 	$(PY) -m pytest
+
+# The randomized fault schedules at soak strength (`make test` runs a share of them):
+# 2,000 in process and 30 against the real broker and real flows, each checked against the oracle.
+soak: $(VENV)/.dev
+	STREAMREC_FAULT_SCHEDULES=2000 STREAMREC_BROKER_SCHEDULES=30 \
+	  $(PY) -m pytest -q tests/test_fault_schedules.py tests/test_fault_broker.py
 
 # tests/test_compose.py validates docker-compose.yml with a real compose client;
 # without a Docker engine, Debian's docker-compose package is enough for that.

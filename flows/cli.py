@@ -19,6 +19,7 @@ code a supervisor can act on (README, "Running under a supervisor"):
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sys
 from datetime import timedelta
@@ -218,6 +219,8 @@ def run_command(
     # Before the seconds of start-up, so that a stop during them exits cleanly.
     stop_gracefully_on_signals()
     click.echo(STARTING, err=True)
+    # The flow's own modules log through `logging` (librdkafka's lines have their own handler).
+    logging.basicConfig(level=logging.INFO, format="flow: %(message)s", stream=sys.stderr)
     settings = Settings.from_env(
         brokers=brokers,
         model_dir=model_dir,

@@ -38,7 +38,17 @@ DUPLICATES = Counter(
 DEAD_LETTERS = Counter(
     "streamrec_dead_letters_total", "Records sent to the dead-letter topic, by reason.", ["code"]
 )
-FORGOTTEN = Counter("streamrec_users_forgotten_total", "Sessions erased on request.")
+FORGOTTEN = Counter("streamrec_users_forgotten_total", "Users erased on request.")
+FORGETS_FOUND_NOTHING = Counter(
+    "streamrec_forgets_found_nothing_total",
+    "Forget requests for a user the shard held no record of (never seen, expired, or erased "
+    "already): nothing to erase.",
+)
+FORGETS_REPLAYED = Counter(
+    "streamrec_forgets_replayed_total",
+    "Forget requests read again after a restart, applied before: not applied again, so the "
+    "user's later events stay.",
+)
 EXPIRED = Counter("streamrec_sessions_expired_total", "Idle sessions removed by the sweep.")
 CONSUMER_ERRORS = Counter(
     "streamrec_consumer_errors_total",

@@ -12,12 +12,12 @@ moves with its partition when the number of workers or processes changes.
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import cast
 
-import numpy as np
 from confluent_kafka import Message
 
 from flows import metrics
@@ -27,7 +27,8 @@ from flows.pacing import pacer_of_this_thread
 from flows.sink import OutputRecord, SinkItem
 from flows.source import REPLAY_FLOORS
 from flows.stores import PartitionStores
-from state.store import SessionStore
+from model.serving import Prepared
+from state.store import Erasure, SessionStore
 from streamrec.contracts import (
     ContractError,
     DeadLetter,
@@ -37,6 +38,8 @@ from streamrec.contracts import (
     parse_message,
 )
 from streamrec.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Expired sessions are swept a few hundred keys at a time, once per interval of
 # wall time, so the sweep never holds up the events behind it.
@@ -100,9 +103,12 @@ class EventProcessor:
         out_partitions: list[int] = []
         events: list[Event] = []
         keys: list[bytes | None] = []
-        histories: list[list[str]] = []
-        # Per event: the hashes of what its user consumed beyond the window, never recommended.
-        consumed: list[np.ndarray] = []
+        # Per event: what its answer reads, taken after its own update and before any later
+        # one, and the variant that answers it.
+        prepared: list[Prepared] = []
+        picks: list[int] = []
+        split = len(recommenders) > 1
+        top_k = self._top_k
         parse_s = 0.0
         for record in records:
             t0 = time.perf_counter()
@@ -126,8 +132,7 @@ class EventProcessor:
                 store = self._own[partition] = self._stores.get(partition)
                 store.replay_floor = self._replay_floor(partition, store)
             if isinstance(parsed, ForgetRequest):
-                if store.forget(parsed.user_id):
-                    metrics.FORGOTTEN.inc()
+                self._forget(store, parsed, partition, offset)
                 continue
             # Written by the commit below, once for the whole micro-batch.
             result = store.stage(parsed, partition, offset)
@@ -149,23 +154,26 @@ class EventProcessor:
             if self._exactly_once:
                 out_partitions.append(partition)
             keys.append(key)
-            histories.append(history)
-            consumed.append(store.consumed(parsed.user_id))
+            user = parsed.user_id
+            pick = self._models.pick(user) if split else 0
+            picks.append(pick)
+            # The hashes of what the user consumed beyond the window: never recommended.
+            prepared.append(recommenders[pick].prepare(history, top_k, store.consumed(user), user))
         # Before anything is emitted: a batch lost to a crash has no output and is read again.
         for partition, store in self._own.items():
             store.commit()
             store.replay_floor = self._replay_floor(partition, store)
             if store.counters.quarantined:
                 self._report_quarantined(store)
+        self._stores.check_changelog(self._own)
         self._report_reads()
         state_done = time.perf_counter()
         if events:
-            if len(recommenders) == 1:
-                users = [event.user_id for event in events]
-                ranked = recommenders[0].recommend(histories, self._top_k, consumed, users)
+            if not split:
+                ranked = recommenders[0].answer(prepared, top_k)
                 versions = [recommenders[0].version] * len(events)
             else:
-                ranked, versions = self._recommend_split(events, histories, consumed)
+                ranked, versions = self._answer_split(prepared, picks)
             scored = time.perf_counter()
             emitted_ms = time.time() * 1000.0
             topic = self._recommendations_topic
@@ -193,24 +201,17 @@ class EventProcessor:
             self._sweep()
         return out
 
-    def _recommend_split(
-        self, events: list[Event], histories: list[list[str]], consumed: list[np.ndarray]
+    def _answer_split(
+        self, prepared: list[Prepared], picks: list[int]
     ) -> tuple[list[list[tuple[str, float]]], list[str]]:
-        """Each event scored by its user's variant, one call per variant; results in order."""
-        models = self._models
-        picks = [models.pick(event.user_id) for event in events]
-        ranked: list[list[tuple[str, float]]] = [[] for _ in events]
-        versions = [""] * len(events)
-        for variant, recommender in enumerate(models.recommenders):
+        """Each event answered by its user's variant, one call per variant; results in order."""
+        ranked: list[list[tuple[str, float]]] = [[] for _ in prepared]
+        versions = [""] * len(prepared)
+        for variant, recommender in enumerate(self._models.recommenders):
             rows = [row for row, pick in enumerate(picks) if pick == variant]
             if not rows:
                 continue
-            answers = recommender.recommend(
-                [histories[row] for row in rows],
-                self._top_k,
-                [consumed[row] for row in rows],
-                [events[row].user_id for row in rows],
-            )
+            answers = recommender.answer([prepared[row] for row in rows], self._top_k)
             for row, answer in zip(rows, answers, strict=True):
                 ranked[row] = answer
                 versions[row] = recommender.version
@@ -231,6 +232,24 @@ class EventProcessor:
             by_partition[partition].append(record)
         for partition, records in by_partition.items():
             self._transactions[partition].add(records, last_offsets[partition] + 1)
+
+    def _forget(
+        self, store: SessionStore, request: ForgetRequest, partition: int, offset: int
+    ) -> None:
+        erasure = store.forget(request.user_id, partition, offset)
+        if erasure is Erasure.ERASED:
+            metrics.FORGOTTEN.inc()
+        elif erasure is Erasure.ALREADY_APPLIED:
+            metrics.FORGETS_REPLAYED.inc()
+        else:
+            metrics.FORGETS_FOUND_NOTHING.inc()
+            # The offset finds the request again; the user id stays out of the log.
+            log.info(
+                "a forget request found nothing to erase (%s partition %d offset %d)",
+                self._events_topic,
+                partition,
+                offset,
+            )
 
     def _dead_letter(self, record: Message, err: ContractError) -> OutputRecord:
         metrics.DEAD_LETTERS.labels(err.code).inc()

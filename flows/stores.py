@@ -9,6 +9,7 @@ workers and moves with its partition when workers or processes change.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 from flows import metrics
 from flows.sink import output_limits
@@ -16,7 +17,7 @@ from flows.transactions import PartitionTransactions
 from state.changelog import ChangelogWriter, open_shard
 from state.errors import StateError
 from state.session import NO_REPLAY
-from state.store import SessionStore
+from state.store import SessionStore, Stamp
 from streamrec.settings import Settings
 
 # How long a clean stop waits for the last removals' transaction before leaving them uncommitted.
@@ -76,6 +77,7 @@ class PartitionStores:
         )
         if marks is not None:
             self._changelog.durable[partition] = marks.applied
+        self._changelog.claim(partition, marks)
         if rebuilt:
             metrics.SHARDS_REBUILT.inc()
             # Its events must be read again from there: the changelog had nothing later.
@@ -115,6 +117,15 @@ class PartitionStores:
         )
         return store
 
+    def check_changelog(self, partitions: Iterable[int]) -> None:
+        """At least once: stop if the broker refused a change or another process claimed one
+        of ``partitions`` later; rewrite what an older claimant wrote into them."""
+        writer = self._changelog
+        if writer is None or (not writer.intrusions and writer.refused is None):
+            return
+        for partition in partitions:
+            writer.resolve(partition, self._stores[partition].resend)
+
     def changelog_floor(self, partition: int) -> int:
         """The first events offset a shard rebuilt from the changelog now would lack."""
         if self._changelog is None or self.exactly_once:
@@ -132,7 +143,8 @@ class PartitionStores:
                         try:
                             if transactions.pending:  # the open transaction, or removals
                                 transactions.commit(give_up_after_s=CLOSE_COMMIT_S)
-                            store.stamp = transactions.version  # it holds just what committed
+                            # It holds just what committed.
+                            store.stamp = Stamp(transactions.version, transactions.version_writer)
                         except StateError as err:
                             # Fenced, or Kafka away: the stamp stays ahead, so the next
                             # start rebuilds this shard from what was committed.

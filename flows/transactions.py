@@ -30,6 +30,7 @@ partition now, and this one stops.
 
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -43,7 +44,7 @@ from flows.kafka_log import kafka_logger
 from flows.sink import BLOCKED_AFTER_S, POLL_S, REFUSED, OutputRecord, set_aside, size_limits
 from state.changelog import MARKS_KEY, Marks, encode_marks
 from state.errors import StateError
-from state.store import SessionStore
+from state.store import SessionStore, Stamp
 from streamrec.kafka_clients import producer_config, redact
 from streamrec.settings import Settings
 
@@ -77,6 +78,10 @@ class PartitionTransactions:
     def __init__(self, settings: Settings, partition: int, limits: dict[str, int]) -> None:
         self.partition = partition
         self.version = 0
+        # Who made ``version`` (a commit of this producer or of an earlier owner), and this
+        # producer's own token: a fenced owner's uncommitted "version V+1" is never ours.
+        self.version_writer = ""
+        self.writer = secrets.token_hex(8)
         self.next_offset: int | None = None
         self._settings = settings
         self._changelog = settings.sessions_changelog
@@ -116,9 +121,10 @@ class PartitionTransactions:
         self._events_topic_id = events_topic_id
         if marks is not None:
             self.version = marks.version or 0
+            self.version_writer = marks.writer
             self._applied = marks.applied
             self.next_offset = marks.next if marks.next is not None else marks.applied + 1
-        store.stamp = self.version + 1
+        store.stamp = Stamp(self.version + 1, self.writer)
 
     def send(
         self, partition: int, changes: Iterable[tuple[bytes, bytes | None]], _: int | None
@@ -158,8 +164,13 @@ class PartitionTransactions:
         applied = store.applied_offset(self.partition)
         if applied is not None:
             self._applied = applied
-        version = self.version + 1 if self._changes else self.version
-        marks = encode_marks(Marks(self._applied, self._events_topic_id, self.next_offset, version))
+        if self._changes:
+            version, writer = self.version + 1, self.writer
+        else:
+            version, writer = self.version, self.version_writer
+        marks = encode_marks(
+            Marks(self._applied, self._events_topic_id, self.next_offset, version, writer)
+        )
         outputs = self._outputs
         started = time.monotonic()
         while not self._transaction(outputs, marks):
@@ -167,11 +178,11 @@ class PartitionTransactions:
             self._note_failing()
             time.sleep(POLL_S)  # Kafka aborted it: an outage, not a hurry
         metrics.TRANSACTION_SECONDS.observe(time.monotonic() - started)
-        self.version = version
+        self.version, self.version_writer = version, writer
         self._changes = []
         self._outputs = []
         self._opened_at = None
-        store.stamp = version + 1
+        store.stamp = Stamp(version + 1, self.writer)
         if self._blocked:
             self._say(f"flow: partition {self.partition}: transactions commit again")
             self._blocked = False

@@ -124,6 +124,20 @@ class Excluded:
 
 
 @dataclass(frozen=True, slots=True)
+class Reads:
+    """What one session's candidates read of the counts that ``observe`` changes, at one moment.
+
+    Taken right after a session's own event is observed and before any later one,
+    the candidates of a micro-batch are those each event would get alone: batching
+    is a speed device, never a change of answer.
+    """
+
+    neighbours: np.ndarray  # [r, width] int64: co-visitation rows of the r newest items
+    weights: np.ndarray  # [r, width] float32
+    popular: np.ndarray  # the most popular items, most popular first, as many as it may need
+
+
+@dataclass(frozen=True, slots=True)
 class CandidateBatch:
     """Candidates [B, n] (PAD after each row's count), the counts [B] and, when asked for,
     the candidates' co-visitation sums [B, n] (float32): a hybrid model's input."""
@@ -253,6 +267,27 @@ class CandidateIndex:
         at[top[to + 1 : was + 1]] += 1
         top[to], neg[to], at[item] = item, -count, to
 
+    def reads(
+        self, history: np.ndarray, n: int, excluded: int = 0, covisit_recent: int = 0
+    ) -> Reads:
+        """A copy of what ``candidate_batch`` reads of the online counts for ``history``.
+
+        ``history``: the session's known items, oldest first; ``excluded``: how many
+        items it must not be proposed.  Cheap (a few small copies): taken per event.
+        """
+        r = max(self.recent, covisit_recent)
+        newest = np.zeros(r, dtype=np.int64)
+        tail = history[::-1][:r]
+        newest[: len(tail)] = tail
+        n = min(n, self.n_items - 1)
+        longest = max(self.recent, len(history))
+        pool = n + longest + min(excluded, n + longest)
+        return Reads(
+            self.neighbours.take(newest, axis=0),
+            self.neighbour_weights.take(newest, axis=0),
+            self.popular(min(4 * pool, self.n_items - 1)),
+        )
+
     def candidates(self, histories: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
         """Up to ``n`` unseen candidate item indices per history (item indices, oldest first)."""
         matrix, counts = self.candidate_matrix(histories, n)
@@ -271,6 +306,7 @@ class CandidateIndex:
         n: int,
         excluded: Excluded | None = None,
         covisit_recent: int = 0,
+        reads: Sequence[Reads] | None = None,
     ) -> CandidateBatch:
         """Up to ``n`` candidates per history, none seen or ``excluded`` (for that row).
 
@@ -281,7 +317,8 @@ class CandidateIndex:
         bitmap, so merging a source is a few whole-batch array operations and no Python
         per session.  With ``covisit_recent`` equal to the index's own ``recent``, the
         co-visitation sums of the candidates (a hybrid model's input) come with them,
-        read from the sums the first source computes anyway.
+        read from the sums the first source computes anyway.  ``reads``: per history,
+        the online counts as they were when it was taken (``reads``), instead of now.
         """
         b, n_items = len(histories), self.n_items
         n = min(n, n_items - 1)
@@ -294,7 +331,9 @@ class CandidateIndex:
             padded[r, longest - len(history) :] = history
         recent = newest_first(padded, self.recent)
         offsets = np.arange(0, b * n_items, n_items, dtype=np.int64)[:, None]
-        free = np.ones(b * n_items + 1, dtype=bool)  # the last key is a dump for unpicked ones
+        dump = b * n_items
+        free = np.ones(dump + 1, dtype=bool)  # the last key is a dump for unpicked ones
+        free[dump] = False  # never picked: it also fills short rows of a source
         free[padded + offsets] = False
         free[offsets] = False  # padding is never a candidate
         most_excluded = 0
@@ -305,18 +344,28 @@ class CandidateIndex:
         before = np.arange(-1, b * n - 1, n, dtype=np.int64)[:, None]  # each row's slot - 1
         last = before  # each row's latest filled slot
         quotas = (int(n * self.covisit_share), int(n * (self.covisit_share + self.nn_share)), n)
-        keys, sums = self._neighbour_sums(recent, offsets)
+        if reads is None:
+            rows = self.neighbours.take(recent, axis=0)
+            row_weights = self.neighbour_weights.take(recent, axis=0)
+        else:
+            r = self.recent
+            rows = np.stack([taken.neighbours[:r] for taken in reads])
+            row_weights = np.stack([taken.weights[:r] for taken in reads])
+        keys, sums = self._sums_of(rows, row_weights, offsets)
         covisit_keys = _first_copies(_by_score(keys, sums[keys]))
         # n + len(history) popular items always fill a row (at most len(history) of them
         # are seen, the others are picked), so a pool sized for the longest history is
         # harmless; room for as many exclusions again, and a row they still leave short is
         # filled below.
         pool = n + longest + min(most_excluded, n + longest)
-        sources = (
-            covisit_keys,
-            self._nearest(recent, offsets),
-            self._top(pool) + offsets,  # the sum is a new array: no copy needed
-        )
+        if reads is None:
+            popular = self._top(pool) + offsets  # the sum is a new array: no copy needed
+        else:
+            popular = np.full((b, pool), dump, dtype=np.int64)  # short rows: never fresh
+            for row, taken in enumerate(reads):
+                top = taken.popular[:pool]
+                popular[row, : len(top)] = top + row * n_items
+        sources = (covisit_keys, self._nearest(recent, offsets), popular)
         for keys, quota in zip(sources, quotas, strict=True):
             if keys.shape[1] == 0:
                 continue
@@ -332,8 +381,11 @@ class CandidateIndex:
         counts = (last - before)[:, 0]
         if counts.min() < n:
             # Many exclusions: more popular items; a tiny catalogue: everything unseen.
-            more = self._top(min(4 * pool, n_items - 1))
+            more = self._top(min(4 * pool, n_items - 1)) if reads is None else None
             for short in np.flatnonzero(counts < n):
+                if reads is not None:
+                    more = reads[int(short)].popular
+                assert more is not None
                 row_free = free[short * n_items : (short + 1) * n_items]
                 extra = more[row_free[more]]
                 if len(extra) < n - counts[short]:
@@ -346,8 +398,13 @@ class CandidateIndex:
         if covisit_recent:
             if covisit_recent == self.recent:
                 covisit = sums[keys].astype(np.float32)  # an empty slot reads row 0's PAD: 0
-            else:
+            elif reads is None:
                 covisit = self.covisit_sums(padded, matrix, covisit_recent)
+            else:
+                rows = np.stack([taken.neighbours[:covisit_recent] for taken in reads])
+                row_weights = np.stack([taken.weights[:covisit_recent] for taken in reads])
+                _, other = self._sums_of(rows, row_weights, offsets)
+                covisit = other[matrix + offsets].astype(np.float32)
         return CandidateBatch(matrix, counts, covisit)
 
     def _neighbour_sums(
@@ -356,15 +413,23 @@ class CandidateIndex:
         """The co-visitation neighbours of ``newest`` [B, r] (newest first, PAD-filled) as keys
         [B, r * width], and every key's sum [B * n_items + 1], the k-th newest item's weights
         counting ``RECENCY**k`` (the last key, the dump's, sums to 0)."""
-        b, r = newest.shape
+        rows = self.neighbours.take(newest, axis=0)
+        return self._sums_of(rows, self.neighbour_weights.take(newest, axis=0), offsets)
+
+    def _sums_of(
+        self, rows: np.ndarray, weights: np.ndarray, offsets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``_neighbour_sums`` of the table rows [B, r, width] of the newest items, and their
+        weights, as read (now or earlier)."""
+        b, r = rows.shape[:2]
         # Row PAD of the table is empty (weight 0): the padding of a short session adds nothing.
-        keys = self.neighbours.take(newest, axis=0).reshape(b, -1) + offsets
+        keys = rows.reshape(b, -1) + offsets
         recency = (
             self._recency[:r] if r <= self.recent else RECENCY ** np.arange(r, dtype=np.float32)
         )
-        weights = self.neighbour_weights.take(newest, axis=0) * recency[:, None]
+        weighted = weights * recency[:, None]
         # Every copy of a key reads back the same sum.
-        sums = np.bincount(keys.ravel(), weights.ravel(), minlength=b * self.n_items + 1)
+        sums = np.bincount(keys.ravel(), weighted.ravel(), minlength=b * self.n_items + 1)
         return keys, sums
 
     def _nearest(self, recent: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -33,14 +33,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnxruntime as ort
 import orjson
 
-from model.candidates import CandidateIndex, Excluded
+from model.candidates import CandidateIndex, Excluded, Reads
 from model.data import PAD, Vocab
 from model.exclusions import ExclusionCodes
 from streamrec.item_hashes import EMPTY, HASH_DTYPE, isin_sorted, item_hashes
@@ -51,6 +52,18 @@ INDEX_FILE = "candidates.npz"
 # Sessions per call; larger batches are split.  Candidate generation takes a few arrays of
 # batch × catalogue: past 32 sessions they outgrow the caches and cost more per event.
 MAX_BATCH = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """One session made ready to answer (``Recommender.prepare``): its known items, the
+    vocabulary codes it must not be proposed, and the online counts as of its event, or,
+    for a session with no known item, its answer already."""
+
+    known: np.ndarray
+    excluded: np.ndarray | None
+    reads: Reads | None
+    cold: list[tuple[str, float]] | None
 
 
 class ArtifactError(RuntimeError):
@@ -181,18 +194,47 @@ class Recommender:
         ``exclude``: per session, hashes (``streamrec.item_hashes.item_hash``) of items never
         to recommend either; ``users``: whose sessions they are, so that each user's
         exclusions are looked up anew only for what they consumed since (``model.exclusions``).
+        Every session is answered from the online counts as they are now.
         """
-        out: list[list[tuple[str, float]]] = []
         if k <= 0:
             return [[] for _ in histories]
-        for lo in range(0, len(histories), MAX_BATCH):
-            hi = lo + MAX_BATCH
-            out += self._recommend_batch(
-                histories[lo:hi],
+        prepared = [
+            self.prepare(
+                history,
                 k,
-                None if exclude is None else exclude[lo:hi],
-                None if users is None else users[lo:hi],
+                EMPTY if exclude is None else exclude[row],
+                None if users is None else users[row],
             )
+            for row, history in enumerate(histories)
+        ]
+        return self.answer(prepared, k)
+
+    def prepare(
+        self, history: Sequence[str], k: int, exclude: np.ndarray = EMPTY, user: str | None = None
+    ) -> Prepared:
+        """What one session's answer reads of the online counts, taken now.
+
+        The flow prepares each event right after observing it and before observing
+        the next, then answers the whole micro-batch in one call (``answer``): each
+        answer is the one its event would get alone, however the events were batched.
+        """
+        known = self._known(history)
+        if not len(known):
+            # Cold start: the popular items, answered at once (the counts are its scores).
+            return Prepared(known, None, None, self._popular(known, k, exclude))
+        codes = None
+        if len(exclude):
+            codes = self._exclusions.of(user, exclude)
+            codes = codes[codes != PAD]
+        excluded = 0 if codes is None else len(codes)
+        reads = self.index.reads(known, self.n_candidates, excluded, self.scorer.covisit_recent)
+        return Prepared(known, codes, reads, None)
+
+    def answer(self, prepared: Sequence[Prepared], k: int) -> list[list[tuple[str, float]]]:
+        """The answers of sessions ``prepare`` took, in order, scored ``MAX_BATCH`` at a time."""
+        out: list[list[tuple[str, float]]] = []
+        for lo in range(0, len(prepared), MAX_BATCH):
+            out += self._answer_batch(prepared[lo : lo + MAX_BATCH], k)
         return out
 
     def observe(self, prev_item: str | None, item: str) -> None:
@@ -200,26 +242,19 @@ class Recommender:
         prev = self.vocab.encode(prev_item) if prev_item is not None else PAD
         self.index.observe(prev, self.vocab.encode(item))
 
-    def _recommend_batch(
-        self,
-        histories: Sequence[Sequence[str]],
-        k: int,
-        exclude: Sequence[np.ndarray] | None,
-        users: Sequence[str] | None,
-    ) -> list[list[tuple[str, float]]]:
-        known = [self._known(h) for h in histories]
-        rows = [r for r, h in enumerate(known) if len(h)]
-        out: list[list[tuple[str, float]]] = [[] for _ in histories]
-        if len(rows) < len(known):
-            for r, h in enumerate(known):
-                if not len(h):
-                    out[r] = self._popular(h, k, EMPTY if exclude is None else exclude[r])
-        if not rows:
+    def _answer_batch(self, prepared: Sequence[Prepared], k: int) -> list[list[tuple[str, float]]]:
+        out = [p.cold or [] for p in prepared]
+        rows = [r for r, p in enumerate(prepared) if p.reads is not None]
+        if not rows or k <= 0:
             return out
-        sessions = [known[r] for r in rows]
-        excluded = None if exclude is None else self._excluded(rows, exclude, users)
+        sessions = [prepared[r].known for r in rows]
+        reads = [cast(Reads, prepared[r].reads) for r in rows]
         batch = self.index.candidate_batch(
-            sessions, self.n_candidates, excluded, self.scorer.covisit_recent
+            sessions,
+            self.n_candidates,
+            _excluded([prepared[r].excluded for r in rows]),
+            self.scorer.covisit_recent,
+            reads,
         )
         width = min(self.max_len, max(len(h) for h in sessions))
         items = self._items[: len(rows) * width].reshape(len(rows), width)
@@ -253,25 +288,20 @@ class Recommender:
         encoded = self.vocab.encode_many(history)
         return encoded[encoded != PAD]
 
-    def _excluded(
-        self, rows: list[int], exclude: Sequence[np.ndarray], users: Sequence[str] | None
-    ) -> Excluded | None:
-        """The items of the vocabulary among the excluded hashes of ``rows`` (others are
-        never candidates anyway), row numbers counted among ``rows``."""
-        if not any(len(exclude[r]) for r in rows):
-            return None
-        of = self._exclusions.of
-        codes = [of(None if users is None else users[r], exclude[r]) for r in rows]
-        items = np.concatenate(codes)
-        row_of = np.repeat(np.arange(len(rows)), [len(c) for c in codes])
-        known = items != PAD
-        return Excluded(row_of[known], items[known])
-
     def _popular(self, seen: np.ndarray, k: int, exclude: np.ndarray) -> list[tuple[str, float]]:
         """Cold start: the most popular unseen items, scored by their interaction counts."""
         top = self.index.popular(k + len(seen) + len(exclude))
         top = top[~np.isin(top, seen) & ~isin_sorted(self._hashes[top], np.sort(exclude))][:k]
         return [(self.vocab.decode(int(i)), float(self.index.popularity[i])) for i in top]
+
+
+def _excluded(codes: Sequence[np.ndarray | None]) -> Excluded | None:
+    """The excluded vocabulary codes of a batch's rows, as (row, item) pairs; None: none."""
+    if not any(c is not None and len(c) for c in codes):
+        return None
+    items = np.concatenate([c for c in codes if c is not None])
+    rows = np.repeat(np.arange(len(codes)), [0 if c is None else len(c) for c in codes])
+    return Excluded(rows, items)
 
 
 def read_card(artifact_dir: Path) -> dict[str, Any]:

@@ -26,11 +26,12 @@ that were never committed (or misses some) and is rebuilt.  The changelog is
 read ``read_committed``, so an aborted transaction never reaches a store.
 
 >>> decode_marks(encode_marks(Marks(applied=41, events_topic_id="t-1")))
-Marks(applied=41, events_topic_id='t-1', next=None, version=None)
+Marks(applied=41, events_topic_id='t-1', next=None, version=None, writer='', generation=None)
 """
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import sys
 import time
@@ -51,7 +52,7 @@ from confluent_kafka import (
 
 from state.errors import StateError
 from state.layout import shard_dir
-from state.store import ChangeListener, SessionStore
+from state.store import ChangeListener, SessionStore, Stamp
 from streamrec.kafka_clients import consumer_config, producer_config
 from streamrec.settings import Settings
 
@@ -66,6 +67,10 @@ class ChangelogError(StateError):
     """The changelog cannot be read, or belongs to another events topic."""
 
 
+class ChangelogTaken(ChangelogError):
+    """Another process claimed this shard's changelog partition after this one: it serves it."""
+
+
 @dataclass(frozen=True, slots=True)
 class Marks:
     """A shard's progress as the changelog knows it: the last events offset applied.
@@ -78,6 +83,15 @@ class Marks:
     events_topic_id: str
     next: int | None = None
     version: int | None = None
+    # Exactly once: the writer (transactional producer) whose commit made ``version``; at
+    # least once: the process that wrote these marks, and the generation of its claim.
+    writer: str = ""
+    generation: int | None = None
+
+    @property
+    def stamp(self) -> Stamp:
+        """What a store holding exactly this version is stamped with."""
+        return Stamp(self.version or 0, self.writer)
 
 
 def encode_marks(marks: Marks) -> bytes:
@@ -86,6 +100,10 @@ def encode_marks(marks: Marks) -> bytes:
         doc["next"] = marks.next
     if marks.version is not None:
         doc["version"] = marks.version
+    if marks.writer:
+        doc["writer"] = marks.writer
+    if marks.generation is not None:
+        doc["generation"] = marks.generation
     return orjson.dumps(doc)
 
 
@@ -97,6 +115,8 @@ def decode_marks(raw: bytes) -> Marks:
         str(doc["events_topic_id"]),
         None if next_offset is None else int(next_offset),
         None if version is None else int(version),
+        str(doc.get("writer", "")),
+        None if doc.get("generation") is None else int(doc["generation"]),
     )
 
 
@@ -114,13 +134,31 @@ class ChangelogWriter:
     ``send`` returns at once (the producer delivers in the background, in order,
     retrying for as long as it takes); when librdkafka's queue is full it waits,
     which holds the flow back rather than dropping a change.
+
+    At least once there are no transactions to fence a second process that serves
+    the same shards (a duplicate deployment, a machine thought dead): instead every
+    marks record carries this process's ``writer`` token and the ``generation`` of
+    its claim (one more than the latest marks it found when it opened the shard),
+    and one producer's records land on consecutive offsets, so a hole between two
+    of them is another writer's records (``intrusions``).  ``resolve`` reads them:
+    if that writer claimed later, this process stops (``ChangelogTaken``); if earlier,
+    it is the stale one, and this process writes its own records of the keys again.
+    A record the broker refuses would leave a rebuilt shard wrong: it stops the flow.
     """
 
     def __init__(self, settings: Settings, events_topic_id: str) -> None:
         self.topic = settings.sessions_changelog
+        self._settings = settings
         self._events_topic_id = events_topic_id
         # Per partition: the last events offset whose marks the broker has acknowledged.
         self.durable: dict[int, int] = {}
+        self.writer = secrets.token_hex(8)
+        self.generations: dict[int, int] = {}
+        # Per partition: where this producer's next record should land, and the holes
+        # other writers' records made since (first offset, end), until ``resolve``.
+        self._next_offset: dict[int, int] = {}
+        self.intrusions: dict[int, list[tuple[int, int]]] = {}
+        self.refused: str | None = None
         self._producer = Producer(
             {
                 **producer_config(settings),
@@ -130,6 +168,11 @@ class ChangelogWriter:
             }
         )
 
+    def claim(self, partition: int, marks: Marks | None) -> None:
+        """Take changelog ``partition`` after its latest ``marks``: a generation later."""
+        latest = 0 if marks is None or marks.generation is None else marks.generation
+        self.generations[partition] = latest + 1
+
     def send(
         self, partition: int, changes: Iterable[tuple[bytes, bytes | None]], applied: int | None
     ) -> None:
@@ -137,17 +180,23 @@ class ChangelogWriter:
         for key, value in changes:
             self._produce(partition, key, value)
         if applied is not None:
-            marks = encode_marks(Marks(applied, self._events_topic_id))
+            marks = encode_marks(
+                Marks(
+                    applied,
+                    self._events_topic_id,
+                    writer=self.writer,
+                    generation=self.generations.get(partition, 1),
+                )
+            )
             self._produce(partition, MARKS_KEY, marks, partial(self._marks_delivered, applied))
         self._producer.poll(0)
 
     def _marks_delivered(self, applied: int, err: KafkaError | None, message: Message) -> None:
+        self._on_delivery(err, message)
         if err is None:
             partition = message.partition()
             if partition is not None and applied > self.durable.get(partition, -1):
                 self.durable[partition] = applied
-        else:
-            self._on_delivery(err, message)
 
     def _produce(
         self,
@@ -169,13 +218,63 @@ class ChangelogWriter:
             except BufferError:
                 self._producer.poll(0.5)  # the queue is full: let it drain
 
-    def _on_delivery(self, err: KafkaError | None, _message: Message) -> None:
+    def _on_delivery(self, err: KafkaError | None, message: Message) -> None:
         if err is not None:  # with no timeout, only a refusal of the record itself lands here
+            self.refused = self.refused or err.str()
             print(f"flow: a changelog record was refused: {err.str()}", file=sys.stderr)
+            return
+        partition, offset = message.partition(), message.offset()
+        if partition is None or offset is None:
+            return
+        expected = self._next_offset.get(partition)
+        if expected is not None and offset > expected:
+            self.intrusions.setdefault(partition, []).append((expected, offset))
+        self._next_offset[partition] = offset + 1
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
             print(f"flow: the changelog producer failed: {err.str()}", file=sys.stderr)
+
+    def resolve(self, partition: int, resend: Callable[[set[bytes]], None]) -> None:
+        """Judge the other writers' records found in ``partition``; ``resend``: write this
+        process's own records of the keys they wrote again (it is the rightful writer)."""
+        if self.refused is not None:
+            raise ChangelogError(
+                f"changelog {self.topic!r} refused a record ({self.refused}): a shard rebuilt "
+                "from it would be wrong; check the topic's max.message.bytes and the ACLs"
+            )
+        holes = self.intrusions.pop(partition, [])
+        if not holes:
+            return
+        mine = (self.generations.get(partition, 1), self.writer)
+        keys: set[bytes] = set()
+        consumer = restore_consumer(self._settings)
+        try:
+            for start, end in holes:
+                for key, value, _ in _read(consumer, self.topic, partition, start, end):
+                    if key != MARKS_KEY:
+                        keys.add(key)
+                        continue
+                    if value is None:
+                        continue
+                    theirs = decode_marks(value)
+                    if theirs.writer and (theirs.generation or 0, theirs.writer) > mine:
+                        raise ChangelogTaken(
+                            f"another process took shard {partition}: it writes changelog "
+                            f"{self.topic!r} partition {partition} too, and claimed it later "
+                            f"(generation {theirs.generation}, this process's {mine[0]}). "
+                            "This process stops; it must not serve the same partitions as "
+                            "another (give each its own events partitions, or run one)"
+                        )
+        finally:
+            consumer.close()
+        print(
+            f"flow: another process wrote {len(keys)} records into changelog {self.topic!r} "
+            f"partition {partition} (an older claim: it will stop); writing them again",
+            file=sys.stderr,
+            flush=True,
+        )
+        resend(keys)
 
     def flush(self, timeout_s: float = 30.0) -> int:
         """Wait for the changes in flight; how many are still undelivered."""
@@ -292,12 +391,12 @@ def open_shard(
             )
         local = store.applied_offset(partition)
         if exactly_once:
-            committed = 0 if marks is None or marks.version is None else marks.version
+            committed = Stamp(0) if marks is None else marks.stamp
             version = store.version()
-            if marks is None and version:
+            if marks is None and version is not None and version.version:
                 raise ChangelogError(
                     f"shard {partition} was written exactly-once up to changelog version "
-                    f"{version}, but {settings.sessions_changelog!r} has no marks: it was "
+                    f"{version.version}, but {settings.sessions_changelog!r} has no marks: it was "
                     "deleted or recreated since. Start afresh with `streamrec state reset`"
                 )
             # A store never written exactly-once (None) is as current as at-least-once knows.
@@ -327,7 +426,7 @@ def open_shard(
         flush=True,
     )
     if exactly_once:
-        store.stamp = 0 if marks is None else marks.version or 0  # exactly what it restores
+        store.stamp = Stamp(0) if marks is None else marks.stamp  # exactly what it restores
     records = changelog_records(settings, partition) if marks is not None else iter(())
     sessions = store.restore(
         ((key, value) for key, value, _ in records if key != MARKS_KEY), applied
@@ -350,6 +449,7 @@ def _attach(
     store: SessionStore, writer: ChangeListener, marks: Marks | None, exactly_once: bool
 ) -> None:
     if exactly_once:
-        # Every write from now on belongs to the next version, until it commits.
-        store.stamp = (0 if marks is None or marks.version is None else marks.version) + 1
+        # Nothing is written before the partition's transactions attach and stamp the next
+        # version with their writer; until then the store holds exactly what it restored.
+        store.stamp = Stamp(0) if marks is None else marks.stamp
     store.changes = writer

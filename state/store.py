@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from types import TracebackType
 from typing import Final, NamedTuple, Protocol, cast
@@ -109,11 +110,31 @@ class ChangeListener(Protocol):
     ) -> None: ...
 
 
+class Stamp(NamedTuple):
+    """Exactly once: the changelog version a write belongs to, and the writer that makes it.
+
+    Versions count the committed transactions that changed the shard; the writer
+    (a random token per transactional producer) tells apart two processes that
+    each made "version V+1", one of them fenced before it could commit.
+    """
+
+    version: int
+    writer: str = ""
+
+
 class ApplyResult(NamedTuple):
     """The session after ``apply``, and whether the event changed it (False: a duplicate)."""
 
     session: Session
     applied: bool
+
+
+class Erasure(Enum):
+    """What ``forget`` did."""
+
+    ERASED = "erased"  # the user had records, and they are gone
+    NOTHING = "nothing"  # the user had none (a metric and a log line, never the user id)
+    ALREADY_APPLIED = "already applied"  # read again after a restart: applied before
 
 
 @dataclass(slots=True)
@@ -125,7 +146,6 @@ class StoreCounters:
     # Events that found their user's session expired and started a new one.
     restarted: int = 0
     swept: int = 0
-    forgotten: int = 0
     # Sessions read from the in-memory cache (or this micro-batch), and from RocksDB.
     cache_hits: int = 0
     cache_misses: int = 0
@@ -189,7 +209,7 @@ class SessionStore:
         # Told of every commit and removal, after RocksDB has it (the changelog).
         self.changes: ChangeListener | None = None
         # Exactly-once mode: the changelog version every write is stamped with (``version``).
-        self.stamp: int | None = None
+        self.stamp: Stamp | None = None
         self._max_tail = REPLAY_TAIL_WINDOWS * session_length
         self._db = db
         self._wal = wal
@@ -389,7 +409,7 @@ class SessionStore:
                     batch.put(CLOCK_KEY, CLOCK.pack(tick))
                     self._write_marks(batch)
                 elif self.stamp is not None:
-                    batch.put(VERSION_KEY, _OFFSET_VALUE.pack(self.stamp))
+                    batch.put(VERSION_KEY, _pack_stamp(self.stamp))
                 self._db.write(batch, self._write_options)
         except Exception as err:  # rocksdict raises RocksDB's failures as plain Exception
             raise StateWriteError(f"cannot write to shard DB {self.path}: {err}") from err
@@ -472,34 +492,66 @@ class SessionStore:
         now = self._clock_ms if now_ms is None else now_ms
         return None if session.is_expired(now, self.ttl_ms) else session
 
-    def forget(self, user_id: str, purge: bool = True) -> bool:
-        """Erase ``user_id``'s session; True if there was one.  ``purge`` also scrubs the disk.
+    def forget(
+        self,
+        user_id: str,
+        partition: int | None = None,
+        offset: int | None = None,
+        purge: bool = True,
+    ) -> Erasure:
+        """Erase every record of ``user_id``: session, consumed items, a quarantined record.
 
-        Purging flushes and compacts the user's key range, so that the old versions
-        leave the write-ahead log and table files at once (milliseconds: erasure is
-        rare).  RocksDB's manifest may still name the key, as a table boundary, until
-        the DB is next opened.  The offsets go too: a replay of the user's old events
-        would start a new session.
+        A request read at ``offset`` of source ``partition`` is applied once, like an
+        event: at or below the shard's watermark, or older than an event the user's
+        session already holds, it was applied before (a replay after a restart) and
+        must not erase what the user did after it.  Without an offset (an operator's
+        erasure) it always applies.  ``purge`` also scrubs the disk: it flushes and
+        compacts the user's key range, so that the old versions leave the write-ahead
+        log and table files at once (milliseconds: erasure is rare).  RocksDB's
+        manifest may still name the key, as a table boundary, until the DB is next
+        opened.  The session's offsets go too: the watermark keeps replays of the
+        user's old events from being applied again.
         """
         self.commit()  # the user's staged events come before the erasure
         key = session_key(user_id)
         consumed = _consumed_key_of(key)
+        quarantined = QUARANTINE_PREFIX + key[_PREFIX_LEN:]
+        stored = self._read_raw(key)
+        if partition is not None and offset is not None:
+            if offset <= self._applied.get(partition, -1) or _holds_later(
+                key, stored, partition, offset
+            ):
+                self.counters.duplicates += 1
+                return Erasure.ALREADY_APPLIED
+            self._applied[partition] = offset
         self._cache.pop(key, None)
         self._consumed_cache.pop(consumed, None)
         self._voters.pop(crc32(key), None)
-        if self._db.get(key) is None:  # a corrupt record can be erased too: no decoding
-            return False
+        found = [k for k in (consumed, quarantined) if self._read_raw(k) is not None]
+        if stored is not None:
+            found.append(key)
         batch = WriteBatch(raw_mode=True)
-        batch.delete(key)
-        batch.delete(consumed)
+        for removed in (key, consumed, quarantined):
+            batch.delete(removed)
         self._write_marks(batch)
-        self._db.write(batch, self._write_options)
+        try:
+            self._db.write(batch, self._write_options)
+        except Exception as err:  # rocksdict raises RocksDB's failures as plain Exception
+            raise StateWriteError(f"cannot write to shard DB {self.path}: {err}") from err
+        if not found:
+            return Erasure.NOTHING
         self._removed([key])
         if purge:
-            self._purge(key)
-            self._purge(consumed)
-        self.counters.forgotten += 1
-        return True
+            self._purge(found)
+        return Erasure.ERASED
+
+    def _read_raw(self, key: bytes) -> bytes | None:
+        """A record as stored, undecoded (a corrupt one can be erased too)."""
+        try:
+            raw: bytes | None = self._db.get(key)
+        except Exception:  # noqa: BLE001 - a record RocksDB cannot read is gone either way
+            return b""
+        return raw
 
     def sweep_expired(self, now_ms: int | None = None, max_keys: int = SWEEP_BATCH_DEFAULT) -> int:
         """Look at up to ``max_keys`` sessions after the last sweep's; remove the expired ones."""
@@ -557,10 +609,13 @@ class SessionStore:
         """The offset of the last event this shard applied from ``partition`` (its watermark)."""
         return self._applied.get(partition)
 
-    def version(self) -> int | None:
+    def version(self) -> Stamp | None:
         """The changelog version of the last write stamped with one (``stamp``), if any."""
         raw = self._db.get(VERSION_KEY)
-        return None if raw is None else int(_OFFSET_VALUE.unpack(raw)[0])
+        if raw is None:
+            return None
+        # Stamps written before writers were told apart hold the version alone.
+        return Stamp(int(_OFFSET_VALUE.unpack_from(raw)[0]), raw[_OFFSET_VALUE.size :].decode())
 
     def load(self, sessions: Iterable[Session], batch_size: int = 1000) -> int:
         """Write ``sessions`` as they are (seeding, restoring); the clock does not move."""
@@ -661,6 +716,19 @@ class SessionStore:
                 tombstones += [(user, None), (CHANGELOG_CONSUMED_TAG + user, None)]
             self.changes.send(self.shard_index, tombstones, self._applied.get(self.shard_index))
 
+    def resend(self, changelog_keys: set[bytes]) -> None:
+        """Send this store's records of ``changelog_keys`` (user ids, or consumed-items keys)
+        to the changelog again, a removal where it has none: they overwrite another writer's."""
+        self.commit()
+        tag = len(CHANGELOG_CONSUMED_TAG)
+        changes: list[tuple[bytes, bytes | None]] = []
+        for user in sorted(changelog_keys):
+            consumed = user.startswith(CHANGELOG_CONSUMED_TAG)
+            key = CONSUMED_PREFIX + user[tag:] if consumed else SESSION_PREFIX + user
+            changes.append((user, self._read_raw(key)))
+        if self.changes is not None:
+            self.changes.send(self.shard_index, changes, self._applied.get(self.shard_index))
+
     def restore(self, records: Iterable[tuple[bytes, bytes | None]], applied: int | None) -> int:
         """Rebuild an empty store from (user id, record or None) pairs, oldest first.
 
@@ -704,7 +772,7 @@ class SessionStore:
         self._applied_written = dict(self._applied)
         batch.put(VOTERS_KEY, _pack_voters(self._voters))
         if self.stamp is not None:
-            batch.put(VERSION_KEY, _OFFSET_VALUE.pack(self.stamp))
+            batch.put(VERSION_KEY, _pack_stamp(self.stamp))
 
     def _quarantine(self, key: bytes, user_id: str) -> None:
         # Kept for inspection under q:, out of every session scan; the user starts afresh and
@@ -724,13 +792,33 @@ class SessionStore:
         self._consumed_cache.pop(_consumed_key_of(key), None)
         self.counters.quarantined.append(user_id)
 
-    def _purge(self, key: bytes) -> None:
+    def _purge(self, keys: list[bytes]) -> None:
         # A delete only hides older versions: flush the memtable (retiring the WAL that holds
-        # them) and compact the key's range down to the last level, where they are dropped.
+        # them) and compact each key's range down to the last level, where they are dropped.
         self._db.flush()
         options = CompactOptions()
         options.set_bottommost_level_compaction(BottommostLevelCompaction.force_optimized())
-        self._db.compact_range(key, key + b"\x00", options)
+        for key in keys:
+            self._db.compact_range(key, key + b"\x00", options)
+
+
+def _holds_later(key: bytes, raw: bytes | None, partition: int, offset: int) -> bool:
+    """Whether a stored session applied an event read after ``offset`` of ``partition``.
+
+    A user's events and forgets share one partition, in order: a session holding a
+    later event began after the forget at ``offset`` was applied.
+    """
+    if not raw:
+        return False
+    try:
+        applied = applied_offset_of(key[_PREFIX_LEN:], raw, partition)
+    except CorruptSessionError:
+        return False
+    return applied is not None and applied > offset
+
+
+def _pack_stamp(stamp: Stamp) -> bytes:
+    return _OFFSET_VALUE.pack(stamp.version) + stamp.writer.encode()
 
 
 def _consumed_key_of(session_key: bytes) -> bytes:

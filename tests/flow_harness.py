@@ -281,7 +281,7 @@ def sessions_applied_once(settings: Settings, scratch: Path) -> dict[str, dict]:
                 continue
             store = stores[partition_of(m)]
             if isinstance(parsed, ForgetRequest):
-                store.forget(parsed.user_id)
+                store.forget(parsed.user_id, partition_of(m), offset_of(m))
             else:
                 store.apply(parsed, partition_of(m), offset_of(m))
         return stored_sessions(stores.values())

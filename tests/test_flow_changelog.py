@@ -158,3 +158,46 @@ def test_a_killed_flow_whose_rocksdb_keeps_no_log_rebuilds_and_loses_nothing(
 
     assert "lost its latest writes" in flow.output()
     assert sessions_in(kafka_settings) == sessions_applied_once(kafka_settings, tmp_path / "ref")
+
+
+def test_at_least_once_a_second_process_on_the_same_shard_stops_the_older_claim(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    # Defect found by review: two processes with their own --state-dir serving the same
+    # partitions both wrote its changelog, and nothing noticed.
+    from flows.stores import PartitionStores
+    from state.changelog import ChangelogTaken, ChangelogWriter
+    from streamrec.kafka_clients import topic_id
+
+    incarnation = topic_id(kafka_settings, kafka_settings.events_topic)
+
+    def process(name: str) -> tuple[ChangelogWriter, PartitionStores]:
+        settings = kafka_settings.replace(state_dir=tmp_path / name)
+        writer = ChangelogWriter(settings, incarnation)
+        return writer, PartitionStores(settings, 2, writer, incarnation)
+
+    def view(user: str, item: str, offset: int) -> Event:
+        return Event(f"e{offset}-{item}", user, item, "view", 1_700_000_000_000 + offset)
+
+    older_writer, older = process("older")
+    older.get(0).apply(view("u1", "a1", 0), 0, 0)
+    older_writer.flush()
+    newer_writer, newer = process("newer")  # rebuilt, and claims the shard a generation later
+    newer.get(0).apply(view("u1", "b1", 1), 0, 1)
+    newer_writer.flush()
+    older.get(0).apply(view("u1", "a2", 1), 0, 1)  # lands after the newer one's records
+    older_writer.flush()
+    with pytest.raises(ChangelogTaken, match="another process took shard 0"):
+        older.check_changelog([0])
+    newer.get(0).apply(view("u2", "b2", 2), 0, 2)  # finds the older one's records before it
+    newer_writer.flush()
+    newer.check_changelog([0])  # the newer claim writes its own records of them again
+    newer_writer.flush()
+    older.close()
+    newer.close()
+    _, rebuilt = process("rebuilt")
+    try:
+        session = rebuilt.get(0).get("u1")
+        assert session is not None and session.item_ids == ["a1", "b1"]
+    finally:
+        rebuilt.close()

@@ -150,3 +150,33 @@ def test_exactly_once_without_the_changelog_is_refused_before_it_reads(
     assert flow.process is not None
     assert flow.process.wait(60) == 2
     assert "drop --no-changelog" in flow.output()
+
+
+def test_a_fenced_owners_uncommitted_batch_is_never_taken_for_the_new_owners_commit(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    # Defect found by review: versions were a bare count, so A's uncommitted "version 1",
+    # stamped at a clean close after B fenced it, matched B's committed "version 1" and A's
+    # stale store was kept when the partition came back to A's machine.
+    from flows.stores import PartitionStores
+    from streamrec.kafka_clients import topic_id
+
+    settings = kafka_settings.replace(guarantee="exactly-once", transaction_interval_ms=60_000.0)
+    incarnation = topic_id(settings, settings.events_topic)
+    machine_a = settings.replace(state_dir=tmp_path / "a")
+    machine_b = settings.replace(state_dir=tmp_path / "b")
+    first = PartitionStores(machine_a, 2, events_topic_id=incarnation, exactly_once=True)
+    first.get(0).apply(Event("e1", "u1", "from-a", "view", 1_700_000_000_000), 0, 0)
+    first.transactions[0].add([], next_offset=1)  # open, not yet due
+    second = PartitionStores(machine_b, 2, events_topic_id=incarnation, exactly_once=True)
+    second.get(0).apply(Event("e1", "u1", "from-b", "view", 1_700_000_000_000), 0, 0)
+    second.transactions[0].add([], next_offset=1)
+    second.transactions[0].commit()
+    second.close()
+    first.close()  # fenced: its batch never committed
+    again = PartitionStores(machine_a, 2, events_topic_id=incarnation, exactly_once=True)
+    try:
+        session = again.get(0).get("u1")
+        assert session is not None and session.item_ids == ["from-b"]
+    finally:
+        again.close()

@@ -13,7 +13,7 @@ from state.consumed import isin_sorted, item_hash, item_hashes
 from state.keys import CHANGELOG_CONSUMED_TAG, consumed_key
 from state.layout import shard_dir
 from state.rocks import db_options
-from state.store import SessionStore
+from state.store import Erasure, SessionStore
 from streamrec.contracts import Event
 from streamrec.settings import Settings
 
@@ -131,7 +131,7 @@ def test_a_micro_batch_writes_sessions_and_consumed_items_together(state_dir: Pa
 def test_forgetting_a_user_erases_their_consumed_items(state_dir: Path) -> None:
     with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
         apply_all(store, [event("u1", "a"), event("u2", "b")])
-        assert store.forget("u1")
+        assert store.forget("u1") is Erasure.ERASED
         assert consumed(store, "u1") == set()
         assert consumed(store, "u2") == hashes("b")
     with SessionStore.open(state_dir, 0, 1, SETTINGS.replace(session_cache=0)) as store:

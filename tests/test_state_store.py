@@ -15,7 +15,7 @@ from state.keys import QUARANTINE_PREFIX, session_key
 from state.layout import shard_dir
 from state.rocks import db_options
 from state.session import SESSION_FORMAT_VERSION
-from state.store import SessionStore
+from state.store import Erasure, SessionStore
 from state.view import open_state_view
 from streamrec.contracts import Event
 from streamrec.settings import Settings
@@ -197,7 +197,7 @@ def test_forget_writes_what_was_staged_before_it_and_erases_the_user(
 ) -> None:
     store.stage(event("u1", "a"), 0, 1)
     store.stage(event("u2", "b"), 0, 2)
-    assert store.forget("u1")
+    assert store.forget("u1") is Erasure.ERASED
     assert store.get("u1") is None
     assert store.stage(event("u1", "c"), 0, 3).session.item_ids == ["c"]
     assert store.commit() == 1
@@ -379,15 +379,15 @@ def test_a_sweep_quarantines_a_corrupt_record_and_goes_on_past_it(state_dir: Pat
 def test_forget_erases_the_user_and_a_later_event_starts_afresh(store: SessionStore) -> None:
     store.apply(event("u1", "a"), 0, 1)
     store.apply(event("u1", "b"), 0, 2)
-    assert store.forget("u1")
+    assert store.forget("u1") is Erasure.ERASED
     assert store.get("u1") is None
     assert list(store.user_ids()) == []
     session = store.apply(event("u1", "c"), 0, 3).session
     assert (session.item_ids, session.count("view"), session.offsets) == (["c"], 1, {0: 3})
 
 
-def test_forgetting_an_unknown_user_reports_false(store: SessionStore) -> None:
-    assert not store.forget("nobody")
+def test_forgetting_an_unknown_user_reports_that_nothing_was_erased(store: SessionStore) -> None:
+    assert store.forget("nobody") is Erasure.NOTHING
 
 
 def files_containing(directory: Path, needle: str) -> list[str]:
@@ -480,3 +480,48 @@ def test_a_read_only_view_sees_the_sessions_while_the_store_is_open(
         assert found is not None
         assert (found.shard_index, found.session, found.expired) == (0, written, False)
         assert view.find("nobody") is None
+
+
+def test_a_forget_read_again_after_a_restart_keeps_what_the_user_did_after_it(
+    state_dir: Path,
+) -> None:
+    # Defect found by review: e1, e2, forget, e3 read twice (`streamrec run --no-recovery`)
+    # left no session at all after the second reading.
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        store.apply(event("u1", "a"), 0, 0)
+        store.apply(event("u1", "b"), 0, 1)
+        assert store.forget("u1", 0, 2) is Erasure.ERASED
+        store.apply(event("u1", "c"), 0, 3)
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        assert not store.apply(event("u1", "a"), 0, 0).applied
+        assert not store.apply(event("u1", "b"), 0, 1).applied
+        assert store.forget("u1", 0, 2) is Erasure.ALREADY_APPLIED
+        assert not store.apply(event("u1", "c"), 0, 3).applied
+        session = store.get("u1")
+        assert session is not None and session.item_ids == ["c"]
+
+
+def test_a_forget_older_than_the_users_session_is_a_replay_even_without_the_watermark(
+    state_dir: Path,
+) -> None:
+    # The watermark reaches disk only with removals; the session's own offsets tell too.
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        store.apply(event("u1", "c"), 0, 7)
+        store._applied.clear()  # as after a crash before the watermark reached the disk
+        assert store.forget("u1", 0, 5) is Erasure.ALREADY_APPLIED
+        assert store.get("u1") is not None
+
+
+def test_a_forget_erases_a_quarantined_record_too(state_dir: Path) -> None:
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        store.apply(event("u1", "a"), 0, 1)
+    raw = Rdict(str(shard_dir(state_dir, 0)), db_options())
+    raw[session_key("u1")] = bytes([SESSION_FORMAT_VERSION]) + b"garbage"
+    raw.close()
+    with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
+        assert store.get("u1") is None  # moved aside under q:
+        assert store.forget("u1", 0, 2) is Erasure.ERASED
+        assert store.forget("u1", 0, 3) is Erasure.NOTHING
+    raw = Rdict(str(shard_dir(state_dir, 0)), db_options())
+    assert raw.get(QUARANTINE_PREFIX + b"u1") is None
+    raw.close()
