@@ -364,7 +364,9 @@ def run_command(
             click.echo("flow: aborted", err=True)
             exit_code = EXIT_ABORTED
         else:
-            exit_code, message = _classify(err, StateWriteError, ResumeOffsetError, StateError)
+            exit_code, message = _classify(
+                err, StateWriteError, ResumeOffsetError, StateError, KafkaUnavailable
+            )
             if message is None:
                 raise
     finally:
@@ -385,8 +387,13 @@ def _classify(
     unwritable: type[BaseException],
     bad_resume: type[BaseException],
     unusable: type[BaseException],
+    unavailable: type[BaseException] | None = None,
 ) -> tuple[int, str | None]:
     """The exit code and line for a failure the flow cannot go on from; None: a bug."""
+    if unavailable is not None:
+        cause = _cause_of(err, (unavailable,))
+        if cause is not None:
+            return EXIT_KAFKA_UNAVAILABLE, str(cause)
     cause = _cause_of(err, (unwritable,))
     if cause is not None:
         return EXIT_STATE_UNWRITABLE, str(cause)

@@ -30,7 +30,7 @@ from flows.shutdown import STOP_READING
 from flows.stores import PartitionStores
 from flows.transactions import PartitionTransactions
 from state.session import NO_REPLAY
-from streamrec.kafka_clients import consumer_config, topic_partitions
+from streamrec.kafka_clients import consumer_config, topic_partitions, watermark_offsets
 from streamrec.settings import Settings
 
 # Per events partition, the lowest offset that a crash could still make this process read
@@ -40,6 +40,9 @@ from streamrec.settings import Settings
 # taken two snapshots back is committed.
 REPLAY_FLOORS: dict[int, int] = {}
 SNAPSHOTS_UNTIL_COMMITTED: Final = 2
+# How long a partition without a leader (a broker restarting) is waited for when a reader
+# starts; past that the flow stops with "Kafka unavailable" (69), which a supervisor retries.
+BROKER_PATIENCE_S: Final = 60.0
 
 
 class ResumeOffsetError(RuntimeError):
@@ -284,7 +287,7 @@ def checked_resume_offset(consumer: Consumer, topic: str, partition: int, offset
 
     Chosen on purpose and said loudly, never left to ``auto.offset.reset``.
     """
-    low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+    low, high = watermark_offsets(consumer, topic, partition, BROKER_PATIENCE_S)
     if offset > high:
         raise ResumeOffsetError(
             f"the stored resume point of {topic} partition {partition} is offset {offset}, "

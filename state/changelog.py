@@ -53,7 +53,7 @@ from confluent_kafka import (
 from state.errors import StateError
 from state.layout import shard_dir
 from state.store import ChangeListener, SessionStore, Stamp
-from streamrec.kafka_clients import consumer_config, producer_config
+from streamrec.kafka_clients import consumer_config, producer_config, watermark_offsets
 from streamrec.settings import Settings
 
 # Not valid UTF-8, so never the key of a user (user ids are text).
@@ -61,6 +61,8 @@ MARKS_KEY: Final = b"\xff\xfestreamrec.marks"
 # How far back from its end the last marks record of a partition is looked for, at first.
 MARKS_SEARCH: Final = 256
 READ_TIMEOUT_S: Final = 10.0
+# How long a changelog partition without a leader (a broker restarting) is waited for.
+BROKER_PATIENCE_S: Final = 60.0
 
 
 class ChangelogError(StateError):
@@ -286,9 +288,7 @@ def latest_marks(settings: Settings, partition: int) -> Marks | None:
     topic = settings.sessions_changelog
     consumer = restore_consumer(settings)
     try:
-        low, high = consumer.get_watermark_offsets(
-            TopicPartition(topic, partition), timeout=READ_TIMEOUT_S
-        )
+        low, high = watermark_offsets(consumer, topic, partition, BROKER_PATIENCE_S)
         search = MARKS_SEARCH
         while True:
             start = max(low, high - search)
@@ -312,9 +312,7 @@ def changelog_records(
     topic = settings.sessions_changelog
     consumer = restore_consumer(settings)
     try:
-        low, high = consumer.get_watermark_offsets(
-            TopicPartition(topic, partition), timeout=READ_TIMEOUT_S
-        )
+        low, high = watermark_offsets(consumer, topic, partition, BROKER_PATIENCE_S)
         yield from _read(consumer, topic, partition, low, high)
     finally:
         consumer.close()

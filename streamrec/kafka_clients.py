@@ -216,19 +216,29 @@ def end_offsets(consumer: Consumer, topic: str, partitions: list[int]) -> list[T
 
 
 def _high_watermark(consumer: Consumer, topic: str, partition: int) -> int:
-    # A topic created a moment ago may have no leader yet: that passes, so retry a while.
-    deadline = time.monotonic() + METADATA_TIMEOUT_S
+    return watermark_offsets(consumer, topic, partition)[1]
+
+
+def watermark_offsets(
+    consumer: Consumer, topic: str, partition: int, patience_s: float = METADATA_TIMEOUT_S
+) -> tuple[int, int]:
+    """The first and the next offset of ``topic`` ``partition``, retried for ``patience_s``.
+
+    A topic created a moment ago may have no leader yet, and a broker that restarts
+    leaves its partitions without one for seconds: both pass, so both are waited out.
+    """
+    deadline = time.monotonic() + patience_s
     while True:
         try:
-            _, high = consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=min(METADATA_TIMEOUT_S, patience_s)
             )
-            return int(high)
+            return int(low), int(high)
         except KafkaException as err:
             code = err.args[0].code() if err.args else None
             if code not in _NOT_READY_YET or time.monotonic() > deadline:
                 raise KafkaUnavailable(
-                    f"cannot read the end of {topic!r} partition {partition}: {err}"
+                    f"cannot read the offsets of {topic!r} partition {partition}: {err}"
                 ) from None
             time.sleep(0.1)
 
@@ -238,6 +248,9 @@ _NOT_READY_YET = {
     KafkaError.LEADER_NOT_AVAILABLE,
     KafkaError.UNKNOWN_TOPIC_OR_PART,
     KafkaError._UNKNOWN_PARTITION,
+    KafkaError._TRANSPORT,
+    KafkaError._TIMED_OUT,
+    KafkaError._ALL_BROKERS_DOWN,
 }
 
 
