@@ -13,8 +13,8 @@ as of its event, and the final sessions the oracle's.
 
 ``STREAMREC_FAULT_SCHEDULES`` sets how many (``make soak``: thousands), and
 ``STREAMREC_FAULT_SEED`` the first seed; a failure names its seed and prints
-the schedule, so ``STREAMREC_FAULT_SEED=<seed> STREAMREC_FAULT_SCHEDULES=1``
-runs just that one again.
+the schedule shrunk (steps and records dropped while it still fails), so
+``STREAMREC_FAULT_SEED=<seed> STREAMREC_FAULT_SCHEDULES=1`` runs it again.
 """
 
 from __future__ import annotations
@@ -366,59 +366,114 @@ def divergences(schedule: Schedule, run: Run, oracle: Oracle) -> list[str]:
     return found
 
 
-ACTIONS: list[tuple[float, Callable[[Run, random.Random], None]]] = [
-    (0.55, lambda run, rng: run.batch(rng)),
-    (0.08, lambda run, rng: run.batch(rng, again=rng.randint(1, 3))),  # delivered again
-    (0.08, lambda run, rng: run.batch(rng, deliver=False)),  # crash before the outputs left
-    (0.08, lambda run, rng: run.crash()),
-    (0.08, lambda run, rng: run.restart()),
-    (0.03, lambda run, rng: run.restart(no_recovery=True)),
-    (0.03, lambda run, rng: run.restart(wipe=True)),
-    (0.07, lambda run, rng: run.sweep()),
-]
+ACTIONS: dict[str, tuple[float, Callable[[Run, random.Random], None]]] = {
+    "batch": (0.55, lambda run, rng: run.batch(rng)),
+    "again": (0.08, lambda run, rng: run.batch(rng, again=rng.randint(1, 3))),  # delivered twice
+    "lost": (0.08, lambda run, rng: run.batch(rng, deliver=False)),  # crash before outputs left
+    "crash": (0.08, lambda run, rng: run.crash()),
+    "restart": (0.08, lambda run, rng: run.restart()),
+    "norecov": (0.03, lambda run, rng: run.restart(no_recovery=True)),
+    "wipe": (0.03, lambda run, rng: run.restart(wipe=True)),
+    "sweep": (0.07, lambda run, rng: run.sweep()),
+}
 
 
-def run_schedule(
-    seed: int, models: ModelSet, recording: Recording, items: list[str], scratch: Path
-) -> Schedule:
-    schedule = draw_schedule(seed, items)
+def draw_steps(seed: int) -> list[tuple[str, int]]:
+    """The run: each step's action and the seed of its own choices (so steps can be dropped)."""
+    rng = random.Random(seed * 7919 + 1)
+    names = list(ACTIONS)
+    weights = [ACTIONS[name][0] for name in names]
+    return [
+        (rng.choices(names, weights)[0], rng.randrange(2**32)) for _ in range(rng.randint(3, 40))
+    ]
+
+
+def play(
+    schedule: Schedule,
+    steps: list[tuple[str, int]],
+    models: ModelSet,
+    recording: Recording,
+    scratch: Path,
+) -> list[str]:
+    """Run ``steps`` over ``schedule``'s log; the divergences from the oracle."""
     oracle = oracle_of(schedule)
     contract = schedule.contract
     settings = Settings(
         events_topic=TOPIC,
         changelog=False,
-        state_dir=scratch / f"state-{seed}",
+        state_dir=scratch / f"state-{schedule.seed}",
         session_length=contract.session_length,
         session_ttl_s=contract.ttl_ms / 1000,
         consumed_types=",".join(sorted(contract.consumed_types)),
         consumed_cap=contract.consumed_cap,
         session_cache=schedule.session_cache,
     )
-    rng = random.Random(seed * 7919 + 1)
+    schedule.steps = [name for name, _ in steps]
     run = Run(schedule, oracle, settings, models, recording)
-    weights = [w for w, _ in ACTIONS]
     try:
-        for _ in range(rng.randint(3, 40)):
-            (_, action), index = _pick(rng, weights)
-            schedule.steps.append(
-                ["batch", "again", "lost", "crash", "restart", "norecov", "wipe", "sweep"][index]
-            )
-            action(run, rng)
+        for name, step_seed in steps:
+            ACTIONS[name][1](run, random.Random(step_seed))
         run.finish()
-        problems = divergences(schedule, run, oracle)
+        return divergences(schedule, run, oracle)
     finally:
         REPLAY_FLOORS.clear()
         shutil.rmtree(settings.state_dir, ignore_errors=True)
+
+
+def shrink(
+    schedule: Schedule,
+    steps: list[tuple[str, int]],
+    still_fails: Callable[[Schedule, list[tuple[str, int]]], bool],
+) -> tuple[Schedule, list[tuple[str, int]]]:
+    """A smaller schedule that still fails: steps, then log records, dropped one at a time
+    while the failure stays (each record's offset renumbered in its partition)."""
+    changed = True
+    while changed:
+        changed = False
+        for at in reversed(range(len(steps))):
+            fewer = steps[:at] + steps[at + 1 :]
+            if still_fails(schedule, fewer):
+                steps, changed = fewer, True
+        for partition in list(schedule.log):
+            for at in reversed(range(len(schedule.log[partition]))):
+                log = dict(schedule.log)
+                kept = log[partition][:at] + log[partition][at + 1 :]
+                log[partition] = [
+                    Record(r.topic_name, partition, offset, r.key_bytes, r.value_bytes)
+                    for offset, r in enumerate(kept)
+                ]
+                smaller = Schedule(
+                    schedule.seed,
+                    schedule.contract,
+                    schedule.session_cache,
+                    schedule.partitions,
+                    log,
+                )
+                if still_fails(smaller, steps):
+                    schedule, changed = smaller, True
+    return schedule, steps
+
+
+def run_schedule(
+    seed: int, models: ModelSet, recording: Recording, items: list[str], scratch: Path
+) -> Schedule:
+    schedule = draw_schedule(seed, items)
+    steps = draw_steps(seed)
+    problems = play(schedule, steps, models, recording, scratch)
     if problems:
-        pytest.fail(f"{schedule.describe()}\ndivergences:\n  " + "\n  ".join(problems[:10]))
+
+        def still_fails(candidate: Schedule, candidate_steps: list[tuple[str, int]]) -> bool:
+            return bool(play(candidate, candidate_steps, models, recording, scratch))
+
+        small, small_steps = shrink(schedule, steps, still_fails)
+        problems = play(small, small_steps, models, recording, scratch)
+        pytest.fail(
+            f"divergences (schedule shrunk from {sum(map(len, schedule.log.values()))} "
+            f"records and {len(steps)} steps):\n  "
+            + "\n  ".join(problems[:10])
+            + f"\n{small.describe()}\n  steps: {small_steps}"
+        )
     return schedule
-
-
-def _pick(
-    rng: random.Random, weights: list[float]
-) -> tuple[tuple[float, Callable[[Run, random.Random], None]], int]:
-    index = rng.choices(range(len(ACTIONS)), weights)[0]
-    return ACTIONS[index], index
 
 
 @pytest.fixture(scope="module")
