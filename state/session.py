@@ -189,7 +189,10 @@ class Session:
         else:
             first_seen = last_seen = ts
         window = n + 1 if n < max_items else max_items
-        drop = self._rows_to_drop(rows + 1 - window, max_items, replay_floor, max_tail)
+        # The tail may also take the room a short window leaves (a session just restarted by
+        # expiry): a session keeps at most ``max_items + max_tail`` interactions either way.
+        room = max_tail + max_items - window if max_tail > 0 else 0
+        drop = self._rows_to_drop(rows + 1 - window, max_items, replay_floor, room)
         keep = rows - drop
         offsets = self.offsets.copy()
         if partition not in offsets:

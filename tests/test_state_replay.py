@@ -138,3 +138,24 @@ def test_applying_in_batches_gives_the_sessions_of_applying_one_by_one(
 
 def _without_cache(counters: StoreCounters) -> StoreCounters:
     return dataclasses.replace(counters, cache_hits=0, cache_misses=0)
+
+
+def test_a_replay_after_an_expiry_restart_is_answered_from_the_session_it_had(
+    tmp_path: Path,
+) -> None:
+    # Found by the fault schedules: a session restarted by expiry has a window of one, and
+    # the replay tail could not use the rest of the room, so a crash that replayed an earlier
+    # event answered it from a window missing its oldest items.
+    t0 = 1_700_000_000_000
+    times = [t0, t0 + 100, t0 + 200, t0 + 300, t0 + 400, t0 + 500, t0 + 600, t0 + 700]
+    with SessionStore.open(tmp_path, 0, 1, SETTINGS) as store:
+        store.replay_floor = 2  # a crash may read again from offset 2 on
+        answers = {}
+        for offset, ts in enumerate(times):
+            event = Event(f"e{offset}", "u", f"i{offset}", "view", ts)
+            answers[offset] = store.apply(event, 0, offset).session.item_ids
+        store.apply(Event("late", "u", "i-late", "view", times[-1] + 2 * TTL_MS), 0, len(times))
+        session = store.get("u", t0)
+        assert session is not None
+        for offset in range(2, len(times)):
+            assert session.item_ids_as_of(offset, 3, TTL_MS) == answers[offset]
