@@ -725,7 +725,8 @@ class SessionStore:
         for user in sorted(changelog_keys):
             consumed = user.startswith(CHANGELOG_CONSUMED_TAG)
             key = CONSUMED_PREFIX + user[tag:] if consumed else SESSION_PREFIX + user
-            changes.append((user, self._read_raw(key)))
+            # Read as stored: a record RocksDB cannot read must not reach the changelog as b"".
+            changes.append((user, self._db.get(key)))
         if self.changes is not None:
             self.changes.send(self.shard_index, changes, self._applied.get(self.shard_index))
 
@@ -777,12 +778,8 @@ class SessionStore:
     def _quarantine(self, key: bytes, user_id: str) -> None:
         # Kept for inspection under q:, out of every session scan; the user starts afresh and
         # the shard's watermark still keeps replays of their old events from being applied.
-        try:
-            raw = self._db.get(key)
-        except Exception:  # noqa: BLE001 - a record RocksDB cannot read is lost either way
-            raw = None
         batch = WriteBatch(raw_mode=True)
-        batch.put(QUARANTINE_PREFIX + key[_PREFIX_LEN:], b"" if raw is None else raw)
+        batch.put(QUARANTINE_PREFIX + key[_PREFIX_LEN:], self._read_raw(key) or b"")
         batch.delete(key)
         batch.delete(_consumed_key_of(key))
         self._write_marks(batch)

@@ -210,13 +210,9 @@ def end_offsets(consumer: Consumer, topic: str, partitions: list[int]) -> list[T
     from "now" on assigns these explicit offsets instead.
     """
     return [
-        TopicPartition(topic, partition, _high_watermark(consumer, topic, partition))
+        TopicPartition(topic, partition, watermark_offsets(consumer, topic, partition)[1])
         for partition in partitions
     ]
-
-
-def _high_watermark(consumer: Consumer, topic: str, partition: int) -> int:
-    return watermark_offsets(consumer, topic, partition)[1]
 
 
 def watermark_offsets(

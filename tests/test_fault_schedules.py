@@ -32,7 +32,6 @@ import orjson
 import pytest
 
 from flows.models import ModelSet, load_model_set, parse_variants
-from flows.processor import EventProcessor
 from flows.source import REPLAY_FLOORS
 from flows.stores import PartitionStores
 from model.serving import Prepared, Recommender
@@ -42,7 +41,7 @@ from streamrec.contracts import Event, ForgetRequest
 from streamrec.item_hashes import EMPTY, item_hash
 from streamrec.settings import Settings
 from tests.oracle import Contract, Oracle
-from tests.processor_driver import Record, answers_in, as_messages
+from tests.processor_driver import Record, answers_in, as_messages, new_processor
 
 TOPIC = "events"
 T0 = 1_700_000_000_000
@@ -197,8 +196,9 @@ class Run:
     def _start(self) -> None:
         for partition in self.schedule.log:
             REPLAY_FLOORS[partition] = self.snapshot[partition] if self.floor_known else NO_REPLAY
-        self.stores = PartitionStores(self.settings, self.schedule.partitions)
-        self.processor = EventProcessor(self.settings, self.stores, self.models)
+        self.processor, self.stores = new_processor(
+            self.settings, self.schedule.partitions, self.models
+        )
 
     def batch(self, rng: random.Random, deliver: bool = True, again: int = 0) -> None:
         """Process a micro-batch of up to a few records of each partition, in a random mix."""
