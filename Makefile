@@ -15,11 +15,12 @@ test: $(VENV)/.dev compose-client
 	$(PY) -m pytest
 
 # The randomized fault schedules at soak strength (`make test` runs a share of them):
-# 2,000 in process and 30 against the real broker and real flows, each checked against the
-# oracle (about 6 + 12 minutes on 2 cores).  STREAMREC_BROKER_CLUSTER_SCHEDULES=N adds
-# two-process clusters, STREAMREC_BROKER_RESTARTS=1 restarts of the broker itself.
+# 2,000 in process and 30 + 2 x 5 takeovers against the real broker and real flows, each
+# checked against the oracle (about 6 + 17 minutes on 2 cores).
+# STREAMREC_BROKER_CLUSTER_SCHEDULES=N adds two-process clusters, STREAMREC_BROKER_RESTARTS=1
+# restarts of the broker itself.
 soak: $(VENV)/.dev
-	STREAMREC_FAULT_SCHEDULES=2000 STREAMREC_BROKER_SCHEDULES=30 \
+	STREAMREC_FAULT_SCHEDULES=2000 STREAMREC_BROKER_SCHEDULES=30 STREAMREC_BROKER_TAKEOVERS=5 \
 	  $(PY) -m pytest -q tests/test_fault_schedules.py tests/test_fault_broker.py
 
 # tests/test_compose.py validates docker-compose.yml with a real compose client;

@@ -9,6 +9,7 @@ librdkafka through untouched.  Offsets are Bytewax resume state, as in
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from typing import Final, cast
@@ -32,6 +33,8 @@ from flows.transactions import PartitionTransactions
 from state.session import NO_REPLAY
 from streamrec.kafka_clients import consumer_config, topic_partitions, watermark_offsets
 from streamrec.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Per events partition, the lowest offset that a crash could still make this process read
 # again: the resume offset of a snapshot that is surely in the recovery store.  Written by
@@ -260,6 +263,9 @@ class EventSource(FixedPartitionedSource[Message, int]):
         transactions = (
             None if self._stores is None else self._stores.transactions.get(int(partition))
         )
+        if transactions is None:  # exactly once, the shard's opening says where it reads
+            start = "the beginning" if offset == OFFSET_BEGINNING else f"offset {offset}"
+            log.info("events partition %s taken at least once; reading from %s", partition, start)
         return _PartitionReader(
             self._consumer_of_this_worker(),
             topic,

@@ -63,6 +63,10 @@ MARKS_SEARCH: Final = 256
 READ_TIMEOUT_S: Final = 10.0
 # How long a changelog partition without a leader (a broker restarting) is waited for.
 BROKER_PATIENCE_S: Final = 60.0
+# The ``applied`` of a claim's marks when the shard has applied nothing yet.
+NOTHING_APPLIED: Final = -1
+# How long a claim waits for its marks to land before the shard is read.
+CLAIM_WAIT_S: Final = 30.0
 
 
 class ChangelogError(StateError):
@@ -171,9 +175,23 @@ class ChangelogWriter:
         )
 
     def claim(self, partition: int, marks: Marks | None) -> None:
-        """Take changelog ``partition`` after its latest ``marks``: a generation later."""
+        """Take changelog ``partition`` after its latest ``marks``: a generation later.
+
+        The claim is written at once, as marks of its own (the changelog's progress
+        unchanged), and waited for: a process that claimed the partition before
+        then finds it on its next write even if it had written nothing yet, and a
+        later claimant reads this generation, not the one before it.
+        """
         latest = 0 if marks is None or marks.generation is None else marks.generation
-        self.generations[partition] = latest + 1
+        generation = self.generations[partition] = latest + 1
+        claim = Marks(
+            NOTHING_APPLIED if marks is None else marks.applied,
+            self._events_topic_id,
+            writer=self.writer,
+            generation=generation,
+        )
+        self._produce(partition, MARKS_KEY, encode_marks(claim))
+        self._producer.flush(CLAIM_WAIT_S)
 
     def send(
         self, partition: int, changes: Iterable[tuple[bytes, bytes | None]], applied: int | None
@@ -440,7 +458,9 @@ def open_shard(
 
 
 def _at_least(local: int | None, marks: Marks | None) -> bool:
-    return marks is None or (local is not None and local >= marks.applied)
+    if marks is None or marks.applied == NOTHING_APPLIED:  # a claim before anything was applied
+        return True
+    return local is not None and local >= marks.applied
 
 
 def _attach(

@@ -321,16 +321,23 @@ def cluster_metadata(settings: Settings, topic: str | None = None) -> ClusterMet
             refused.append(error)
 
     admin = admin_client(settings, on_error)
-    deadline = time.monotonic() + METADATA_TIMEOUT_S
+    # The time spent trying, not the time passed: a process paused meanwhile (SIGSTOP, a
+    # suspended VM) wakes with its clock far on, and must still try before it gives up.
+    tried_s = 0.0
     while True:
+        began = time.monotonic()
         try:
             return admin.list_topics(topic=topic, timeout=_METADATA_POLL_S)
         except KafkaException as err:
             admin.poll(0)  # runs on_error for what happened meanwhile
+            took = time.monotonic() - began
+            if took < _METADATA_POLL_S:  # refused at once: wait as long as a poll would
+                time.sleep(_METADATA_POLL_S - took)
+            tried_s += min(max(took, _METADATA_POLL_S), 2 * _METADATA_POLL_S)
             failure: KafkaUnavailable
             if refused:
                 failure = KafkaAuthenticationFailed(_refusal(settings, refused[0]))
-            elif time.monotonic() >= deadline:
+            elif tried_s >= METADATA_TIMEOUT_S:
                 failure = KafkaUnavailable(
                     redact(
                         f"cannot reach Kafka at {settings.brokers}: {err}. Is it running? "

@@ -6,13 +6,18 @@ forget requests, invalid records), cut into chunks, and a plan that interleaves
 producing the chunks with faults: starts, SIGTERM, SIGKILL, SIGSTOP/SIGCONT of a
 flow, a frozen broker (SIGSTOP; stopped and started only where a schedule is
 drawn with ``broker_restarts``), state and recovery directories wiped before a
-restart, restarts with ``--no-recovery``.  ``run_schedule`` plays it, reads back the
+restart, restarts with ``--no-recovery``, and takeovers: a second machine, with
+its own disk, started while the first is frozen (its replacement fences it
+exactly once; at least once the older claim must stop by itself once it
+writes), then stopped, and the first machine started again on its own, now
+stale, disk.  ``run_schedule`` plays it, reads back the
 events topic to learn every record's partition and offset, feeds the oracle
 (``tests/oracle.py``) the log in offset order and compares answer by answer,
 dead letter by dead letter and session by session (``verdict``).
 
 >>> schedule = Schedule.draw(7, base_ms=1_700_000_000_000, items=[f"i{n}" for n in range(20)])
->>> schedule.seed, len(schedule.chunks) == len([s for s in schedule.plan if s.action == "produce"])
+>>> produced = [s.arg for s in schedule.plan if s.action.startswith("produce")]
+>>> schedule.seed, sorted(set(produced)) == list(range(len(schedule.chunks)))
 (7, True)
 >>> Schedule.draw(7, 1_700_000_000_000, [f"i{n}" for n in range(20)]).plan == schedule.plan
 True
@@ -68,6 +73,18 @@ ITEM_POOL: Final = 60
 ANSWER_TIMEOUT_S: Final = 90.0
 EXIT_TIMEOUT_S: Final = 60.0
 DIVERGENCES_SHOWN: Final = 25
+# How likely a chunk is to go to a second machine that takes over from the first.
+TAKEOVER_P: Final = 0.25
+# How long a superseded process is given to stop by itself (it finds it lost its shards).
+RETIRE_S: Final = 8.0
+# What a superseded process says when it stops with exit 65: it lost its partitions.
+SUPERSEDED: Final = re.compile(r"served by another process|another process took shard")
+EXIT_STATE_UNUSABLE: Final = 65
+# What a flow says when it has taken an events partition and is about to read it.
+TAKEN: Final = re.compile(r"events partition (\d+) taken (?:at least once|exactly-once)")
+EXIT_KAFKA_UNAVAILABLE: Final = 69
+# How often a schedule's flows may be started again after exit 69, as a supervisor would.
+SUPERVISOR_RESTARTS: Final = 3
 
 
 def popular_items(model_dir: Path, n: int = ITEM_POOL) -> list[str]:
@@ -135,16 +152,23 @@ class Schedule:
         items: Sequence[str],
         processes: int = 1,
         broker_restarts: bool = False,
+        takeover: bool = False,
+        exactly_once: bool | None = None,
     ) -> Schedule:
-        """The schedule of ``seed``: the same log and plan every time (times from ``base_ms``)."""
+        """The schedule of ``seed``: the same log and plan every time (times from ``base_ms``).
+
+        ``takeover``: a second machine takes over at the first chance (one process
+        only); ``exactly_once``: this guarantee rather than one drawn.
+        """
         rng = random.Random(seed)
-        exactly_once = rng.random() < 0.35
+        drawn = rng.random() < 0.35
+        exactly_once = drawn if exactly_once is None else exactly_once
         users = [f"u{seed}-{n}" for n in range(rng.randint(5, 30))]
         pool = rng.sample(list(items), min(len(items), rng.randint(10, 30)))
         records = _draw_log(rng, base_ms, users, pool, rng.randint(60, 200))
         cuts = sorted(rng.sample(range(1, len(records)), rng.randint(2, 5)))
         chunks = [records[a:b] for a, b in zip([0, *cuts], [*cuts, len(records)], strict=True)]
-        plan = _draw_plan(rng, len(chunks), processes, exactly_once, broker_restarts)
+        plan = _draw_plan(rng, len(chunks), processes, exactly_once, broker_restarts, takeover)
         return cls(
             seed=seed,
             base_ms=base_ms,
@@ -152,7 +176,8 @@ class Schedule:
             exactly_once=exactly_once,
             session_length=rng.choice([3, 5, 8, 50]),
             consumed_cap=rng.choice([2, 3, 5000]),
-            transaction_interval_ms=rng.choice([0.0, 100.0]),
+            # Long enough, now and then, for a frozen flow to hold a batch it has not committed.
+            transaction_interval_ms=rng.choice([0.0, 100.0, 2000.0, 2000.0]),
             users=users,
             chunks=chunks,
             plan=plan,
@@ -233,17 +258,61 @@ def _invalid(
 
 
 def _draw_plan(
-    rng: random.Random, chunks: int, processes: int, exactly_once: bool, broker_restarts: bool
+    rng: random.Random,
+    chunks: int,
+    processes: int,
+    exactly_once: bool,
+    broker_restarts: bool,
+    takeover: bool = False,
 ) -> list[Step]:
     plan: list[Step] = []
     running = False
+    rival = False
+    taken_over = False
 
     def start() -> None:
         nonlocal running
         plan.append(Step("start", "--no-recovery" if rng.random() < 0.3 else ""))
         running = True
 
+    def move_back() -> None:
+        # The rival leaves and the first machine comes back to its own, stale, disk.
+        nonlocal running, rival
+        # Retired at once (SIGTERM before SIGCONT: it wakes to stop) or after a moment awake.
+        leave = [Step("rival-stop"), Step("retire", rng.choice(["at once", "awake"]))]
+        plan.extend(leave if rng.random() < 0.5 else leave[::-1])
+        running = rival = False
+
     for chunk in range(chunks):
+        if rival and rng.random() < 0.5:  # the first machine is back at once
+            move_back()
+        elif rival:  # the next chunk goes to whoever is live, then the first machine is back
+            plan += [Step("produce", chunk), Step("answered")]
+            move_back()
+            continue
+        forced = takeover and not taken_over and processes == 1 and chunk > 0
+        if forced and not running:
+            start()
+        if running and processes == 1 and (forced or rng.random() < TAKEOVER_P):
+            taken_over = True
+            plan.append(Step("serving"))  # a flow frozen while it starts holds nothing yet
+            if rng.random() < 0.5:  # frozen idle: it wakes to the chunk its rival answered
+                plan += [Step("freeze", 0), Step("produce", chunk)]
+            else:  # frozen mid-chunk, the batch of its head not yet committed
+                plan += [
+                    Step("produce-head", chunk),
+                    Step("sleep", round(rng.uniform(0.2, 1.0), 1)),
+                ]
+                plan += [Step("freeze", 0), Step("produce-tail", chunk)]
+            plan += [
+                Step("sleep", round(rng.uniform(0.0, 1.5), 1)),
+                Step("rival"),
+                Step("answered"),
+            ]
+            if rng.random() < 0.6:
+                plan.append(Step("thaw", 0))  # both live: the older claim must notice
+            rival = True
+            continue
         delivery = rng.choices(["live", "down", "frozen"], [5, 3 if not running else 0, 2])[0]
         if delivery == "down":
             plan.append(Step("produce", chunk))
@@ -272,6 +341,8 @@ def _draw_plan(
                 plan.append(Step("wipe-state", rng.randrange(processes)))
             if rng.random() < 0.25 and not exactly_once:
                 plan.append(Step("wipe-recovery", rng.randrange(processes)))
+    if rival:
+        move_back()
     if not running:
         start()
     plan.append(Step("finish"))
@@ -286,7 +357,10 @@ class Machines:
     """A schedule's flow processes: one, or a Bytewax cluster of two, each with its own disk.
 
     Killing one process of a cluster takes the others down with it (Bytewax's
-    cluster does not survive a death): ``kill`` waits for them to exit.
+    cluster does not survive a death): ``kill`` waits for them to exit.  A
+    ``rival`` is a second single process on a disk of its own, started while the
+    first serves the same partitions; from then on the first is superseded: it
+    may stop by itself, with exit 65 and a line that says it lost its shards.
     """
 
     def __init__(self, settings: Settings, processes: int, args: Sequence[str]) -> None:
@@ -303,11 +377,21 @@ class Machines:
         self.flows: list[FlowProcess] = []
         self.problems: list[str] = []  # stops that were not clean, said in the verdict
         self.starts: list[float] = []  # wall-clock ms of each start: which run answered
+        root_rival = root / "rival"
+        self.rival_settings = settings.replace(
+            state_dir=root_rival / "state", recovery_dir=root_rival / "recovery"
+        )
+        self.rival: FlowProcess | None = None
+        self.superseded = False
+        self.stopped_by_themselves = 0  # superseded processes that found out and stopped
+        self.restarted = 0  # starts again after exit 69, as a supervisor does
+        self._no_recovery = False
 
     def start(self, no_recovery: bool) -> None:
         from tests.conftest import free_port
 
         self.starts.append(time.time() * 1000)
+        self._no_recovery = no_recovery
         extra = ["--no-recovery"] if no_recovery else []
         cluster: list[str] = []
         if len(self.settings) > 1:
@@ -324,13 +408,108 @@ class Machines:
         return bool(self.flows)
 
     def check_alive(self) -> None:
-        for i, flow in enumerate(self.flows):
-            if not flow.alive():
-                assert flow.process is not None
+        named = [(f"process {i}", flow) for i, flow in enumerate(self.flows)]
+        if self.rival is not None:
+            named.append(("the rival", self.rival))
+        for name, flow in named:
+            if flow.alive():
+                continue
+            assert flow.process is not None
+            superseded = self.superseded and flow is not self.rival
+            if superseded and (_stopped_as_superseded(flow) or _kafka_away_at_start(flow)):
+                continue
+            if _kafka_away_at_start(flow) and self.restarted < SUPERVISOR_RESTARTS:
+                # The broker did not answer in time at start (frozen, restarting): exit 69
+                # says "restart later", and a supervisor does.
+                self.restarted += 1
+                if flow is self.rival:
+                    self.rival = FlowProcess(self.rival_settings, self.args).start()
+                else:
+                    for other in self.flows:  # a cluster cannot go on without one of its own
+                        if other.alive():
+                            other.kill()
+                    self.start(self._no_recovery)
+                return
+            raise ScheduleFailed(
+                f"{name} exited by itself with {flow.process.returncode}:\n" + log_excerpt(flow)
+            )
+
+    def wait_serving(self, partitions: int) -> None:
+        """Until the processes have taken every events partition: opened its shard, and
+        said where they read it from (a flow frozen before that holds nothing yet)."""
+        deadline = time.monotonic() + ANSWER_TIMEOUT_S
+        while True:
+            taken = {int(p) for f in self.flows for p in TAKEN.findall(f.output())}
+            if taken >= set(range(partitions)):
+                return
+            if time.monotonic() > deadline:
                 raise ScheduleFailed(
-                    f"process {i} exited by itself with {flow.process.returncode}:\n"
-                    + log_excerpt(flow)
+                    f"not serving after {ANSWER_TIMEOUT_S:.0f} s:\n{self.outputs()}"
                 )
+            self.check_alive()
+            time.sleep(0.1)
+
+    def start_rival(self) -> None:
+        """A second process on a disk of its own, serving the same partitions as the first."""
+        assert len(self.flows) == 1, "a rival stands beside a single process"
+        self.starts.append(time.time() * 1000)
+        self.rival = FlowProcess(self.rival_settings, self.args).start()
+        self.superseded = True
+
+    def stop_rival(self) -> None:
+        assert self.rival is not None and self.rival.process is not None
+        self.rival.ask_to_stop()
+        code = self._wait_exit(self.rival, "the rival")
+        if code != 0:
+            self.problems.append(f"the rival exited {code} on SIGTERM:\n{log_excerpt(self.rival)}")
+        self.rival = None
+
+    def retire(self, at_once: bool) -> None:
+        """The superseded process: thawed, given a moment to find out, then asked to stop;
+        ``at_once``: asked first, so that it wakes to stop (with what it held when frozen).
+
+        Stopping by itself it must say why (exit 65, its shards taken); asked, it
+        may still find out while it closes, or stop cleanly: anything else is a problem.
+        """
+        for flow in self.flows:
+            assert flow.process is not None
+            if at_once and flow.alive() and flow.started_handling_signals(0):
+                flow.process.send_signal(signal.SIGTERM)
+            flow.process.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + (0 if at_once else RETIRE_S)
+        while any(f.alive() for f in self.flows) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for i, flow in enumerate(self.flows):
+            if flow.alive():
+                if not at_once:
+                    # Awake this long with records to read, it must have found out.
+                    self.problems.append(
+                        f"superseded process {i} still served {RETIRE_S:.0f} s after it woke "
+                        f"(another process took its partitions):\n{log_excerpt(flow)}"
+                    )
+                    flow.ask_to_stop()
+                code = self._wait_exit(flow, f"superseded process {i}")
+            else:
+                assert flow.process is not None
+                code = flow.process.returncode
+            if _stopped_as_superseded(flow):
+                self.stopped_by_themselves += 1
+            elif code != 0 and not _kafka_away_at_start(flow):
+                self.problems.append(f"superseded process {i} exited {code}:\n{log_excerpt(flow)}")
+        self.flows = []
+        self.superseded = False
+
+    @staticmethod
+    def _wait_exit(flow: FlowProcess, name: str) -> int:
+        assert flow.process is not None
+        try:
+            return flow.process.wait(EXIT_TIMEOUT_S)
+        except Exception as err:
+            flow.kill()
+            raise ScheduleFailed(
+                f"{name} did not stop within {EXIT_TIMEOUT_S:.0f} s of SIGTERM:\n"
+                + flow.output()[-3000:]
+            ) from err
 
     def stop(self) -> None:
         """SIGTERM every process; each must exit 0 (everything in flight finished)."""
@@ -371,6 +550,9 @@ class Machines:
             if flow.alive() and flow.process is not None:
                 flow.process.send_signal(signal.SIGCONT)
 
+    def everyone(self) -> list[FlowProcess]:
+        return [*self.flows, *([self.rival] if self.rival is not None else [])]
+
     def wipe_state(self, index: int) -> None:
         shutil.rmtree(self.settings[index].state_dir, ignore_errors=True)
 
@@ -378,7 +560,20 @@ class Machines:
         shutil.rmtree(self.settings[index].recovery_dir, ignore_errors=True)
 
     def outputs(self) -> str:
-        return "\n".join(log_excerpt(f) for f in self.flows)
+        return "\n".join(log_excerpt(f) for f in self.everyone())
+
+
+def _kafka_away_at_start(flow: FlowProcess) -> bool:
+    """Whether ``flow`` stopped with exit 69: Kafka did not answer while it started."""
+    assert flow.process is not None
+    return flow.process.returncode == EXIT_KAFKA_UNAVAILABLE
+
+
+def _stopped_as_superseded(flow: FlowProcess) -> bool:
+    """Whether ``flow`` stopped because another process took its partitions, and said so."""
+    assert flow.process is not None
+    code = flow.process.returncode
+    return code == EXIT_STATE_UNUSABLE and SUPERSEDED.search(flow.output()) is not None
 
 
 # librdkafka's own log lines and the frames of a Rust backtrace: noise around the one error.
@@ -405,6 +600,8 @@ class Played:
     seconds: float
     sentinels: list[Record] = field(default_factory=list)
     starts: list[float] = field(default_factory=list)
+    stopped_by_themselves: int = 0  # superseded processes that found out they were
+    restarted: int = 0  # starts again after exit 69 (Kafka away at start), as a supervisor's
 
     def run_of(self, answer: Recommendation) -> int:
         """Which run (1: the first start) sent ``answer``, by the time the flow received it."""
@@ -433,7 +630,7 @@ def run_schedule(schedule: Schedule, settings: Settings, kafka: LocalKafka) -> P
         raise ScheduleFailed(f"{schedule.describe()}\nat {at}: {err}") from None
     finally:
         machines.thaw_all()
-        for flow in machines.flows:
+        for flow in machines.everyone():
             if flow.alive():
                 flow.kill()
         collector.close()
@@ -451,6 +648,8 @@ def run_schedule(schedule: Schedule, settings: Settings, kafka: LocalKafka) -> P
         time.monotonic() - started,
         sentinels,
         machines.starts,
+        machines.stopped_by_themselves,
+        machines.restarted,
     )
 
 
@@ -466,9 +665,14 @@ def _play(
     action, arg = step.action, step.arg
     if action == "start":
         machines.start(no_recovery=arg == "--no-recovery")
-    elif action == "produce":
+    elif action in ("produce", "produce-head", "produce-tail"):
         assert isinstance(arg, int)
         chunk = schedule.chunks[arg]
+        half = max(1, len(chunk) // 2)
+        if action == "produce-head":
+            chunk = chunk[:half]
+        elif action == "produce-tail":
+            chunk = chunk[half:]
         produce(settings, [(r.key, r.value) for r in chunk])
         produced.extend(chunk)
     elif action == "sleep":
@@ -497,6 +701,14 @@ def _play(
     elif action == "broker-restart":
         assert isinstance(arg, float)
         _restart_broker(kafka, arg)
+    elif action == "serving":
+        machines.wait_serving(len(topic_partitions(settings, settings.events_topic)))
+    elif action == "rival":
+        machines.start_rival()
+    elif action == "rival-stop":
+        machines.stop_rival()
+    elif action == "retire":
+        machines.retire(at_once=arg == "at once")
     elif action == "wipe-state":
         assert isinstance(arg, int)
         machines.wipe_state(arg)
@@ -751,7 +963,10 @@ def summary(played: Played, divergences: list[str]) -> str:
         f"seed {schedule.seed}: {kinds['event'] - len(played.sentinels)} events "
         f"(+{len(played.sentinels)} at the end), {kinds['forget']} forgets, "
         f"{kinds['invalid']} invalid; {sum(s.action in ('start',) for s in schedule.plan)} "
-        f"starts; {answers} answers to {len(played.answers)} events, "
+        f"starts, {sum(s.action == 'rival' for s in schedule.plan)} takeovers "
+        f"({played.stopped_by_themselves} superseded stopped by themselves), "
+        f"{played.restarted} restarts after exit 69; "
+        f"{answers} answers to {len(played.answers)} events, "
         f"{len(played.letters)} dead letters, {len(played.sessions)} sessions stored; "
         f"{played.seconds:.1f} s; {len(divergences)} divergences"
     )

@@ -201,3 +201,34 @@ def test_at_least_once_a_second_process_on_the_same_shard_stops_the_older_claim(
         assert session is not None and session.item_ids == ["a1", "b1"]
     finally:
         rebuilt.close()
+
+
+def test_at_least_once_an_older_claim_that_wrote_nothing_yet_still_finds_the_newer_one(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    # Found by the broker fault schedules: a flow restarted with --no-recovery, with nothing
+    # new to write, was frozen; a second machine took its shards; woken, the first wrote
+    # and served on, because a hole before its own first record was no hole it could see.
+    from flows.stores import PartitionStores
+    from state.changelog import ChangelogTaken, ChangelogWriter
+    from streamrec.kafka_clients import topic_id
+
+    incarnation = topic_id(kafka_settings, kafka_settings.events_topic)
+
+    def process(name: str) -> tuple[ChangelogWriter, PartitionStores]:
+        settings = kafka_settings.replace(state_dir=tmp_path / name)
+        writer = ChangelogWriter(settings, incarnation)
+        return writer, PartitionStores(settings, 2, writer, incarnation)
+
+    older_writer, older = process("older")
+    older.get(0)  # opened and claimed; nothing written
+    newer_writer, newer = process("newer")
+    newer.get(0)
+    claim = latest_marks(kafka_settings, 0)
+    assert claim is not None and claim.generation == 2 and claim.writer == newer_writer.writer
+    older.get(0).apply(Event("e0", "u1", "a1", "view", 1_700_000_000_000), 0, 0)
+    older_writer.flush()
+    with pytest.raises(ChangelogTaken, match="another process took shard 0"):
+        older.check_changelog([0])
+    older.close()
+    newer.close()
