@@ -409,7 +409,10 @@ def open_shard(
         if exactly_once:
             committed = Stamp(0) if marks is None else marks.stamp
             version = store.version()
-            if marks is None and version is not None and version.version:
+            # A store stamps the version it is building before that version commits, so a
+            # store one version ahead of the changelog was stopped before a commit; with no
+            # marks at all, further ahead means the changelog lost what was committed.
+            if marks is None and version is not None and version.version > 1:
                 raise ChangelogError(
                     f"shard {partition} was written exactly-once up to changelog version "
                     f"{version.version}, but {settings.sessions_changelog!r} has no marks: it was "

@@ -180,3 +180,31 @@ def test_a_fenced_owners_uncommitted_batch_is_never_taken_for_the_new_owners_com
         assert session is not None and session.item_ids == ["from-b"]
     finally:
         again.close()
+
+
+def test_a_crash_before_the_first_commit_is_not_taken_for_a_lost_changelog(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    # Found by the broker fault schedules (seed 1916): a flow killed before its first
+    # transaction of a partition committed left that shard stamped "version 1" beside a
+    # changelog with no marks, and every later start refused it (exit 65) as a changelog
+    # deleted since.  One uncommitted batch ahead is a crash; only more is a lost changelog.
+    from flows.stores import PartitionStores
+    from streamrec.kafka_clients import topic_id
+
+    settings = kafka_settings.replace(
+        guarantee="exactly-once", transaction_interval_ms=60_000.0, state_dir=tmp_path / "a"
+    )
+    incarnation = topic_id(settings, settings.events_topic)
+    first = PartitionStores(settings, 2, events_topic_id=incarnation, exactly_once=True)
+    first.get(1).apply(Event("e1", "u1", "i1", "view", 1_700_000_000_000), 1, 0)
+    first.transactions[1].add([], next_offset=1)  # open, not yet due
+    for store in first._stores.values():  # killed: RocksDB keeps what it wrote, no commit
+        store._closed = True
+        store._db.close()
+    again = PartitionStores(settings, 2, events_topic_id=incarnation, exactly_once=True)
+    try:
+        assert again.get(1).get("u1") is None  # nothing committed: read again from the start
+        assert 1 not in again.resume_at
+    finally:
+        again.close()
