@@ -14,6 +14,7 @@ from flows.processor import processor_factory
 from flows.sink import OutputSink, SinkItem
 from flows.source import EventSource
 from flows.stores import PartitionStores
+from flows.worker import Workers
 from streamrec.settings import Settings
 
 
@@ -32,17 +33,21 @@ def build_dataflow(
     ``watcher``: brings new artifacts without a restart.
     """
     flow = Dataflow("streamrec")
+    # Each worker's source, processor and sink share one context (flows/worker.py).
+    workers = Workers.of(settings)
     source = EventSource(
-        settings, batch=settings.batch_max_events, resumable=resumable, stores=stores
+        settings, workers, batch=settings.batch_max_events, resumable=resumable, stores=stores
     )
     records = op.input("events", flow, source)
     # flat_map_batch sees the records that arrived together: they are scored
     # as one micro-batch, with no waiting added to fill it.
     outputs = op.flat_map_batch(
-        "recommend", records, processor_factory(settings, stores, variant, model, watcher)
+        "recommend",
+        records,
+        processor_factory(settings, stores, variant, workers, model, watcher),
     )
     # Exactly once, each partition's transaction carries the outputs: the sink gets none.
-    sink = NoOutput() if stores.exactly_once else OutputSink(settings)
+    sink = NoOutput() if stores.exactly_once else OutputSink(settings, workers)
     op.output("kafka-out", outputs, sink)
     return flow
 

@@ -21,8 +21,8 @@ served are refused with one log line, and the old version goes on.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import threading
 from bisect import bisect_right
 from itertools import accumulate
@@ -32,6 +32,8 @@ from zlib import crc32
 
 from model.serving import Recommender
 from streamrec.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Fingerprint of a model directory: where it resolves to, and each file's name, size and mtime.
 Fingerprint = tuple[str, tuple[tuple[str, int, int], ...]]
@@ -180,7 +182,7 @@ class ModelWatcher:
             ]
         except Exception as err:  # noqa: BLE001 - whatever makes it unservable is refused
             self._say(
-                f"flow: refused the model in {model_dir} ({_first_line(err)}); still serving "
+                f"refused the model in {model_dir} ({_first_line(err)}); still serving "
                 f"{', '.join(self._versions)}"
             )
             return False
@@ -189,7 +191,7 @@ class ModelWatcher:
             self._ready = sets
             self.generation += 1
         self._say(
-            f"flow: model roll-out: {', '.join(self._versions)} -> {', '.join(versions)}, "
+            f"model roll-out: {', '.join(self._versions)} -> {', '.join(versions)}, "
             "taken by each worker at its next micro-batch"
         )
         self._versions = versions
@@ -206,7 +208,7 @@ class ModelWatcher:
             return None  # mid-swap or gone for a moment: look again later
 
     def _say(self, line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+        log.info(line)
 
 
 def _first_line(err: BaseException) -> str:

@@ -27,12 +27,9 @@ False
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Final
-
-from streamrec.settings import Settings
 
 WINDOW_S: Final = 0.1  # busy share measured over this much wall time
 BUSY_ABOVE: Final = 0.7  # starts filling batches above this share of time busy ...
@@ -40,7 +37,11 @@ IDLE_BELOW: Final = 0.45  # ... and stops below this one
 
 
 class Pacer:
-    """One worker's view of how busy it is, and whether its records should wait."""
+    """One worker's view of how busy it is, and whether its records should wait.
+
+    Each worker has one, in its context (``flows/worker.py``): its processor
+    reports the work, its source asks.
+    """
 
     def __init__(
         self, fill: int, linger_s: float, clock: Callable[[], float] = time.monotonic
@@ -70,20 +71,3 @@ class Pacer:
 
     def now(self) -> float:
         return self._clock()
-
-
-# Per worker thread: the processor reports its work and the source asks (same thread).
-_PACERS: dict[int, Pacer] = {}
-_LOCK = threading.Lock()
-
-
-def pacer_of_this_thread(settings: Settings) -> Pacer:
-    """The pacer of the calling worker thread, made on first use from ``settings``."""
-    thread = threading.get_ident()
-    pacer = _PACERS.get(thread)
-    if pacer is None:
-        with _LOCK:
-            pacer = _PACERS.setdefault(
-                thread, Pacer(settings.batch_fill, settings.batch_linger_ms / 1000.0)
-            )
-    return pacer

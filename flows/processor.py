@@ -23,10 +23,9 @@ from confluent_kafka import Message
 from flows import metrics
 from flows.delivery import OffsetMark
 from flows.models import ModelSet, ModelWatcher, load_model_set, parse_variants
-from flows.pacing import pacer_of_this_thread
 from flows.sink import OutputRecord, SinkItem
-from flows.source import REPLAY_FLOORS
 from flows.stores import PartitionStores
+from flows.worker import WorkerContext, Workers
 from model.serving import Prepared
 from state.store import Erasure, SessionStore
 from streamrec.contracts import (
@@ -55,9 +54,11 @@ class EventProcessor:
         settings: Settings,
         stores: PartitionStores,
         models: ModelSet,
+        worker: WorkerContext,
         watcher: ModelWatcher | None = None,
     ):
         self._settings = settings
+        self._worker = worker
         self._stores = stores
         self._models = models
         self._watcher = watcher
@@ -71,8 +72,8 @@ class EventProcessor:
         self._top_k = settings.top_k
         self._learn_online = settings.online_candidates
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
-        # How busy this worker is decides whether its source fills micro-batches (same thread).
-        self._pacer = pacer_of_this_thread(settings)
+        # How busy this worker is decides whether its source fills micro-batches.
+        self._pacer = worker.pacer
         # The stores of the partitions this worker reads: it alone uses them.
         self._own: dict[int, SessionStore] = {}
         # Exactly once: their transactions, which carry the outputs instead of the sink.
@@ -287,17 +288,17 @@ class EventProcessor:
     def _replay_floor(self, partition: int, store: SessionStore) -> int:
         # The lowest offset a restart may read again: from the recovery store's snapshots,
         # or, lower, from the last progress the changelog holds (a rebuild resumes there).
-        floor = REPLAY_FLOORS.get(partition, store.replay_floor)
+        floor = self._worker.replay_floors.get(partition, store.replay_floor)
         return min(floor, self._stores.changelog_floor(partition))
 
     def _report_quarantined(self, store: SessionStore) -> None:
         for user in store.counters.quarantined:
             metrics.QUARANTINED.inc()
-            print(
-                f"flow: the session record of user {user!r} (shard {store.shard_index}) could "
-                "not be read; it was moved aside (key q:<user id> of the shard DB) and the "
-                "user starts afresh",
-                flush=True,
+            log.warning(
+                "the session record of user %r (shard %d) could not be read; it was moved "
+                "aside (key q:<user id> of the shard DB) and the user starts afresh",
+                user,
+                store.shard_index,
             )
         store.counters.quarantined.clear()
 
@@ -316,39 +317,34 @@ def processor_factory(
     settings: Settings,
     stores: PartitionStores,
     variant: str | None,
+    workers: Workers,
     loaded: ModelSet | None = None,
     watcher: ModelWatcher | None = None,
 ) -> Callable[[list[Message]], list[SinkItem]]:
-    """A batch function for ``flat_map_batch`` that gives each worker thread its own processor.
+    """A batch function for ``flat_map_batch`` that gives each worker its own processor.
 
-    Each worker thread gets its own models: a ``Recommender`` reuses its input
-    buffers between calls, so it must not be shared between threads.
-    ``loaded`` is handed to the first worker that asks; ``watcher`` brings new
-    artifacts (``flows/models.py``).
-
-    Processors are found by the OS thread's id, not in a ``threading.local``: in
-    cluster mode Bytewax's workers run on threads Python did not start, whose
-    Python thread state (and so every thread-local) is made anew for each call,
-    which once meant a model loaded for every micro-batch.
+    Each worker gets its own models: a ``Recommender`` reuses its input buffers
+    between calls, so it must not be shared between threads.  ``loaded`` is
+    handed to the first worker that asks; ``watcher`` brings new artifacts
+    (``flows/models.py``).  The processor lives in the worker's context
+    (``flows/worker.py``), beside the pacer and replay floors it shares with the source.
     """
-    processors: dict[int, EventProcessor] = {}
     spare = [loaded] if loaded is not None else []
     lock = threading.Lock()
 
     def process(records: list[Message]) -> list[SinkItem]:
-        processor = processors.get(threading.get_ident())
+        worker = workers.current()
+        processor = worker.processor
         if processor is None:
             with lock:
                 try:
                     models = spare.pop()
                 except IndexError:
                     models = load_model_set(settings.model_dir, parse_variants(variant), settings)
-                    print(
-                        f"flow: worker thread {len(processors)} loaded its own copy of the model",
-                        flush=True,
-                    )
-                processor = EventProcessor(settings, stores, models, watcher)
-                processors[threading.get_ident()] = processor
+                    log.info("a worker loaded its own copy of the model (%d workers)", len(workers))
+                processor = worker.processor = EventProcessor(
+                    settings, stores, models, worker, watcher
+                )
         return processor.process(records)
 
     return process

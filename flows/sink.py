@@ -29,7 +29,7 @@ delivery report decides what happens to it:
 from __future__ import annotations
 
 import hashlib
-import sys
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -40,9 +40,10 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from flows import metrics
-from flows.delivery import DELIVERED, OffsetMark, on_this_thread
+from flows.delivery import OffsetMark
 from flows.kafka_log import kafka_logger
 from flows.shutdown import STOP_READING
+from flows.worker import WorkerContext, Workers
 from streamrec.contracts import (
     OUTPUT_REFUSED,
     STUB_HEADER_KEY_SHA256,
@@ -61,6 +62,8 @@ from streamrec.kafka_clients import (
     redact,
 )
 from streamrec.settings import Settings
+
+log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, str | bytes | None]]
 # (topic, key, value, headers): what the flow hands the sink, with no wrapper per record.
@@ -156,7 +159,7 @@ def set_aside(
     # (e.g. compaction refuses a null key).  Said, counted, and the flow goes on.
     metrics.OUTPUT_FAILURES.labels(error.name(), "dropped").inc()
     say(
-        f"flow: ERROR: dropped a dead letter's stub that {topic} refused too "
+        f"ERROR: dropped a dead letter's stub that {topic} refused too "
         f"({error.str()}); its headers: {headers}"
     )
     return None
@@ -190,7 +193,14 @@ class _Batch:
 class _AsyncWriter(StatelessSinkPartition[SinkItem]):
     """One worker's producer: queues each batch and returns; marks are released as Kafka acks."""
 
-    def __init__(self, config: dict[str, Any], settings: Settings, limits: dict[str, int]) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        settings: Settings,
+        limits: dict[str, int],
+        worker: WorkerContext,
+    ) -> None:
+        self._delivered = worker.delivered
         self._config = config | {"error_cb": self._on_error, "logger": kafka_logger("producer")}
         self._producer = Producer(self._config)
         # Producers replaced after a fatal error, until they have reported every record.
@@ -208,7 +218,7 @@ class _AsyncWriter(StatelessSinkPartition[SinkItem]):
         self._last_error = ""
         self._blocked_since: float | None = None
         self._stop_noted = False
-        on_this_thread(self._take_reports)
+        worker.take_reports = self._take_reports  # the source's snapshots release marks now
 
     def write_batch(self, items: list[SinkItem]) -> None:
         batch = self._spare.pop() if self._spare else _Batch()
@@ -266,7 +276,7 @@ class _AsyncWriter(StatelessSinkPartition[SinkItem]):
 
     def _release(self, batch: _Batch) -> None:
         for partition, next_offset in batch.marks:
-            DELIVERED[partition] = next_offset
+            self._delivered[partition] = next_offset
         batch.marks.clear()
         batch.records = []
         batch.replaced = None
@@ -355,7 +365,7 @@ class _AsyncWriter(StatelessSinkPartition[SinkItem]):
         self._poll_retired()
         name = error.name() if error is not None else "_FATAL"
         metrics.OUTPUT_FAILURES.labels(name, "new_producer").inc()
-        self._say(f"flow: output producer failed ({error}); a new one sends what was undelivered")
+        self._say(f"output producer failed ({error}); a new one sends what was undelivered")
 
     def _poll_retired(self) -> None:
         for old in self._retired:
@@ -374,38 +384,40 @@ class _AsyncWriter(StatelessSinkPartition[SinkItem]):
             metrics.OUTPUT_BLOCKED.inc()
             undelivered = len(self._producer) + len(self._failed)
             self._say(
-                f"flow: output blocked: {undelivered} records undelivered for {waited:.0f} s "
+                f"output blocked: {undelivered} records undelivered for {waited:.0f} s "
                 f"(last error: {self._last_error or 'none reported'}); reading goes on until "
                 f"{MAX_IN_FLIGHT} are in flight, then waits until Kafka takes them"
             )
         if self._blocked_since is not None and STOP_READING.is_set() and not self._stop_noted:
             self._stop_noted = True
             self._say(
-                "flow: stopping once the undelivered output is delivered; a second SIGTERM "
+                "stopping once the undelivered output is delivered; a second SIGTERM "
                 "abandons it (it is read and sent again on the next run)"
             )
 
     def _resumed(self) -> None:
         assert self._blocked_since is not None
-        self._say(f"flow: output resumed after {time.monotonic() - self._blocked_since:.0f} s")
+        self._say(f"output resumed after {time.monotonic() - self._blocked_since:.0f} s")
         self._blocked_since = None
         metrics.OUTPUT_BLOCKED.dec()
 
     def _say(self, line: str) -> None:
-        print(redact(line, self._settings), file=sys.stderr, flush=True)
+        log.warning(redact(line, self._settings))
 
 
 class OutputSink(DynamicSink[SinkItem]):
     """Recommendations and dead letters, each record naming its topic; one producer per worker."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, workers: Workers) -> None:
         self._settings = settings
+        self._workers = workers
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _AsyncWriter:
         limits = output_limits(self._settings)
         # The deployment's own settings (in producer_config) still win over the sizes.
         config: dict[str, Any] = size_limits(limits) | producer_config(self._settings)
-        return _AsyncWriter(config, self._settings, limits)
+        # Built on the worker it writes for, on its thread.
+        return _AsyncWriter(config, self._settings, limits, self._workers.current())
 
 
 def output_limits(settings: Settings) -> dict[str, int]:
@@ -415,9 +427,5 @@ def output_limits(settings: Settings) -> dict[str, int]:
         return max_message_bytes(settings, topics)
     except KafkaUnavailable as err:
         # Refusals are still handled record by record; only the sizes are guessed.
-        print(
-            f"flow: {err}; assuming {KAFKA_DEFAULT_MAX_MESSAGE_BYTES} bytes",
-            file=sys.stderr,
-            flush=True,
-        )
+        log.warning("%s; assuming %d bytes", err, KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
         return dict.fromkeys(topics, KAFKA_DEFAULT_MAX_MESSAGE_BYTES)

@@ -10,7 +10,6 @@ librdkafka through untouched.  Offsets are Bytewax resume state, as in
 from __future__ import annotations
 
 import logging
-import threading
 from collections import deque
 from typing import Final, cast
 
@@ -24,24 +23,20 @@ from confluent_kafka import (
 )
 
 from flows import metrics
-from flows.delivery import DELIVERED, delivered_through, take_reports
 from flows.kafka_log import kafka_logger
-from flows.pacing import Pacer, pacer_of_this_thread
+from flows.pacing import Pacer
 from flows.shutdown import STOP_READING
 from flows.stores import PartitionStores
 from flows.transactions import PartitionTransactions
+from flows.worker import WorkerContext, Workers
 from state.session import NO_REPLAY
 from streamrec.kafka_clients import consumer_config, topic_partitions, watermark_offsets
 from streamrec.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Per events partition, the lowest offset that a crash could still make this process read
-# again: the resume offset of a snapshot that is surely in the recovery store.  Written by
-# the partition's reader, read by the processor on the same worker (sessions keep what a
-# replay from there needs).  Bytewax writes a snapshot when its epoch closes, so the one
-# taken two snapshots back is committed.
-REPLAY_FLOORS: dict[int, int] = {}
+# Bytewax writes a snapshot when its epoch closes, so the one taken two snapshots back is
+# surely in the recovery store: its resume offset is the partition's replay floor.
 SNAPSHOTS_UNTIL_COMMITTED: Final = 2
 # How long a partition without a leader (a broker restarting) is waited for when a reader
 # starts; past that the flow stops with "Kafka unavailable" (69), which a supervisor retries.
@@ -52,7 +47,7 @@ class ResumeOffsetError(RuntimeError):
     """The recovery store's resume offset lies past the end of its partition."""
 
 
-class _WorkerConsumer:
+class WorkerConsumer:
     """One librdkafka consumer for all the events partitions a worker reads.
 
     A consumer per partition would mean a set of threads and a fetch per
@@ -150,7 +145,8 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
 
     def __init__(
         self,
-        reader: _WorkerConsumer,
+        worker: WorkerContext,
+        reader: WorkerConsumer,
         topic: str,
         partition: int,
         offset: int,
@@ -158,6 +154,7 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
         resumable: bool,
         transactions: PartitionTransactions | None = None,
     ):
+        self._worker = worker
         self._reader = reader
         offset = reader.add(topic, partition, offset)
         self._topic = topic
@@ -171,16 +168,16 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
         self._snapshots: deque[int] = deque(maxlen=SNAPSHOTS_UNTIL_COMMITTED)
         if transactions is None:
             # At least once, outputs are acknowledged after reading goes on (flows/delivery.py).
-            DELIVERED[partition] = offset
+            worker.delivered[partition] = offset
         # Without a recovery store every run reads from the start: no tail can cover that.
-        REPLAY_FLOORS[partition] = max(offset, 0) if resumable else NO_REPLAY
+        worker.replay_floors[partition] = max(offset, 0) if resumable else NO_REPLAY
         self._reported: set[int] = set()
 
     def next_batch(self) -> list[Message]:
         if STOP_READING.is_set():
             if self._transactions is None:
-                take_reports()
-                if delivered_through(self._partition, self._offset) < self._offset:
+                self._worker.take_reports()
+                if self._worker.delivered_through(self._partition, self._offset) < self._offset:
                     return []  # the end waits for the outputs of what was read
             raise StopIteration
         transactions = self._transactions
@@ -205,20 +202,22 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
         metrics.CONSUMER_ERRORS.labels(error.name()).inc()
         if error.code() not in self._reported:
             self._reported.add(error.code())
-            print(
-                f"flow: reading {self._topic} partition {self._partition}: {error.str()} "
-                "(retrying; said once until records arrive again)",
-                flush=True,
+            log.warning(
+                "reading %s partition %d: %s (retrying; said once until records arrive again)",
+                self._topic,
+                self._partition,
+                error.str(),
             )
 
     def snapshot(self) -> int:
         # Never past an event whose outputs Kafka has yet to acknowledge.
-        take_reports()
-        offset = delivered_through(self._partition, self._offset)
+        worker = self._worker
+        worker.take_reports()
+        offset = worker.delivered_through(self._partition, self._offset)
         if self._resumable:
             self._snapshots.append(offset)
             if len(self._snapshots) == SNAPSHOTS_UNTIL_COMMITTED:
-                REPLAY_FLOORS[self._partition] = self._snapshots[0]
+                worker.replay_floors[self._partition] = self._snapshots[0]
         return offset
 
     def close(self) -> None:
@@ -231,16 +230,16 @@ class EventSource(FixedPartitionedSource[Message, int]):
     def __init__(
         self,
         settings: Settings,
+        workers: Workers,
         batch: int,
         resumable: bool = True,
         stores: PartitionStores | None = None,
     ) -> None:
         self._settings = settings
+        self._workers = workers
         self._batch = batch
         self._resumable = resumable
         self._stores = stores
-        # Per worker thread, the consumer its partitions share.
-        self._consumers: dict[int, _WorkerConsumer] = {}
 
     def list_parts(self) -> list[str]:
         # The topic is part of the name, so resume offsets never carry over to another topic.
@@ -266,8 +265,11 @@ class EventSource(FixedPartitionedSource[Message, int]):
         if transactions is None:  # exactly once, the shard's opening says where it reads
             start = "the beginning" if offset == OFFSET_BEGINNING else f"offset {offset}"
             log.info("events partition %s taken at least once; reading from %s", partition, start)
+        # Built on the worker that reads the partition, on its thread.
+        worker = self._workers.current()
         return _PartitionReader(
-            self._consumer_of_this_worker(),
+            worker,
+            self._consumer_of(worker),
             topic,
             int(partition),
             offset,
@@ -276,14 +278,13 @@ class EventSource(FixedPartitionedSource[Message, int]):
             transactions,
         )
 
-    def _consumer_of_this_worker(self) -> _WorkerConsumer:
-        thread = threading.get_ident()
-        consumer = self._consumers.get(thread)
+    def _consumer_of(self, worker: WorkerContext) -> WorkerConsumer:
+        """The consumer ``worker``'s partitions share, made anew after its last one closed it."""
+        consumer = worker.consumer
         if consumer is None or consumer.closed:
             config = consumer_config(self._settings, group="streamrec-flow")
-            consumer = self._consumers[thread] = _WorkerConsumer(
-                Consumer({**config, "logger": kafka_logger("consumer")}),
-                pacer_of_this_thread(self._settings),
+            consumer = worker.consumer = WorkerConsumer(
+                Consumer({**config, "logger": kafka_logger("consumer")}), worker.pacer
             )
         return consumer
 
@@ -302,11 +303,15 @@ def checked_resume_offset(consumer: Consumer, topic: str, partition: int, offset
         )
     if offset < low:
         metrics.EVENTS_NEVER_READ.inc(low - offset)
-        print(
-            f"flow: WARNING: {topic} partition {partition} resumes at offset {offset}, but "
-            f"retention has deleted everything before {low}: {low - offset} events were "
-            f"never read and are lost; reading on from {low}",
-            flush=True,
+        log.warning(
+            "WARNING: %s partition %d resumes at offset %d, but retention has deleted "
+            "everything before %d: %d events were never read and are lost; reading on from %d",
+            topic,
+            partition,
+            offset,
+            low,
+            low - offset,
+            low,
         )
         return low
     return offset

@@ -8,6 +8,7 @@ workers and moves with its partition when workers or processes change.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 
@@ -19,6 +20,8 @@ from state.errors import StateError
 from state.session import NO_REPLAY
 from state.store import SessionStore, Stamp
 from streamrec.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # How long a clean stop waits for the last removals' transaction before leaving them uncommitted.
 CLOSE_COMMIT_S = 30.0
@@ -109,11 +112,11 @@ class PartitionStores:
             self.resume_at[partition] = transactions.next_offset
         elif applied is not None:  # a store from before exactly-once, without a changelog
             self.resume_at[partition] = applied + 1
-        print(
-            f"flow: events partition {partition} taken exactly-once (changelog version "
-            f"{transactions.version}); reading from offset "
-            f"{self.resume_at.get(partition, 'the beginning')}",
-            flush=True,
+        log.info(
+            "events partition %d taken exactly-once (changelog version %d); reading from offset %s",
+            partition,
+            transactions.version,
+            self.resume_at.get(partition, "the beginning"),
         )
         return store
 
@@ -148,7 +151,7 @@ class PartitionStores:
                         except StateError as err:
                             # Fenced, or Kafka away: the stamp stays ahead, so the next
                             # start rebuilds this shard from what was committed.
-                            print(f"flow: {err}", flush=True)
+                            log.warning("%s", err)
                     store.close()
             finally:
                 for transactions in self.transactions.values():
@@ -158,4 +161,4 @@ class PartitionStores:
                 if self._changelog is not None:
                     left = self._changelog.flush()
                     if left:
-                        print(f"flow: {left} changelog records were not delivered", flush=True)
+                        log.warning("%d changelog records were not delivered", left)

@@ -30,8 +30,8 @@ partition now, and this one stops.
 
 from __future__ import annotations
 
+import logging
 import secrets
-import sys
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -47,6 +47,8 @@ from state.errors import StateError
 from state.store import SessionStore, Stamp
 from streamrec.kafka_clients import producer_config, redact
 from streamrec.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # A transaction open longer is aborted by Kafka; one micro-batch's takes milliseconds.
 TRANSACTION_TIMEOUT_MS: Final = 30_000
@@ -184,7 +186,7 @@ class PartitionTransactions:
         self._opened_at = None
         store.stamp = Stamp(version + 1, self.writer)
         if self._blocked:
-            self._say(f"flow: partition {self.partition}: transactions commit again")
+            self._say(f"partition {self.partition}: transactions commit again")
             self._blocked = False
             metrics.OUTPUT_BLOCKED.dec()
         self._failing_since = None
@@ -313,10 +315,10 @@ class PartitionTransactions:
             self._blocked = True
             metrics.OUTPUT_BLOCKED.inc()
             self._say(
-                f"flow: output blocked: partition {self.partition}'s transaction has not "
+                f"output blocked: partition {self.partition}'s transaction has not "
                 f"committed for {now - self._failing_since:.0f} s (last error: "
                 f"{self._last_error}); reading waits until it does"
             )
 
     def _say(self, line: str) -> None:
-        print(redact(line, self._settings), file=sys.stderr, flush=True)
+        log.warning(redact(line, self._settings))

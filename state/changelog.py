@@ -31,9 +31,9 @@ Marks(applied=41, events_topic_id='t-1', next=None, version=None, writer='', gen
 
 from __future__ import annotations
 
+import logging
 import secrets
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -55,6 +55,8 @@ from state.layout import shard_dir
 from state.store import ChangeListener, SessionStore, Stamp
 from streamrec.kafka_clients import consumer_config, producer_config, watermark_offsets
 from streamrec.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Not valid UTF-8, so never the key of a user (user ids are text).
 MARKS_KEY: Final = b"\xff\xfestreamrec.marks"
@@ -241,7 +243,7 @@ class ChangelogWriter:
     def _on_delivery(self, err: KafkaError | None, message: Message) -> None:
         if err is not None:  # with no timeout, only a refusal of the record itself lands here
             self.refused = self.refused or err.str()
-            print(f"flow: a changelog record was refused: {err.str()}", file=sys.stderr)
+            log.error("a changelog record was refused: %s", err.str())
             return
         partition, offset = message.partition(), message.offset()
         if partition is None or offset is None:
@@ -253,7 +255,7 @@ class ChangelogWriter:
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
-            print(f"flow: the changelog producer failed: {err.str()}", file=sys.stderr)
+            log.error("the changelog producer failed: %s", err.str())
 
     def resolve(self, partition: int, resend: Callable[[set[bytes]], None]) -> None:
         """Judge the other writers' records found in ``partition``; ``resend``: write this
@@ -288,11 +290,12 @@ class ChangelogWriter:
                         )
         finally:
             consumer.close()
-        print(
-            f"flow: another process wrote {len(keys)} records into changelog {self.topic!r} "
-            f"partition {partition} (an older claim: it will stop); writing them again",
-            file=sys.stderr,
-            flush=True,
+        log.warning(
+            "another process wrote %d records into changelog %r partition %d (an older claim: "
+            "it will stop); writing them again",
+            len(keys),
+            self.topic,
+            partition,
         )
         resend(keys)
 
@@ -438,11 +441,12 @@ def open_shard(
     else:
         why = "is missing" if local is None else f"is at offset {local}"
     applied = None if marks is None else marks.applied
-    print(
-        f"flow: rebuilding shard {partition} from {settings.sessions_changelog!r} (its local "
-        f"store {why}; the changelog at {applied})",
-        file=sys.stderr,
-        flush=True,
+    log.info(
+        "rebuilding shard %d from %r (its local store %s; the changelog at %s)",
+        partition,
+        settings.sessions_changelog,
+        why,
+        applied,
     )
     if exactly_once:
         store.stamp = Stamp(0) if marks is None else marks.stamp  # exactly what it restores
@@ -451,11 +455,14 @@ def open_shard(
         ((key, value) for key, value, _ in records if key != MARKS_KEY), applied
     )
     resume = 0 if marks is None else marks.next if marks.next is not None else marks.applied + 1
-    line = (
-        f"flow: shard {partition} rebuilt: {sessions} session records in "
-        f"{time.monotonic() - started:.1f} s; reading its events from offset {resume} at the latest"
+    log.info(
+        "shard %d rebuilt: %d session records in %.1f s; reading its events from offset %d at "
+        "the latest",
+        partition,
+        sessions,
+        time.monotonic() - started,
+        resume,
     )
-    print(line, file=sys.stderr, flush=True)
     _attach(store, writer, marks, exactly_once)
     return OpenedShard(store, marks, rebuilt=True)
 

@@ -348,11 +348,6 @@ class Session:
         return [row[1] for row in self._rows()]
 
     @property
-    def event_types(self) -> list[str]:
-        """The event types of the window's interactions, oldest first."""
-        return [EVENT_TYPES[row[2]] for row in self._rows()]
-
-    @property
     def values(self) -> list[float | None]:
         """The values of the window's interactions (None where there was none), oldest first."""
         return [None if math.isnan(row[3]) else row[3] for row in self._rows()]

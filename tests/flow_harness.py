@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
@@ -144,13 +143,6 @@ def produce(
         producer.produce(settings.events_topic, value, key)
         producer.poll(0)
     assert producer.flush(30) == 0
-
-
-@dataclass(frozen=True)
-class Read:
-    partition: int
-    offset: int
-    message: Message
 
 
 class TopicReader:

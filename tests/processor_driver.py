@@ -17,6 +17,7 @@ from flows.models import ModelSet
 from flows.processor import EventProcessor
 from flows.sink import SinkItem
 from flows.stores import PartitionStores
+from flows.worker import WorkerContext, Workers
 from streamrec.settings import Settings
 
 
@@ -84,9 +85,10 @@ def answers_in(outputs: list[SinkItem], topic: str) -> list[Answer]:
 
 
 def new_processor(
-    settings: Settings, partitions: int, models: ModelSet
+    settings: Settings, partitions: int, models: ModelSet, worker: WorkerContext | None = None
 ) -> tuple[EventProcessor, PartitionStores]:
     """A processor over the stores of ``partitions`` events partitions in ``settings.state_dir``
-    (no changelog); close the stores when done."""
+    (no changelog), on ``worker`` (else a worker of its own); close the stores when done."""
     stores = PartitionStores(settings, partitions)
-    return EventProcessor(settings, stores, models), stores
+    worker = worker or Workers.of(settings).current()
+    return EventProcessor(settings, stores, models, worker), stores

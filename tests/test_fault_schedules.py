@@ -32,8 +32,8 @@ import orjson
 import pytest
 
 from flows.models import ModelSet, load_model_set, parse_variants
-from flows.source import REPLAY_FLOORS
 from flows.stores import PartitionStores
+from flows.worker import Workers
 from model.serving import Prepared, Recommender
 from state.session import NO_REPLAY
 from state.store import REPLAY_TAIL_WINDOWS
@@ -194,10 +194,13 @@ class Run:
         self._start()
 
     def _start(self) -> None:
+        # A process of its own: a worker whose source resumed at the snapshots.
+        self.worker = Workers.of(self.settings).current()
         for partition in self.schedule.log:
-            REPLAY_FLOORS[partition] = self.snapshot[partition] if self.floor_known else NO_REPLAY
+            floor = self.snapshot[partition] if self.floor_known else NO_REPLAY
+            self.worker.replay_floors[partition] = floor
         self.processor, self.stores = new_processor(
-            self.settings, self.schedule.partitions, self.models
+            self.settings, self.schedule.partitions, self.models, self.worker
         )
 
     def batch(self, rng: random.Random, deliver: bool = True, again: int = 0) -> None:
@@ -235,7 +238,7 @@ class Run:
         """Whether the user's interactions since the replay floor outgrow the replay tail
         (``REPLAY_TAIL_WINDOWS`` windows): a replay is then answered from what is left."""
         read = self.oracle.by_event[event_id]
-        floor = REPLAY_FLOORS.get(read.partition, 0)
+        floor = self.worker.replay_floors.get(read.partition, 0)
         since = sum(
             1
             for (partition, offset), other in self.oracle.reads.items()
@@ -251,7 +254,7 @@ class Run:
             if rng.random() < 0.5:
                 self.snapshot[partition] = position
                 if self.floor_known:  # as the source does once the snapshot is committed
-                    REPLAY_FLOORS[partition] = position
+                    self.worker.replay_floors[partition] = position
 
     def rewind(self, to_start: bool = False) -> None:
         for partition in self.position:
@@ -416,7 +419,6 @@ def play(
         run.finish()
         return divergences(schedule, run, oracle)
     finally:
-        REPLAY_FLOORS.clear()
         shutil.rmtree(settings.state_dir, ignore_errors=True)
 
 

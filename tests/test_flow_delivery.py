@@ -7,16 +7,17 @@ exercised by test_flow.py (SIGKILLs) and test_flow_output.py (outage, limits).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from flows import delivery, sink
-from flows.delivery import DELIVERED, OffsetMark, delivered_through, take_reports
+from flows import sink
+from flows.delivery import OffsetMark
 from flows.sink import OutputRecord, OutputSink
+from flows.worker import WorkerContext, Workers
 from streamrec.contracts import DeadLetter
 from streamrec.settings import Settings
 
@@ -72,18 +73,27 @@ class HeldProducer:
 
 
 @pytest.fixture
-def writer(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def workers() -> Workers:
+    return Workers.of(SETTINGS)
+
+
+@pytest.fixture
+def worker(workers: Workers) -> WorkerContext:
+    """The worker the sink writes for (this test's thread); reading resumed at offset 100."""
+    worker = workers.current()
+    worker.delivered[0] = 100
+    return worker
+
+
+@pytest.fixture
+def writer(monkeypatch: pytest.MonkeyPatch, workers: Workers, worker: WorkerContext) -> Any:
     HeldProducer.made = []
     monkeypatch.setattr(sink, "Producer", HeldProducer)
     monkeypatch.setattr(sink, "POLL_S", 0.0)  # no waiting between rounds in a unit test
     monkeypatch.setattr(
         sink, "output_limits", lambda settings: {"recs": 1_000_000, "dlq": 1_000_000}
     )
-    DELIVERED.clear()
-    DELIVERED[0] = 100  # where reading resumed
-    yield OutputSink(SETTINGS).build("out", 0, 1)
-    DELIVERED.clear()
-    delivery._REPORT_TAKERS.clear()
+    return OutputSink(SETTINGS, workers).build("out", 0, 1)
 
 
 def rec(n: int) -> OutputRecord:
@@ -91,67 +101,71 @@ def rec(n: int) -> OutputRecord:
 
 
 def test_a_mark_is_released_once_its_batch_and_every_batch_before_it_are_acknowledged(
-    writer: Any,
+    writer: Any, worker: WorkerContext
 ) -> None:
     writer.write_batch([rec(1), rec(2), OffsetMark(0, 110)])
     writer.write_batch([rec(3), OffsetMark(0, 120)])
     kafka = HeldProducer.made[0]
-    assert delivered_through(0, 120) == 100  # nothing acknowledged: resume where we began
+    assert worker.delivered_through(0, 120) == 100  # nothing acknowledged: resume where we began
 
     kafka.answer(2)  # the second batch first: its mark still waits for the first
-    take_reports()
-    assert delivered_through(0, 120) == 100
+    worker.take_reports()
+    assert worker.delivered_through(0, 120) == 100
     kafka.answer(0)
-    take_reports()
-    assert delivered_through(0, 120) == 100  # one record of the first batch is in flight
+    worker.take_reports()
+    assert worker.delivered_through(0, 120) == 100  # one record of the first batch is in flight
     kafka.answer(1)
-    take_reports()
-    assert delivered_through(0, 120) == 120
-    assert delivered_through(0, 115) == 115  # never past what was read
+    worker.take_reports()
+    assert worker.delivered_through(0, 120) == 120
+    assert worker.delivered_through(0, 115) == 115  # never past what was read
 
 
-def test_a_batch_of_marks_alone_releases_them_at_once(writer: Any) -> None:
+def test_a_batch_of_marks_alone_releases_them_at_once(writer: Any, worker: WorkerContext) -> None:
     writer.write_batch([OffsetMark(0, 105)])
-    assert DELIVERED[0] == 105
+    assert worker.delivered[0] == 105
 
 
-def test_a_record_that_timed_out_is_sent_again_and_its_mark_waits_for_it(writer: Any) -> None:
+def test_a_record_that_timed_out_is_sent_again_and_its_mark_waits_for_it(
+    writer: Any, worker: WorkerContext
+) -> None:
     writer.write_batch([rec(1), OffsetMark(0, 110)])
     kafka = HeldProducer.made[0]
     kafka.answer(0, TIMED_OUT)
-    take_reports()
-    assert DELIVERED[0] == 100
+    worker.take_reports()
+    assert worker.delivered[0] == 100
     assert kafka.in_flight() == [rec(1)]  # queued again
     kafka.answer(1)
-    take_reports()
+    worker.take_reports()
     assert kafka.sent == [rec(1)]
-    assert DELIVERED[0] == 110
+    assert worker.delivered[0] == 110
 
 
 def test_a_refused_recommendation_becomes_a_dead_letter_and_its_mark_waits_for_that(
-    writer: Any,
+    writer: Any, worker: WorkerContext
 ) -> None:
     writer.write_batch([rec(1), rec(2), OffsetMark(0, 110)])
     kafka = HeldProducer.made[0]
     kafka.answer(0, TOO_LARGE)
     kafka.answer(1)
-    take_reports()
-    assert DELIVERED[0] == 100
+    worker.take_reports()
+    assert worker.delivered[0] == 100
     [(topic, key, value, headers)] = kafka.in_flight()
     letter = DeadLetter.from_record(key, value, headers)
     assert (topic, letter.key, letter.raw) == ("dlq", b"u1", b"answer 1")
     assert letter.topic == "recs" and "Message size too large" in letter.message
     kafka.answer(2)
-    take_reports()
-    assert DELIVERED[0] == 110
+    worker.take_reports()
+    assert worker.delivered[0] == 110
 
 
-def test_a_dead_letter_refused_too_is_stubbed_with_the_headers_it_had(writer: Any) -> None:
+def test_a_dead_letter_refused_too_is_stubbed_with_the_headers_it_had(
+    writer: Any, worker: WorkerContext
+) -> None:
     headers = [("streamrec.error.code", b"too_large"), ("streamrec.source.offset", b"7")]
     writer.write_batch([("dlq", b"u1", b"x" * 5000, headers), OffsetMark(0, 101)])
     kafka = HeldProducer.made[0]
     kafka.answer(0, TOO_LARGE)
-    take_reports()
+    worker.take_reports()
     [(topic, _key, value, stub_headers)] = kafka.in_flight()
     names = [name for name, _ in stub_headers or []]
     assert topic == "dlq" and value is None
@@ -160,23 +174,23 @@ def test_a_dead_letter_refused_too_is_stubbed_with_the_headers_it_had(writer: An
 
 
 def test_a_fatal_producer_error_brings_a_new_producer_that_sends_what_was_unconfirmed(
-    writer: Any,
+    writer: Any, worker: WorkerContext
 ) -> None:
     writer.write_batch([rec(1), rec(2), OffsetMark(0, 110)])
     first = HeldProducer.made[0]
     first.answer(0)
     first.answer(1, FATAL)
-    take_reports()
-    take_reports()  # the next round replaces the producer and sends again
+    worker.take_reports()
+    worker.take_reports()  # the next round replaces the producer and sends again
     second = HeldProducer.made[1]
     assert second.in_flight() == [rec(2)]
     second.answer(0)
-    take_reports()
-    assert DELIVERED[0] == 110
+    worker.take_reports()
+    assert worker.delivered[0] == 110
 
 
 def test_a_record_the_producer_refuses_at_once_is_dead_lettered_before_write_batch_returns(
-    monkeypatch: pytest.MonkeyPatch, writer: Any
+    monkeypatch: pytest.MonkeyPatch, writer: Any, worker: WorkerContext
 ) -> None:
     kafka = HeldProducer.made[0]
     refuse_first = iter([True])
@@ -190,12 +204,12 @@ def test_a_record_the_producer_refuses_at_once_is_dead_lettered_before_write_bat
     writer.write_batch([rec(1), OffsetMark(0, 110)])
     assert [record[0] for record in kafka.in_flight()] == ["dlq"]
     kafka.answer(0)
-    take_reports()
-    assert DELIVERED[0] == 110
+    worker.take_reports()
+    assert worker.delivered[0] == 110
 
 
 def test_close_returns_only_once_everything_is_delivered(
-    monkeypatch: pytest.MonkeyPatch, writer: Any
+    monkeypatch: pytest.MonkeyPatch, writer: Any, worker: WorkerContext
 ) -> None:
     writer.write_batch([rec(1), OffsetMark(0, 110)])
     kafka = HeldProducer.made[0]
@@ -211,22 +225,26 @@ def test_close_returns_only_once_everything_is_delivered(
 
     monkeypatch.setattr(kafka, "poll", poll)
     writer.close()
-    assert polls >= 3 and kafka.sent == [rec(1)] and DELIVERED[0] == 110
+    assert polls >= 3 and kafka.sent == [rec(1)] and worker.delivered[0] == 110
 
 
 def test_blocked_output_is_said_once_and_its_end_too_while_traffic_goes_on(
-    monkeypatch: pytest.MonkeyPatch, writer: Any, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch,
+    writer: Any,
+    caplog: pytest.LogCaptureFixture,
+    worker: WorkerContext,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="flows.sink")
     now = [1_000.0]
     monkeypatch.setattr(sink, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=lambda _: 0))
     kafka = HeldProducer.made[0]
     writer.write_batch([rec(1), OffsetMark(0, 110)])
     now[0] += sink.BLOCKED_AFTER_S + 1  # Kafka away
-    take_reports()
-    take_reports()
+    worker.take_reports()
+    worker.take_reports()
     writer.write_batch([rec(2), OffsetMark(0, 120)])  # traffic goes on meanwhile
     kafka.answer(0)  # Kafka back: the first batch is acknowledged, the second is in flight
-    take_reports()
-    said = capsys.readouterr().err
-    assert said.count("flow: output blocked") == 1 and "flow: output resumed after" in said
-    assert DELIVERED[0] == 110
+    worker.take_reports()
+    said = caplog.text
+    assert said.count("output blocked") == 1 and "output resumed after" in said
+    assert worker.delivered[0] == 110

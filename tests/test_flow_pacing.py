@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from flows.pacing import BUSY_ABOVE, IDLE_BELOW, WINDOW_S, Pacer
-from flows.source import _WorkerConsumer
+from flows.source import WorkerConsumer
 
 
 class Clock:
@@ -68,9 +68,9 @@ def work(pacer: Pacer, clock: Clock, share: float, seconds: float = 2 * WINDOW_S
         clock.now += 0.01
 
 
-def reader(pacer: Pacer, partitions: int = 1) -> tuple[_WorkerConsumer, ArrivingRecords]:
+def reader(pacer: Pacer, partitions: int = 1) -> tuple[WorkerConsumer, ArrivingRecords]:
     kafka = ArrivingRecords()
-    consumer = _WorkerConsumer(kafka, pacer)  # type: ignore[arg-type]
+    consumer = WorkerConsumer(kafka, pacer)  # type: ignore[arg-type]
     for partition in range(partitions):
         consumer.add("events", partition, -2)  # OFFSET_BEGINNING: no watermark check
     return consumer, kafka

@@ -118,9 +118,6 @@ class LatencyHistogram:
     def count(self) -> int:
         return int(self.histogram.get_total_count())
 
-    def value_at_ms(self, percentile: float) -> float:
-        return float(self.histogram.get_value_at_percentile(percentile)) / 1000.0
-
     def percentiles(self) -> Percentiles:
         """p50..p99.9 as HDR reports them: the highest value equivalent to the recorded one."""
         h = self.histogram

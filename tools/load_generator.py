@@ -83,7 +83,7 @@ class LoadGenerator:
         )
         self._process.start()
         child_end.close()
-        self.dataset_size = int(self._receive("ready", REPLY_MARGIN_S))
+        self._receive("ready", REPLY_MARGIN_S)  # the generator has its dataset in memory
 
     @property
     def pid(self) -> int | None:

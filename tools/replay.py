@@ -302,7 +302,6 @@ class KafkaSender:
         self.delivered = 0
         self.failed = 0
         self.first_error: str | None = None
-        self.queue_full_waits = 0
         self._has_producer_id = False
         self.producer = Producer(
             {
@@ -337,7 +336,6 @@ class KafkaSender:
                 break
             except BufferError:
                 # The client's queue is full: let it drain rather than drop a record.
-                self.queue_full_waits += 1
                 self.producer.poll(0.01)
         self.producer.poll(0)
 
