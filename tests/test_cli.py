@@ -35,3 +35,13 @@ def test_without_a_broker_the_commands_say_so_once_without_client_log_noise(
     assert len(errors) == 1, output
     assert "%3|" not in output  # librdkafka's own connection-refused lines
     assert "listening" not in output  # no claim of a success before the failure
+
+
+def test_every_command_and_benchmark_loads_as_a_click_command() -> None:
+    import click
+
+    from streamrec.cli import BENCH_COMMANDS, COMMANDS
+
+    for name, (load, summary) in [*COMMANDS.items(), *BENCH_COMMANDS.items()]:
+        assert isinstance(load(), click.Command), name
+        assert summary.endswith("."), name
