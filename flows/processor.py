@@ -326,15 +326,16 @@ def processor_factory(
     Each worker gets its own models: a ``Recommender`` reuses its input buffers
     between calls, so it must not be shared between threads.  ``loaded`` is
     handed to the first worker that asks; ``watcher`` brings new artifacts
-    (``flows/models.py``).  The processor lives in the worker's context
-    (``flows/worker.py``), beside the pacer and replay floors it shares with the source.
+    (``flows/models.py``).  Each processor shares its worker's context
+    (``flows/worker.py``): the pacer and the replay floors, with the source.
     """
+    processors: dict[WorkerContext, EventProcessor] = {}
     spare = [loaded] if loaded is not None else []
     lock = threading.Lock()
 
     def process(records: list[Message]) -> list[SinkItem]:
         worker = workers.current()
-        processor = worker.processor
+        processor = processors.get(worker)
         if processor is None:
             with lock:
                 try:
@@ -342,7 +343,7 @@ def processor_factory(
                 except IndexError:
                     models = load_model_set(settings.model_dir, parse_variants(variant), settings)
                     log.info("a worker loaded its own copy of the model (%d workers)", len(workers))
-                processor = worker.processor = EventProcessor(
+                processor = processors[worker] = EventProcessor(
                     settings, stores, models, worker, watcher
                 )
         return processor.process(records)

@@ -240,6 +240,8 @@ class EventSource(FixedPartitionedSource[Message, int]):
         self._batch = batch
         self._resumable = resumable
         self._stores = stores
+        # The consumer each worker's partitions share.
+        self._consumers: dict[WorkerContext, WorkerConsumer] = {}
 
     def list_parts(self) -> list[str]:
         # The topic is part of the name, so resume offsets never carry over to another topic.
@@ -280,10 +282,10 @@ class EventSource(FixedPartitionedSource[Message, int]):
 
     def _consumer_of(self, worker: WorkerContext) -> WorkerConsumer:
         """The consumer ``worker``'s partitions share, made anew after its last one closed it."""
-        consumer = worker.consumer
+        consumer = self._consumers.get(worker)
         if consumer is None or consumer.closed:
             config = consumer_config(self._settings, group="streamrec-flow")
-            consumer = worker.consumer = WorkerConsumer(
+            consumer = self._consumers[worker] = WorkerConsumer(
                 Consumer({**config, "logger": kafka_logger("consumer")}), worker.pacer
             )
         return consumer

@@ -14,6 +14,9 @@ worker, so the three parts of a worker share plain objects without a lock:
   stores keep what a replay from there needs);
 - the sink's **take_reports**, which the source calls to release marks now.
 
+The parts that are the worker's own (its consumer, its processor) are kept by
+their makers, per context.
+
 Bytewax hands the three no handle in common: a source partition is built with
 no worker index, and ``flat_map_batch`` takes one function for every worker.
 What they do share is the OS thread the worker runs on, so ``Workers``, made
@@ -36,30 +39,23 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from flows.pacing import Pacer
 from streamrec.settings import Settings
-
-if TYPE_CHECKING:  # the parts that store themselves here import this module
-    from flows.processor import EventProcessor
-    from flows.source import WorkerConsumer
 
 
 def _no_reports() -> None:
     """A worker without a sink of its own (exactly once) has no reports to take."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False)  # compared and hashed by identity: one per worker
 class WorkerContext:
-    """One worker's shared objects, and the per-worker parts made on first use."""
+    """One worker's shared objects."""
 
     pacer: Pacer
     delivered: dict[int, int] = field(default_factory=dict)
     replay_floors: dict[int, int] = field(default_factory=dict)
     take_reports: Callable[[], None] = _no_reports
-    consumer: WorkerConsumer | None = None
-    processor: EventProcessor | None = None
 
     def delivered_through(self, partition: int, read_to: int) -> int:
         """The resume offset a snapshot of ``partition`` may give, having read up to ``read_to``."""

@@ -1,7 +1,7 @@
-"""The command line of session state: ``streamrec state show|dump|stats|reset``, ``bench state``.
+"""The command line of session state: ``streamrec state show|dump|stats|reset``.
 
-``state_group`` and ``bench_state`` are mounted by ``streamrec.cli``; the work
-itself lives in ``state.view`` and ``state.bench``.
+``state_group`` is mounted by ``streamrec.cli``; the work itself lives in
+``state.view`` (the benchmark, ``streamrec bench state``, in ``bench/state.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import click
 import orjson
 from tqdm import tqdm
 
-from state.bench import run_state_bench
 from state.errors import StateError
 from state.layout import shard_dir
 from state.rocks import ShardStats
@@ -267,77 +266,6 @@ def stats(state_dir: Path | None, as_json: bool) -> None:
             "shards without a DB yet (no event of their partition processed): "
             f"{', '.join(map(str, missing))}"
         )
-
-
-@click.command("state")
-@click.option(
-    "--users",
-    type=click.IntRange(min=1),
-    default=100_000,
-    show_default=True,
-    help="Users in the store, each with a full session.",
-)
-@click.option(
-    "--applies",
-    type=click.IntRange(min=1),
-    default=100_000,
-    show_default=True,
-    help="Events applied and timed, one by one, after a warm-up.",
-)
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="Also write the figures to this JSON file.",
-)
-def bench_state(users: int, applies: int, json_path: Path | None) -> None:
-    """Time SessionStore.apply on a warm on-disk store.
-
-    Fills a scratch RocksDB (removed afterwards) with --users full sessions of L
-    interactions, reopens it, warms it up with one event per user (filling the
-    session cache, STREAMREC_SESSION_CACHE sessions), then reports the median and
-    tail microseconds per apply: one by one, then staged and committed in
-    micro-batches as the flow does, then one by one with the cache off (every
-    session read from RocksDB); and the bytes per session.  Quote medians on a
-    shared machine.
-    """
-    result = run_state_bench(users=users, applies=applies, settings=Settings.from_env())
-    click.echo(
-        f"apply: median {result.apply_us_p50} us, p90 {result.apply_us_p90} us, "
-        f"p99 {result.apply_us_p99} us, mean {result.apply_us_mean} us over "
-        f"{result.applies:,} events"
-    )
-    click.echo(
-        f"session cache of {result.cache_sessions:,} sessions: {result.cache_hit_ratio:.1%} of "
-        f"the reads above served from memory; peak RSS {result.rss_mb} MB"
-    )
-    click.echo(
-        f"staged and committed in batches of {result.batch_size}: median "
-        f"{result.apply_many_us_per_event_p50} us per event"
-    )
-    click.echo(
-        f"apply with the cache off (read from RocksDB): median {result.uncached_apply_us_p50} us, "
-        f"p99 {result.uncached_apply_us_p99} us"
-    )
-    click.echo(
-        f"reading item_ids afterwards: median {result.item_ids_us_p50} us; CPU time per event "
-        f"(both, and the timers): {result.cpu_us_per_event} us; load average "
-        f"{result.machine['load_average_1m']} on {result.machine['cpus']} CPUs"
-    )
-    click.echo(
-        f"session of {result.session_length} interactions: {result.bytes_per_session} bytes "
-        f"encoded, {result.disk_bytes_per_session} bytes on disk; {result.users:,} users, "
-        f"filled in {result.fill_s} s"
-    )
-    click.echo(
-        f"consumed items (STREAMREC_CONSUMED_TYPES): {result.consumed_records:,} users hold a "
-        f"record, {result.consumed_items_per_record} items and "
-        f"{result.consumed_bytes_per_record} bytes each on average"
-    )
-    if json_path is not None:
-        json_path.write_bytes(result.to_json())
-        click.echo(f"figures written to {json_path}")
 
 
 @dataclass(slots=True)

@@ -1,7 +1,7 @@
 """The `streamrec` command: the user's front door to every stage.
 
 Each stage owns its subcommands (``tools/``, ``state/``, ``model/``,
-``flows/``); this module only mounts them.  Each is imported by a small
+``flows/``, ``bench/``); this module only mounts them.  Each is imported by a small
 function of its own, so that the wiring reads as imports while staying lazy:
 ``streamrec kafka up`` does not import onnxruntime and ``streamrec run`` never
 imports torch.
@@ -76,25 +76,25 @@ def _demo() -> click.Command:
 
 
 def _bench_state() -> click.Command:
-    from state.cli import bench_state
+    from bench.state import bench_state
 
     return bench_state
 
 
 def _bench_e2e() -> click.Command:
-    from tools.bench_e2e import bench_e2e_command
+    from bench.e2e import bench_e2e_command
 
     return bench_e2e_command
 
 
 def _bench_stages() -> click.Command:
-    from tools.bench_stages import bench_stages_command
+    from bench.stages import bench_stages_command
 
     return bench_stages_command
 
 
 def _bench_restore() -> click.Command:
-    from tools.bench_restore import bench_restore_command
+    from bench.restore import bench_restore_command
 
     return bench_restore_command
 

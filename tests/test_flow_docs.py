@@ -7,10 +7,10 @@ from types import ModuleType
 
 import pytest
 
-from flows import sink
+from flows import pacing, sink, worker
 
 
-@pytest.mark.parametrize("module", [sink], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [pacing, sink, worker], ids=lambda m: m.__name__)
 def test_the_docstring_examples_hold(module: ModuleType) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0

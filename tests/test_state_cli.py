@@ -10,7 +10,8 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from state.cli import bench_state, state_group
+from bench.state import bench_state
+from state.cli import state_group
 from state.layout import shard_dir
 from state.rocks import open_read_write
 from state.session import Session, encode_session

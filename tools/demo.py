@@ -32,14 +32,6 @@ from streamrec.datasets import load_events
 from streamrec.kafka_clients import consumer_config, end_offsets, topic_partitions
 from streamrec.settings import REPO_ROOT, Settings
 from streamrec.topics import create_topics, delete_topics, wanted_topics
-from tools.bench_e2e import BenchPlan, wait_until_serving
-from tools.bench_services import (
-    STUDENT,
-    BenchError,
-    Service,
-    service_commands,
-    service_environment,
-)
 from tools.kafka_local import KafkaLauncherError, LocalKafka
 from tools.latency import LatencyCollector, LatencyMatcher, StopRule
 from tools.online_quality import (
@@ -55,9 +47,17 @@ from tools.online_quality import (
 )
 from tools.replay import DatasetSource, replay
 from tools.schedule import Timing
+from tools.services import (
+    Readiness,
+    Service,
+    ServiceError,
+    flow_commands,
+    service_environment,
+    wait_until_serving,
+)
 
 DEMO_DIR = REPO_ROOT / "run" / "demo"
-READINESS = BenchPlan(warmup_events=50, ready_timeout_s=180.0)
+READINESS = Readiness(warmup_events=50, timeout_s=180.0)
 
 
 def demo_settings() -> Settings:
@@ -250,13 +250,13 @@ def demo_command(count: int, rate: float, keep_running: bool) -> None:
             click.echo(f"topic {topic.describe()}")
         log = DEMO_DIR / "flow.log"
         click.echo(f"flow: starting (log: {log})")
-        flow = Service(STUDENT, service_commands(STUDENT), service_environment(settings), log)
+        flow = Service("student", flow_commands(), service_environment(settings), log)
         started = time.monotonic()
         try:
             # The benchmark's readiness check: probe until answered, then a warm-up, with
             # the first (training) events, so that the held-out ones are all measured.
             served = wait_until_serving(settings, flow, events, 0, READINESS)
-        except BenchError as err:
+        except ServiceError as err:
             raise click.ClickException(str(err)) from None
         click.echo(f"flow: serving after {time.monotonic() - started:.1f} s")
         if served > window.start:

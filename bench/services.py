@@ -1,8 +1,8 @@
 """What the end-to-end benchmark starts and watches: the broker, the service under test, usage.
 
 A *service* is the thing that turns events into recommendations: the Kafka
-floor (``python -m tools.kafka_floor``), the flow (``streamrec run``) or a
-peer doing the same job in another framework (``tools.peers``), as one or
+floor (``python -m bench.kafka_floor``), the flow (``streamrec run``) or a
+peer doing the same job in another framework (``bench.peers``), as one or
 more subprocesses configured only through ``STREAMREC_*`` variables,
 exactly as a user would start them.  Their stderr goes to a log file whose
 tail is shown when one of them dies or never answers.
@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Collection, Sequence
@@ -34,6 +31,15 @@ import psutil
 
 from streamrec.settings import REPO_ROOT, Settings
 from tools.kafka_local import LocalKafka, broker_answers
+from tools.services import (
+    ServiceError,
+    core_list,
+    free_port,
+    streamrec_executable,
+)
+
+# The benchmark's failures are the services' own kind: one ``except`` catches both.
+BenchError = ServiceError
 
 FLOOR = "floor"
 TEACHER = "teacher"
@@ -51,14 +57,9 @@ PEERS = (QUIX, BYTEWAX_STOCK)
 QUIX_REQUIREMENT = "quixstreams==3.28.1"
 QUIX_VENV = REPO_ROOT / "run" / "peers" / "quix-venv"
 VENV_TIMEOUT_S = 900.0
-STOP_TIMEOUT_S = 20.0
 # What the peers score with, besides their framework (the versions of this environment).
 SCORING_PACKAGES = ("onnxruntime", "numpy", "orjson")
 PIN_ROLES = ("broker", "flow", "harness")
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot go on; the message says what failed and what to look at."""
 
 
 @dataclass(slots=True)
@@ -104,32 +105,14 @@ def _listening_pid(bootstrap: str) -> int | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def streamrec_executable() -> str:
-    """The ``streamrec`` script of this interpreter's environment (the flow runs from it)."""
-    beside = Path(sys.executable).with_name("streamrec")
-    found = str(beside) if beside.exists() else shutil.which("streamrec")
-    if found is None:
-        raise BenchError(
-            "the `streamrec` command was not found next to this Python; install the package "
-            "(`pip install -e .`) in this environment"
-        )
-    return found
-
-
 def service_commands(variant: str, workers: int = 1) -> list[list[str]]:
     """The command line of each process of ``variant`` (two for ``student-2proc``)."""
     if variant == FLOOR:
-        return [[sys.executable, "-m", "tools.kafka_floor"]]
+        return [[sys.executable, "-m", "bench.kafka_floor"]]
     if variant == BYTEWAX_STOCK:
-        return [[sys.executable, "-m", "bytewax.run", "tools.peers.bytewax_peer:flow"]]
+        return [[sys.executable, "-m", "bytewax.run", "bench.peers.bytewax_peer:flow"]]
     if variant == QUIX:
-        return [[str(QUIX_VENV / "bin" / "python"), "-m", "tools.peers.quix_peer"]]
+        return [[str(QUIX_VENV / "bin" / "python"), "-m", "bench.peers.quix_peer"]]
     run = [streamrec_executable(), "run", "-w", str(workers)]
     if variant == TEACHER:
         return [[*run, "--variant", TEACHER]]
@@ -140,16 +123,6 @@ def service_commands(variant: str, workers: int = 1) -> list[list[str]]:
         return [[*run, "-i", str(i), "-a", addresses] for i in range(2)]
     known = ", ".join((*VARIANTS, *SETTING_VARIANTS, *PEERS))
     raise BenchError(f"unknown variant {variant!r} (known: {known})")
-
-
-def service_environment(settings: Settings) -> dict[str, str]:
-    """The environment of a service: this one, with every setting made explicit.
-
-    The repository goes on ``PYTHONPATH`` for the peers that run from a
-    virtual environment of their own, where this project is not installed.
-    """
-    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, **settings.to_env(), "PYTHONPATH": path}
 
 
 def ensure_quix_venv(log: Callable[[str], None], venv: Path = QUIX_VENV) -> Path:
@@ -191,82 +164,6 @@ def ensure_quix_venv(log: Callable[[str], None], venv: Path = QUIX_VENV) -> Path
         ) from None
     stamp.write_text("\n".join(wanted) + "\n")
     return python
-
-
-class Service:
-    """The running processes of one variant; ``stop`` ends them all (SIGTERM, then SIGKILL)."""
-
-    def __init__(
-        self,
-        variant: str,
-        commands: Sequence[Sequence[str]],
-        env: dict[str, str],
-        log_path: Path,
-        cores: Collection[int] | None = None,
-    ) -> None:
-        self.variant = variant
-        # taskset pins before the interpreter starts, so every thread it creates inherits it.
-        prefix = ["taskset", "-c", core_list(cores)] if cores else []
-        self.commands = [[*prefix, *c] for c in commands]
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = log_path.open("ab")
-        self.processes: list[subprocess.Popen[bytes]] = []
-        for command in self.commands:
-            self._log.write(f"$ {' '.join(command)}\n".encode())
-            self._log.flush()
-            self.processes.append(
-                subprocess.Popen(
-                    command,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=self._log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # its own group: stop() reaches its children too
-                )
-            )
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.processes]
-
-    def exited(self) -> list[tuple[int, int]]:
-        """(pid, exit code) of each process that has ended."""
-        return [(p.pid, code) for p in self.processes if (code := p.poll()) is not None]
-
-    def log_tail(self, lines: int = 40) -> str:
-        self._log.flush()
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no output)"
-        return "\n".join(text.splitlines()[-lines:]) or "(no output)"
-
-    def failure(self, what: str) -> BenchError:
-        exited = ", ".join(f"pid {pid} exited with {code}" for pid, code in self.exited())
-        return BenchError(
-            f"{self.variant}: {what}{f' ({exited})' if exited else ''}.\n"
-            f"command: {' '.join(self.commands[0])}\n"
-            f"--- last lines of {self.log_path} ---\n{self.log_tail()}"
-        )
-
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        for process in self.processes:
-            _signal_group(process, signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
-                process.wait(5.0)
-        self._log.close()
-
-
-def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,21 +215,6 @@ class CorePin:
         if self.harness is not None:
             text += f", load generator and latency collector on {core_list(self.harness)}"
         return text
-
-
-def core_list(cores: Collection[int]) -> str:
-    """``{0, 1, 2, 5}`` as ``0-2,5`` (taskset's and the kernel's notation)."""
-    ordered = sorted(cores)
-    spans: list[str] = []
-    start = previous = ordered[0]
-    for core in [*ordered[1:], None]:
-        if core is not None and core == previous + 1:
-            previous = core
-            continue
-        spans.append(str(start) if start == previous else f"{start}-{previous}")
-        if core is not None:
-            start = previous = core
-    return ",".join(spans)
 
 
 def parse_pin(text: str, available: Collection[int] | None = None) -> CorePin:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from bench.stages import measure_stages
 from streamrec.datasets import load_events
 from streamrec.settings import Settings
-from tools.bench_stages import measure_stages
 
 
 def test_every_stage_gets_a_positive_cost_per_event() -> None:

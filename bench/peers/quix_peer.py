@@ -8,10 +8,10 @@ at-least-once, RocksDB state under ``STREAMREC_STATE_DIR/quix`` with changelog
 topics (Quix's defaults), commit every 5 s (the default), librdkafka's
 client defaults beyond the bootstrap servers.  Quix Streams pins
 confluent-kafka below 2.13, so it runs from a virtual environment of its
-own (``tools.bench_services.ensure_quix_venv``) with this repository on
+own (``bench.services.ensure_quix_venv``) with this repository on
 ``PYTHONPATH``::
 
-    PYTHONPATH=. run/peers/quix-venv/bin/python -m tools.peers.quix_peer
+    PYTHONPATH=. run/peers/quix-venv/bin/python -m bench.peers.quix_peer
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any
 from quixstreams import Application, State, message_context
 from quixstreams.models import Row
 
+from bench.peers.session import Session, apply_event, is_replay
 from model.serving import Recommender
 from streamrec.contracts import ContractError, DeadLetter, Event, encode_recommendation, parse_event
 from streamrec.settings import Settings
-from tools.peers.session import Session, apply_event, is_replay
 
 SESSION = "session"
 

@@ -23,13 +23,13 @@ import orjson
 from confluent_kafka import Producer
 from tqdm import tqdm
 
-from state.bench import full_sessions
+from bench.services import ensure_broker
+from bench.state import full_sessions
 from state.changelog import MARKS_KEY, ChangelogWriter, Marks, encode_marks, open_shard
 from state.session import encode_session
 from streamrec.kafka_clients import producer_config, topic_id
 from streamrec.settings import Settings
 from streamrec.topics import create_topics, delete_topics, wanted_topics
-from tools.bench_services import ensure_broker
 
 
 def per_100k(seconds: float, sessions: int) -> float:

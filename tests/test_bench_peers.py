@@ -8,12 +8,13 @@ from typing import Any
 import orjson
 import pytest
 
+from bench.peers.session import apply_event, is_replay
+from bench.report import evaluate_targets, side_by_side_table
+from bench.services import QUIX_VENV, service_commands
 from streamrec.settings import Settings
-from tests.test_tools_bench import quick_bench
-from tools.bench_report import evaluate_targets, side_by_side_table
-from tools.bench_services import QUIX_VENV, service_commands, service_environment
+from tests.test_bench import quick_bench
 from tools.kafka_local import LocalKafka
-from tools.peers.session import apply_event, is_replay
+from tools.services import service_environment
 
 
 def test_a_session_keeps_the_last_items_and_the_offset_of_the_last_event_applied() -> None:
@@ -30,8 +31,8 @@ def test_the_peers_run_from_their_frameworks_own_entry_points() -> None:
     (bytewax,) = service_commands("bytewax-stock")
     (quix,) = service_commands("quix-streams")
 
-    assert bytewax[1:] == ["-m", "bytewax.run", "tools.peers.bytewax_peer:flow"]
-    assert quix == [str(QUIX_VENV / "bin" / "python"), "-m", "tools.peers.quix_peer"]
+    assert bytewax[1:] == ["-m", "bytewax.run", "bench.peers.bytewax_peer:flow"]
+    assert quix == [str(QUIX_VENV / "bin" / "python"), "-m", "bench.peers.quix_peer"]
 
 
 def test_a_peer_in_its_own_environment_finds_this_repository_on_its_path() -> None:

@@ -12,10 +12,7 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from streamrec.kafka_clients import KafkaUnavailable
-from streamrec.settings import Settings
-from tools import bench_e2e
-from tools.bench_e2e import (
+from bench.e2e import (
     BenchPlan,
     BenchResult,
     bench_e2e_command,
@@ -23,14 +20,12 @@ from tools.bench_e2e import (
     plan_description,
     write_outputs,
 )
-from tools.bench_report import median_of_repeats, runs_table
-from tools.bench_services import (
-    CorePin,
-    Pinning,
-    Service,
-    parse_pin,
-    service_environment,
-)
+from bench.report import median_of_repeats, runs_table
+from bench.services import CorePin, Pinning, parse_pin
+from streamrec.kafka_clients import KafkaUnavailable
+from streamrec.settings import Settings
+from tools import services
+from tools.services import Service, service_environment
 
 
 def repeat(variant: str, rate: float, index: int, p99: float, **extra: Any) -> dict[str, Any]:
@@ -278,9 +273,9 @@ def test_a_broker_slow_to_give_the_topics_ends_is_asked_again(
             if len(attempts) < 3:
                 raise KafkaUnavailable("cannot read the end of 'events' partition 0: timed out")
 
-    monkeypatch.setattr(bench_e2e, "LatencyCollector", SlowThenReady)
+    monkeypatch.setattr(services, "LatencyCollector", SlowThenReady)
 
-    collector = bench_e2e._collector(Settings(), "g")
+    collector = services.latency_collector(Settings(), "g")
 
     assert isinstance(collector, SlowThenReady) and attempts == ["g", "g", "g"]
 
@@ -289,7 +284,7 @@ def test_a_broker_that_never_answers_fails_the_point(monkeypatch: pytest.MonkeyP
     def never(settings: Settings, group: str) -> None:
         raise KafkaUnavailable("no broker")
 
-    monkeypatch.setattr(bench_e2e, "LatencyCollector", never)
+    monkeypatch.setattr(services, "LatencyCollector", never)
 
     with pytest.raises(KafkaUnavailable, match="no broker"):
-        bench_e2e._collector(Settings(), "g")
+        services.latency_collector(Settings(), "g")

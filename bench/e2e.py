@@ -4,7 +4,7 @@ For each variant the benchmark creates fresh topics, starts the service as a
 user would (``streamrec run ...``, configured through ``STREAMREC_*``), waits
 until it answers, warms it up, then climbs a ladder of offered rates.  Each
 point is an open-loop replay of the dataset at that rate
-(``tools.load_generator``, in its own process) of at least 20,000 events,
+(``bench.load_generator``, in its own process) of at least 20,000 events,
 measured by a ``LatencyCollector`` started just before it; CPU and memory of
 the service, the broker and the harness are taken from the process table
 around the point.  A ladder stops at the first point the service could not
@@ -16,7 +16,7 @@ taking turns, and each point reports the median of its repeats.
 
 Results go to a JSON list of points (each with its repeats), a
 latency-vs-throughput PNG and the "End to end" section of BENCHMARKS.md
-(``tools.bench_report``).
+(``bench.report``).
 """
 
 from __future__ import annotations
@@ -41,13 +41,9 @@ import psutil
 from confluent_kafka import KafkaException
 from tqdm import tqdm
 
-from streamrec.contracts import Event
-from streamrec.datasets import DatasetError, load_events
-from streamrec.kafka_clients import KafkaUnavailable, admin_client
-from streamrec.settings import EXACTLY_ONCE, REPO_ROOT, Settings
-from streamrec.topics import TopicError, create_topics, delete_topics, wanted_topics
-from tools.bench_report import median_of_repeats, section_markdown, write_section
-from tools.bench_services import (
+from bench.load_generator import LoadGenerator, LoadPoint
+from bench.report import median_of_repeats, section_markdown, write_section
+from bench.services import (
     FLOOR,
     PEERS,
     QUIX,
@@ -59,20 +55,28 @@ from tools.bench_services import (
     Broker,
     CorePin,
     Pinning,
-    Service,
     Usage,
-    core_list,
     ensure_broker,
     ensure_quix_venv,
     machine_cpu_s,
     parse_pin,
     service_commands,
-    service_environment,
     usage_of,
 )
-from tools.latency import LatencyCollector, LatencyMatcher
-from tools.load_generator import LoadGenerator, LoadPoint
-from tools.replay import DatasetSource, KafkaSender
+from streamrec.contracts import Event
+from streamrec.datasets import DatasetError, load_events
+from streamrec.kafka_clients import KafkaUnavailable, admin_client
+from streamrec.settings import EXACTLY_ONCE, REPO_ROOT, Settings
+from streamrec.topics import TopicError, create_topics, delete_topics, wanted_topics
+from tools.latency import LatencyMatcher
+from tools.services import (
+    Readiness,
+    Service,
+    core_list,
+    latency_collector,
+    service_environment,
+    wait_until_serving,
+)
 
 FULL_RATES = (500.0, 1000.0, 2000.0, 3000.0, 4000.0, 6000.0)
 # Fewer events per point and a p99 rests on too few samples to quote (200 above it at 20,000).
@@ -88,10 +92,8 @@ KEPT_UP_SHARE = 0.9
 # ...if it lasted this long: in a few seconds, latency jitter between the first and the
 # last receipt moves the measured rate by more than a tenth (then only missing counts).
 RATE_JUDGED_AFTER_S = 10.0
-PROBE_INTERVAL_S = 0.5
 WARMUP_RATE = 200.0
 PAUSE_BETWEEN_POINTS_S = 1.0
-COLLECTOR_ATTEMPTS = 3
 BROKER_WARMUP = "broker warm-up"
 
 
@@ -138,6 +140,10 @@ class BenchPlan:
     def point_duration_s(self, rate: float) -> float:
         """Seconds of load at ``rate``: enough for ``min_events``, and at least ``duration_s``."""
         return max(self.duration_s, self.min_events / rate)
+
+    def readiness(self) -> Readiness:
+        """How each service is judged ready before its first point."""
+        return Readiness(self.warmup_events, self.ready_timeout_s)
 
     def broker_warmup_rate(self) -> float:
         return min(max(self.rates), BROKER_WARMUP_RATE_CAP)
@@ -193,73 +199,6 @@ def variant_settings(settings: Settings, variant: str, work_dir: Path) -> Settin
     )
 
 
-def _collector(settings: Settings, group: str) -> LatencyCollector:
-    """A collector at the topics' current ends, asked again while the broker is slow to say.
-
-    Reading the ends takes one request per partition, each given a few
-    seconds; a broker starved of CPU can take longer.  Nothing is sent before
-    the collector exists, so asking again costs no figure.
-    """
-    attempt = 1
-    while True:
-        try:
-            return LatencyCollector(settings, group=group)
-        except KafkaUnavailable as err:
-            if attempt == COLLECTOR_ATTEMPTS:
-                raise
-            attempt += 1
-            tqdm.write(f"the broker was slow to answer ({err}); asking again")
-
-
-def wait_until_serving(
-    settings: Settings, service: Service, events: list[Event], start: int, plan: BenchPlan
-) -> int:
-    """Probe until the service answers, then check it answers a few; returns the next position.
-
-    One event every half second until the first recommendation comes back
-    (the service may still be loading its model, or may start reading at the
-    end of the topic), then ``plan.warmup_events`` at a modest rate, all of
-    which must be answered.
-    """
-    source = DatasetSource(events, start, count=sys.maxsize)
-    collector = _collector(settings, "streamrec-bench-ready")
-    sender = KafkaSender(settings, settings.events_topic)
-    sender.warm_up()
-    deadline = time.monotonic() + plan.ready_timeout_s
-    sent = 0
-
-    def check(what: str) -> None:
-        if service.exited():
-            raise service.failure(f"exited before answering {what}")
-        if time.monotonic() > deadline:
-            raise service.failure(
-                f"did not answer {what} within --ready-timeout {plan.ready_timeout_s:.0f} s"
-            )
-
-    try:
-        next_probe = 0.0
-        while collector.matcher.stats.matched == 0:
-            check("its first event")
-            if time.monotonic() >= next_probe:
-                sender.send(source.record(sent))
-                sent += 1
-                next_probe = time.monotonic() + PROBE_INTERVAL_S
-            collector.poll(0.05)
-        warmup_ids = []
-        for _ in range(plan.warmup_events):
-            sender.send(source.record(sent))
-            warmup_ids.append(source.event(sent).event_id)
-            sent += 1
-            collector.poll(1.0 / WARMUP_RATE)
-        while not all(collector.matcher.is_matched(i) for i in warmup_ids):
-            check(f"all {plan.warmup_events} warm-up events")
-            collector.poll(0.1)
-    finally:
-        sender.finish(5.0)
-        collector.close()
-    return start + sent
-
-
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
     wall_s: float
@@ -303,7 +242,7 @@ def measure_point(
     plan: BenchPlan,
 ) -> dict[str, Any]:
     """Offer ``point``'s load, collect every recommendation (or drain out), and describe the run."""
-    collector = _collector(settings, "streamrec-bench-latency")
+    collector = latency_collector(settings, "streamrec-bench-latency")
     collector.settle()
     stop = threading.Event()
     expected: list[int] = []
@@ -417,7 +356,7 @@ def serving(
             log_path,
             cores=plan.pin.flow if plan.pin else None,
         )
-        position = wait_until_serving(vsettings, service, events, 0, plan)
+        position = wait_until_serving(vsettings, service, events, 0, plan.readiness())
         yield vsettings, service, position
     finally:
         if service is not None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from bench.restore import fill_changelog, per_100k, time_restores
 from state.changelog import changelog_records
 from streamrec.settings import Settings
-from tools.bench_restore import fill_changelog, per_100k, time_restores
 
 pytestmark = pytest.mark.kafka
 
