@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from state.changelog import MARKS_KEY, changelog_records, latest_marks
+from flows.stores import PartitionStores
+from state.changelog import (
+    MARKS_KEY,
+    ChangelogTaken,
+    ChangelogWriter,
+    changelog_records,
+    latest_marks,
+)
 from state.keys import CHANGELOG_CONSUMED_TAG
 from streamrec.contracts import Event, ForgetRequest
 from streamrec.settings import Settings
@@ -160,21 +167,23 @@ def test_a_killed_flow_whose_rocksdb_keeps_no_log_rebuilds_and_loses_nothing(
     assert sessions_in(kafka_settings) == sessions_applied_once(kafka_settings, tmp_path / "ref")
 
 
+def machine(settings: Settings, state_dir: Path) -> tuple[ChangelogWriter, PartitionStores]:
+    """An at-least-once process with a disk of its own: its changelog writer and its stores."""
+    from streamrec.kafka_clients import topic_id
+
+    incarnation = topic_id(settings, settings.events_topic)
+    mine = settings.replace(state_dir=state_dir)
+    writer = ChangelogWriter(mine, incarnation)
+    return writer, PartitionStores(mine, 2, writer, incarnation)
+
+
 def test_at_least_once_a_second_process_on_the_same_shard_stops_the_older_claim(
     kafka_settings: Settings, tmp_path: Path
 ) -> None:
     # Defect found by review: two processes with their own --state-dir serving the same
     # partitions both wrote its changelog, and nothing noticed.
-    from flows.stores import PartitionStores
-    from state.changelog import ChangelogTaken, ChangelogWriter
-    from streamrec.kafka_clients import topic_id
-
-    incarnation = topic_id(kafka_settings, kafka_settings.events_topic)
-
     def process(name: str) -> tuple[ChangelogWriter, PartitionStores]:
-        settings = kafka_settings.replace(state_dir=tmp_path / name)
-        writer = ChangelogWriter(settings, incarnation)
-        return writer, PartitionStores(settings, 2, writer, incarnation)
+        return machine(kafka_settings, tmp_path / name)
 
     def view(user: str, item: str, offset: int) -> Event:
         return Event(f"e{offset}-{item}", user, item, "view", 1_700_000_000_000 + offset)
@@ -209,20 +218,9 @@ def test_at_least_once_an_older_claim_that_wrote_nothing_yet_still_finds_the_new
     # Found by the broker fault schedules: a flow restarted with --no-recovery, with nothing
     # new to write, was frozen; a second machine took its shards; woken, the first wrote
     # and served on, because a hole before its own first record was no hole it could see.
-    from flows.stores import PartitionStores
-    from state.changelog import ChangelogTaken, ChangelogWriter
-    from streamrec.kafka_clients import topic_id
-
-    incarnation = topic_id(kafka_settings, kafka_settings.events_topic)
-
-    def process(name: str) -> tuple[ChangelogWriter, PartitionStores]:
-        settings = kafka_settings.replace(state_dir=tmp_path / name)
-        writer = ChangelogWriter(settings, incarnation)
-        return writer, PartitionStores(settings, 2, writer, incarnation)
-
-    older_writer, older = process("older")
+    older_writer, older = machine(kafka_settings, tmp_path / "older")
     older.get(0)  # opened and claimed; nothing written
-    newer_writer, newer = process("newer")
+    newer_writer, newer = machine(kafka_settings, tmp_path / "newer")
     newer.get(0)
     claim = latest_marks(kafka_settings, 0)
     assert claim is not None and claim.generation == 2 and claim.writer == newer_writer.writer
