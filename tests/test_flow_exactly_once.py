@@ -208,3 +208,33 @@ def test_a_crash_before_the_first_commit_is_not_taken_for_a_lost_changelog(
         assert 1 not in again.resume_at
     finally:
         again.close()
+
+
+def test_a_shard_committed_twice_beside_a_recreated_changelog_is_refused(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    # The other side of the rule above: a store more than one version ahead of a changelog
+    # without marks holds commits the changelog lost; it stops, and says how to start afresh.
+    from flows.stores import PartitionStores
+    from state.changelog import ChangelogError
+    from streamrec.kafka_clients import topic_id
+    from streamrec.topics import create_topics, delete_topics
+
+    settings = kafka_settings.replace(
+        guarantee="exactly-once", transaction_interval_ms=0.0, state_dir=tmp_path / "a"
+    )
+    incarnation = topic_id(settings, settings.events_topic)
+    first = PartitionStores(settings, 2, events_topic_id=incarnation, exactly_once=True)
+    for offset in range(2):  # versions 1 and 2, committed
+        first.get(1).apply(Event(f"e{offset}", "u1", "i1", "view", 1_700_000_000_000), 1, offset)
+        first.transactions[1].add([], next_offset=offset + 1)
+        first.transactions[1].commit()
+    first.close()
+    delete_topics(settings, [settings.sessions_changelog])
+    create_topics(settings, partitions=2)
+    again = PartitionStores(settings, 2, events_topic_id=incarnation, exactly_once=True)
+    try:
+        with pytest.raises(ChangelogError, match="deleted or recreated since"):
+            again.get(1)
+    finally:
+        again.close()
