@@ -223,21 +223,26 @@ def watermark_offsets(
     A topic created a moment ago may have no leader yet, and a broker that restarts
     leaves its partitions without one for seconds: both pass, so both are waited out.
     """
-    deadline = time.monotonic() + patience_s
+    timeout_s = min(METADATA_TIMEOUT_S, patience_s)
+    tried_s = 0.0  # the time spent trying, not the time passed (as in ``cluster_metadata``)
     while True:
+        began = time.monotonic()
         try:
             low, high = consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=min(METADATA_TIMEOUT_S, patience_s)
+                TopicPartition(topic, partition), timeout=timeout_s
             )
             return int(low), int(high)
         except KafkaException as err:
             code = err.args[0].code() if err.args else None
-            if code not in _NOT_READY_YET or time.monotonic() > deadline:
+            tried_s += min(time.monotonic() - began, timeout_s) + _RETRY_S
+            if code not in _NOT_READY_YET or tried_s > patience_s:
                 raise KafkaUnavailable(
                     f"cannot read the offsets of {topic!r} partition {partition}: {err}"
                 ) from None
-            time.sleep(0.1)
+            time.sleep(_RETRY_S)
 
+
+_RETRY_S = 0.1
 
 _NOT_READY_YET = {
     KafkaError.NOT_LEADER_FOR_PARTITION,

@@ -41,3 +41,25 @@ def test_a_partition_without_a_leader_for_longer_than_the_patience_is_kafka_unav
     consumer = Restarting(failures=10**9)
     with pytest.raises(KafkaUnavailable, match="'events' partition 0"):
         watermark_offsets(consumer, "events", 0, patience_s=0.3)  # type: ignore[arg-type]
+
+
+def test_a_process_paused_while_it_asks_for_offsets_tries_again_when_it_wakes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As for the metadata (tests/test_kafka_metadata.py): a minute stopped in the middle of
+    # a request is one failed request, not a minute of trying.
+    from streamrec import kafka_clients
+
+    now = [1000.0]
+    monkeypatch.setattr(kafka_clients.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(kafka_clients.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+
+    class Paused(Restarting):
+        def get_watermark_offsets(self, partition: Any, timeout: float) -> tuple[int, int]:
+            if self.asked == 0:
+                now[0] += 60.0  # SIGSTOP for a minute while the first request is out
+            return super().get_watermark_offsets(partition, timeout)
+
+    consumer = Paused(failures=1)
+    assert watermark_offsets(consumer, "events", 0, patience_s=30) == (3, 42)  # type: ignore[arg-type]
+    assert consumer.asked == 2
