@@ -224,7 +224,7 @@ def watermark_offsets(
     leaves its partitions without one for seconds: both pass, so both are waited out.
     """
     timeout_s = min(METADATA_TIMEOUT_S, patience_s)
-    tried_s = 0.0  # the time spent trying, not the time passed (as in ``cluster_metadata``)
+    tried = TimeTried(least_s=_RETRY_S, most_s=timeout_s)
     while True:
         began = time.monotonic()
         try:
@@ -234,12 +234,38 @@ def watermark_offsets(
             return int(low), int(high)
         except KafkaException as err:
             code = err.args[0].code() if err.args else None
-            tried_s += min(time.monotonic() - began, timeout_s) + _RETRY_S
-            if code not in _NOT_READY_YET or tried_s > patience_s:
+            if code not in _NOT_READY_YET or tried.failed(began) > patience_s:
                 raise KafkaUnavailable(
                     f"cannot read the offsets of {topic!r} partition {partition}: {err}"
                 ) from None
-            time.sleep(_RETRY_S)
+
+
+class TimeTried:
+    """How long a retry loop has spent trying, not how long has passed.
+
+    A process paused meanwhile (SIGSTOP, a suspended VM) wakes with its clock
+    far on: the request it had out counts as one, at most ``most_s``, so it still
+    tries before it gives up.  A try that failed at once is padded to ``least_s``
+    by waiting, so that a refused connection is not retried in a tight loop.
+
+    >>> tried = TimeTried(least_s=0.0, most_s=5.0)
+    >>> tried.failed(began=time.monotonic() - 60.0)  # out for a minute, paused
+    5.0
+    """
+
+    def __init__(self, least_s: float, most_s: float) -> None:
+        self._least_s = least_s
+        self._most_s = most_s
+        self.spent_s = 0.0
+
+    def failed(self, began: float) -> float:
+        """Count a try begun at ``began`` (monotonic) that failed; the time spent so far."""
+        took = time.monotonic() - began
+        if took < self._least_s:
+            time.sleep(self._least_s - took)
+            took = self._least_s
+        self.spent_s += min(took, self._most_s)
+        return self.spent_s
 
 
 _RETRY_S = 0.1
@@ -326,23 +352,18 @@ def cluster_metadata(settings: Settings, topic: str | None = None) -> ClusterMet
             refused.append(error)
 
     admin = admin_client(settings, on_error)
-    # The time spent trying, not the time passed: a process paused meanwhile (SIGSTOP, a
-    # suspended VM) wakes with its clock far on, and must still try before it gives up.
-    tried_s = 0.0
+    tried = TimeTried(least_s=_METADATA_POLL_S, most_s=2 * _METADATA_POLL_S)
     while True:
         began = time.monotonic()
         try:
             return admin.list_topics(topic=topic, timeout=_METADATA_POLL_S)
         except KafkaException as err:
             admin.poll(0)  # runs on_error for what happened meanwhile
-            took = time.monotonic() - began
-            if took < _METADATA_POLL_S:  # refused at once: wait as long as a poll would
-                time.sleep(_METADATA_POLL_S - took)
-            tried_s += min(max(took, _METADATA_POLL_S), 2 * _METADATA_POLL_S)
+            spent_s = tried.failed(began)
             failure: KafkaUnavailable
             if refused:
                 failure = KafkaAuthenticationFailed(_refusal(settings, refused[0]))
-            elif tried_s >= METADATA_TIMEOUT_S:
+            elif spent_s >= METADATA_TIMEOUT_S:
                 failure = KafkaUnavailable(
                     redact(
                         f"cannot reach Kafka at {settings.brokers}: {err}. Is it running? "

@@ -41,6 +41,7 @@ from typing import Final
 import numpy as np
 import orjson
 
+from flows.cli import EXIT_KAFKA_UNAVAILABLE, EXIT_STATE_UNUSABLE
 from state.layout import shard_dir
 from state.store import SessionStore
 from streamrec.contracts import DeadLetter, Event, ForgetRequest, Recommendation
@@ -79,10 +80,8 @@ TAKEOVER_P: Final = 0.25
 RETIRE_S: Final = 8.0
 # What a superseded process says when it stops with exit 65: it lost its partitions.
 SUPERSEDED: Final = re.compile(r"served by another process|another process took shard")
-EXIT_STATE_UNUSABLE: Final = 65
 # What a flow says when it has taken an events partition and is about to read it.
 TAKEN: Final = re.compile(r"events partition (\d+) taken (?:at least once|exactly-once)")
-EXIT_KAFKA_UNAVAILABLE: Final = 69
 # How often a schedule's flows may be started again after exit 69, as a supervisor would.
 SUPERVISOR_RESTARTS: Final = 3
 
@@ -516,15 +515,7 @@ class Machines:
         for flow in self.flows:
             flow.ask_to_stop()
         for i, flow in enumerate(self.flows):
-            assert flow.process is not None
-            try:
-                code = flow.process.wait(EXIT_TIMEOUT_S)
-            except Exception as err:
-                flow.kill()
-                raise ScheduleFailed(
-                    f"process {i} did not stop within {EXIT_TIMEOUT_S:.0f} s of SIGTERM:\n"
-                    + flow.output()[-3000:]
-                ) from err
+            code = self._wait_exit(flow, f"process {i}")
             if code != 0:
                 self.problems.append(f"process {i} exited {code} on SIGTERM:\n{log_excerpt(flow)}")
         self.flows = []
