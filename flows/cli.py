@@ -24,11 +24,15 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Final, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
 
 import click
 
 from streamrec.settings import AT_LEAST_ONCE, EXACTLY_ONCE, Settings
+
+if TYPE_CHECKING:  # the flow's heavy imports wait until the command runs
+    from bytewax.dataflow import Dataflow
+    from bytewax.recovery import RecoveryConfig
 
 EXIT_STATE_UNUSABLE: Final = 65
 EXIT_KAFKA_UNAVAILABLE: Final = 69
@@ -236,40 +240,41 @@ def run_command(
         batch_linger_ms=batch_linger_ms,
         metrics_port=metrics_port,
     )
-    exactly_once = settings.guarantee == EXACTLY_ONCE
-    if settings.guarantee not in (AT_LEAST_ONCE, EXACTLY_ONCE):
-        raise click.UsageError(
-            f"STREAMREC_GUARANTEE={settings.guarantee!r}: use {AT_LEAST_ONCE} or {EXACTLY_ONCE}"
-        )
-    if exactly_once and not settings.changelog:
-        raise click.UsageError(
-            "--guarantee exactly-once keeps the resume offsets in the changelog: drop "
-            "--no-changelog (or STREAMREC_CHANGELOG=false)"
-        )
+    cluster = _checked_cluster(settings, process_id, addresses)
+    _serve(settings, variant, process_id, cluster, no_recovery)
+
+
+def _checked_cluster(
+    settings: Settings, process_id: int | None, addresses: str | None
+) -> list[str]:
+    """The cluster's addresses (none: one process), after the checks of the command line."""
+    from flows.guarantee import GuaranteeChoiceError, check_choice
+
+    try:
+        check_choice(settings)
+    except GuaranteeChoiceError as err:
+        raise click.UsageError(str(err)) from None
     cluster = [a for a in (addresses or "").split(";") if a]
     if cluster and process_id is None:
         raise click.UsageError("-a/--addresses needs -i/--process-id")
     if process_id is not None and process_id >= max(len(cluster), 1):
         raise click.UsageError(f"-i {process_id} is not an index of the {len(cluster)} addresses")
-    from bytewax.errors import BytewaxRuntimeError
-    from bytewax.recovery import RecoveryConfig
-    from bytewax.run import cli_main
+    return cluster
 
+
+def _serve(
+    settings: Settings,
+    variant: str | None,
+    process_id: int | None,
+    cluster: list[str],
+    no_recovery: bool,
+) -> None:
+    """Load and check everything the flow needs, then run it until it stops."""
     from flows import metrics
     from flows.dataflow import build_dataflow
+    from flows.guarantee import for_settings
     from flows.models import ModelWatcher, VariantSpecError, load_model_set, parse_variants
-    from flows.source import ResumeOffsetError
     from flows.stores import PartitionStores
-    from state.changelog import ChangelogWriter
-    from state.errors import StateError, StateWriteError
-    from state.layout import check_topic_incarnation, ensure_layout
-    from streamrec.kafka_clients import (
-        KafkaAuthenticationFailed,
-        KafkaConfigError,
-        KafkaUnavailable,
-        topic_id,
-        topic_partitions,
-    )
 
     try:
         shares = parse_variants(variant)
@@ -281,6 +286,48 @@ def run_command(
         model = load_model_set(settings.model_dir, shares, settings)
     except Exception as err:  # noqa: BLE001 - whatever makes the model unservable
         stop_with(EXIT_CONFIGURATION, f"the model in {settings.model_dir} cannot be served: {err}")
+    partitions, incarnation = _events_topic(settings)
+    _check_state(settings, partitions, incarnation)
+    processes = max(len(cluster), 1)
+    guarantee = for_settings(settings, incarnation, recovery_store=not no_recovery)
+    recovery = _recovery_config(settings, processes) if guarantee.recovery_store else None
+    metrics_note = _metrics_api(settings, process_id)
+    stores = PartitionStores(partitions, guarantee)
+    watcher = ModelWatcher(settings, shares, model, settings.workers).start()
+    metrics.observe_gc_pauses()
+    flow = build_dataflow(settings, stores, variant, model=model, watcher=watcher)
+    click.echo(
+        f"flow: {settings.events_topic} ({partitions} partitions) -> "
+        f"{settings.recommendations_topic}; process {process_id or 0}/{processes}, "
+        f"{settings.workers} worker(s), epoch {settings.epoch_interval_s:g} s, "
+        f"{settings.guarantee}; serving {', '.join(model.versions)}{metrics_note}",
+        err=True,
+    )
+    try:
+        exit_code, message = _run_until_stopped(flow, settings, process_id, cluster, recovery)
+    finally:
+        watcher.stop()
+        try:
+            stores.close()
+            click.echo("flow: stopped; session stores closed", err=True)
+        except Exception as err:  # noqa: BLE001 - a full disk also refuses the close
+            click.echo(f"flow: closing the session stores failed: {err}", err=True)
+    if message is not None:
+        stop_with(exit_code, message)
+    if exit_code:
+        sys.exit(exit_code)
+
+
+def _events_topic(settings: Settings) -> tuple[int, str]:
+    """The events topic's partition count and incarnation id; stops if Kafka cannot say."""
+    from streamrec.kafka_clients import (
+        KafkaAuthenticationFailed,
+        KafkaConfigError,
+        KafkaUnavailable,
+        topic_id,
+        topic_partitions,
+    )
+
     try:
         partitions = len(topic_partitions(settings, settings.events_topic))
         incarnation = topic_id(settings, settings.events_topic)
@@ -299,7 +346,13 @@ def run_command(
         stop_with(EXIT_KAFKA_UNAVAILABLE, str(err))
     except KafkaConfigError as err:
         stop_with(EXIT_CONFIGURATION, str(err))
-    processes = max(len(cluster), 1)
+    return partitions, incarnation
+
+
+def _check_state(settings: Settings, partitions: int, incarnation: str) -> None:
+    from state.errors import StateError
+    from state.layout import check_topic_incarnation, ensure_layout
+
     try:
         # Sessions live with the events partition they arrive on, so the state
         # is laid out for the topic's partition count, not for the worker count.
@@ -307,44 +360,43 @@ def run_command(
         check_topic_incarnation(settings.state_dir, settings.events_topic, incarnation)
     except StateError as err:
         stop_with(EXIT_STATE_UNUSABLE, str(err))
-    recovery = None
-    # Exactly once, the changelog's marks are the resume points: Bytewax's store is not used.
-    if not no_recovery and not exactly_once:
-        # One recovery partition per process, not per Kafka partition: each is a SQLite file
-        # committed (fsync) at every epoch on the thread that scores events, and a few bytes
-        # of offsets need no more.  A store made earlier keeps its count.
-        ensure_recovery_store(settings.recovery_dir, processes)
-        recovery = RecoveryConfig(str(settings.recovery_dir))
-    if settings.metrics_port:
-        port = settings.metrics_port + (process_id or 0)
-        os.environ["BYTEWAX_DATAFLOW_API_ENABLED"] = "true"
-        os.environ["BYTEWAX_DATAFLOW_API_PORT"] = str(port)
-        metrics_note = f", metrics on :{port}/metrics"
-    else:
-        metrics_note = ""
 
-    writer = (
-        ChangelogWriter(settings, incarnation) if settings.changelog and not exactly_once else None
-    )
-    stores = PartitionStores(settings, partitions, writer, incarnation, exactly_once)
-    watcher = ModelWatcher(settings, shares, model, settings.workers).start()
-    metrics.observe_gc_pauses()
-    flow = build_dataflow(
-        settings,
-        stores,
-        variant,
-        resumable=recovery is not None,
-        model=model,
-        watcher=watcher,
-    )
-    click.echo(
-        f"flow: {settings.events_topic} ({partitions} partitions) -> "
-        f"{settings.recommendations_topic}; process {process_id or 0}/{processes}, "
-        f"{settings.workers} worker(s), epoch {settings.epoch_interval_s:g} s, "
-        f"{settings.guarantee}; serving {', '.join(model.versions)}{metrics_note}",
-        err=True,
-    )
-    exit_code, message = 0, None
+
+def _recovery_config(settings: Settings, processes: int) -> RecoveryConfig:
+    from bytewax.recovery import RecoveryConfig
+
+    # One recovery partition per process, not per Kafka partition: each is a SQLite file
+    # committed (fsync) at every epoch on the thread that scores events, and a few bytes
+    # of offsets need no more.  A store made earlier keeps its count.
+    ensure_recovery_store(settings.recovery_dir, processes)
+    return RecoveryConfig(str(settings.recovery_dir))
+
+
+def _metrics_api(settings: Settings, process_id: int | None) -> str:
+    """Turn on Bytewax's API server for /metrics, if asked; what the start line says of it."""
+    if not settings.metrics_port:
+        return ""
+    port = settings.metrics_port + (process_id or 0)
+    os.environ["BYTEWAX_DATAFLOW_API_ENABLED"] = "true"
+    os.environ["BYTEWAX_DATAFLOW_API_PORT"] = str(port)
+    return f", metrics on :{port}/metrics"
+
+
+def _run_until_stopped(
+    flow: Dataflow,
+    settings: Settings,
+    process_id: int | None,
+    cluster: list[str],
+    recovery: RecoveryConfig | None,
+) -> tuple[int, str | None]:
+    """Run ``flow``; the exit code and the line to stop with (None: nothing to say)."""
+    from bytewax.errors import BytewaxRuntimeError
+    from bytewax.run import cli_main
+
+    from flows.source import ResumeOffsetError
+    from state.errors import StateError, StateWriteError
+    from streamrec.kafka_clients import KafkaUnavailable
+
     # A stop during start-up needs no case of its own: the readers end at once.
     try:
         cli_main(
@@ -357,29 +409,19 @@ def run_command(
         )
     except KeyboardInterrupt:
         click.echo("flow: aborted", err=True)
-        exit_code = EXIT_ABORTED
+        return EXIT_ABORTED, None
     except BytewaxRuntimeError as err:
         # Bytewax reports the interrupt it stopped on as its own error.
         if _is_interrupt(err):
             click.echo("flow: aborted", err=True)
-            exit_code = EXIT_ABORTED
-        else:
-            exit_code, message = _classify(
-                err, StateWriteError, ResumeOffsetError, StateError, KafkaUnavailable
-            )
-            if message is None:
-                raise
-    finally:
-        watcher.stop()
-        try:
-            stores.close()
-            click.echo("flow: stopped; session stores closed", err=True)
-        except Exception as err:  # noqa: BLE001 - a full disk also refuses the close
-            click.echo(f"flow: closing the session stores failed: {err}", err=True)
-    if message is not None:
-        stop_with(exit_code, message)
-    if exit_code:
-        sys.exit(exit_code)
+            return EXIT_ABORTED, None
+        exit_code, message = _classify(
+            err, StateWriteError, ResumeOffsetError, StateError, KafkaUnavailable
+        )
+        if message is None:
+            raise
+        return exit_code, message
+    return 0, None
 
 
 def _classify(

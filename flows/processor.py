@@ -21,9 +21,8 @@ from typing import cast
 from confluent_kafka import Message
 
 from flows import metrics
-from flows.delivery import OffsetMark
 from flows.models import ModelSet, ModelWatcher, load_model_set, parse_variants
-from flows.sink import OutputRecord, SinkItem
+from flows.output import OutputRecord, SinkItem
 from flows.stores import PartitionStores
 from flows.worker import WorkerContext, Workers
 from model.serving import Prepared
@@ -76,9 +75,8 @@ class EventProcessor:
         self._pacer = worker.pacer
         # The stores of the partitions this worker reads: it alone uses them.
         self._own: dict[int, SessionStore] = {}
-        # Exactly once: their transactions, which carry the outputs instead of the sink.
-        self._exactly_once = stores.exactly_once
-        self._transactions = stores.transactions
+        # Where the outputs and the progress go (flows/guarantee/).
+        self._guarantee = stores.guarantee
         self._reported_reads = (0, 0)
         self._cache_reads = metrics.SESSION_READS.labels("cache")
         self._rocksdb_reads = metrics.SESSION_READS.labels("rocksdb")
@@ -92,22 +90,37 @@ class EventProcessor:
 
     def _process(self, records: list[Message]) -> list[SinkItem]:
         received_ms = time.time() * 1000.0
-        latest_ts_ms = int(received_ms) + self._skew_ms
         watcher = self._watcher
         if watcher is not None and watcher.generation != self._generation:
             self._take_new_models(watcher)
-        recommenders = self._models.recommenders
         started = time.perf_counter()
-        out: list[SinkItem] = []
-        # The last offset read of each events partition; exactly once, each output's partition.
-        last_offsets: dict[int, int] = {}
-        out_partitions: list[int] = []
-        events: list[Event] = []
-        keys: list[bytes | None] = []
-        # Per event: what its answer reads, taken after its own update and before any later
-        # one, and the variant that answers it.
-        prepared: list[Prepared] = []
-        picks: list[int] = []
+        batch = self._apply(records, int(received_ms) + self._skew_ms)
+        # Before anything is emitted: a batch lost to a crash has no output and is read again.
+        self._commit()
+        state_done = time.perf_counter()
+        if batch.events:
+            self._answer(batch, received_ms, state_done)
+            # The recommendations follow the dead letters in the outputs.
+            batch.out_partitions += batch.event_partitions
+        metrics.PARSE_SECONDS.observe(batch.parse_s)
+        metrics.STATE_SECONDS.observe(state_done - started - batch.parse_s)
+        out = self._guarantee.after_batch(batch.out, batch.out_partitions, batch.last_offsets)
+        if time.monotonic() >= self._next_sweep:
+            self._sweep()
+        return out
+
+    def _apply(self, records: list[Message], latest_ts_ms: int) -> _MicroBatch:
+        """Parse each record and stage it in its user's session; dead letters for the invalid."""
+        recommenders = self._models.recommenders
+        batch = _MicroBatch()
+        out = batch.out
+        last_offsets = batch.last_offsets
+        out_partitions = batch.out_partitions
+        event_partitions = batch.event_partitions
+        events = batch.events
+        keys = batch.keys
+        prepared = batch.prepared
+        picks = batch.picks
         split = len(recommenders) > 1
         top_k = self._top_k
         parse_s = 0.0
@@ -120,8 +133,7 @@ class EventProcessor:
                 out.append(self._dead_letter(record, err))
                 partition = cast(int, record.partition())
                 last_offsets[partition] = cast(int, record.offset())
-                if self._exactly_once:
-                    out_partitions.append(partition)
+                out_partitions.append(partition)
                 continue
             finally:
                 parse_s += time.perf_counter() - t0
@@ -135,7 +147,7 @@ class EventProcessor:
             if isinstance(parsed, ForgetRequest):
                 self._forget(store, parsed, partition, offset)
                 continue
-            # Written by the commit below, once for the whole micro-batch.
+            # Written by the commit, once for the whole micro-batch.
             result = store.stage(parsed, partition, offset)
             session = result.session
             if result.applied:
@@ -152,55 +164,49 @@ class EventProcessor:
                 metrics.DUPLICATES.inc()
                 history = session.item_ids_as_of(offset, self._session_length, store.ttl_ms)
             events.append(parsed)
-            if self._exactly_once:
-                out_partitions.append(partition)
+            event_partitions.append(partition)
             keys.append(key)
             user = parsed.user_id
             pick = self._models.pick(user) if split else 0
             picks.append(pick)
             # The hashes of what the user consumed beyond the window: never recommended.
             prepared.append(recommenders[pick].prepare(history, top_k, store.consumed(user), user))
-        # Before anything is emitted: a batch lost to a crash has no output and is read again.
+        batch.parse_s = parse_s
+        return batch
+
+    def _commit(self) -> None:
+        """The micro-batch's writes, one per shard; then whatever its guarantee does with them."""
         for partition, store in self._own.items():
             store.commit()
             store.replay_floor = self._replay_floor(partition, store)
             if store.counters.quarantined:
                 self._report_quarantined(store)
-        self._stores.check_changelog(self._own)
+        self._guarantee.after_commit(self._own)
         self._report_reads()
-        state_done = time.perf_counter()
-        if events:
-            if not split:
-                ranked = recommenders[0].answer(prepared, top_k)
-                versions = [recommenders[0].version] * len(events)
-            else:
-                ranked, versions = self._answer_split(prepared, picks)
-            scored = time.perf_counter()
-            emitted_ms = time.time() * 1000.0
-            topic = self._recommendations_topic
-            for event, key, items, model in zip(events, keys, ranked, versions, strict=True):
-                value = encode_recommendation(
-                    event.event_id, event.user_id, items, model, event.ts, received_ms, emitted_ms
-                )
-                out.append((topic, key, value, None))
-            metrics.EVENTS.inc(len(events))
-            metrics.RECOMMENDATIONS.inc(len(events))
-            metrics.BATCH_SIZE.observe(len(events))
-            metrics.SCORE_SECONDS.observe(scored - state_done)
-            metrics.EMIT_SECONDS.observe(time.perf_counter() - scored)
-        metrics.PARSE_SECONDS.observe(parse_s)
-        metrics.STATE_SECONDS.observe(state_done - started - parse_s)
-        if self._exactly_once:
-            # Exactly once the outputs hold no marks.
-            self._commit_transactions(cast(list[OutputRecord], out), out_partitions, last_offsets)
-            out = []  # committed already: nothing for the sink
+
+    def _answer(self, batch: _MicroBatch, received_ms: float, state_done: float) -> None:
+        """Score the micro-batch's events and add a recommendation for each to its outputs."""
+        recommenders = self._models.recommenders
+        events = batch.events
+        if len(recommenders) == 1:
+            ranked = recommenders[0].answer(batch.prepared, self._top_k)
+            versions = [recommenders[0].version] * len(events)
         else:
-            # Resume points once the sink has these outputs delivered (flows/delivery.py).
-            for partition, last in last_offsets.items():
-                out.append(OffsetMark(partition, last + 1))
-        if time.monotonic() >= self._next_sweep:
-            self._sweep()
-        return out
+            ranked, versions = self._answer_split(batch.prepared, batch.picks)
+        scored = time.perf_counter()
+        emitted_ms = time.time() * 1000.0
+        topic = self._recommendations_topic
+        out = batch.out
+        for event, key, items, model in zip(events, batch.keys, ranked, versions, strict=True):
+            value = encode_recommendation(
+                event.event_id, event.user_id, items, model, event.ts, received_ms, emitted_ms
+            )
+            out.append((topic, key, value, None))
+        metrics.EVENTS.inc(len(events))
+        metrics.RECOMMENDATIONS.inc(len(events))
+        metrics.BATCH_SIZE.observe(len(events))
+        metrics.SCORE_SECONDS.observe(scored - state_done)
+        metrics.EMIT_SECONDS.observe(time.perf_counter() - scored)
 
     def _answer_split(
         self, prepared: list[Prepared], picks: list[int]
@@ -223,16 +229,6 @@ class EventProcessor:
         self._generation = generation
         if models is not None:
             self._models = models
-
-    def _commit_transactions(
-        self, out: list[OutputRecord], partitions: list[int], last_offsets: dict[int, int]
-    ) -> None:
-        """Each partition's outputs and resume offset into its transaction (committed when due)."""
-        by_partition: dict[int, list[OutputRecord]] = {p: [] for p in last_offsets}
-        for record, partition in zip(out, partitions, strict=True):
-            by_partition[partition].append(record)
-        for partition, records in by_partition.items():
-            self._transactions[partition].add(records, last_offsets[partition] + 1)
 
     def _forget(
         self, store: SessionStore, request: ForgetRequest, partition: int, offset: int
@@ -273,9 +269,7 @@ class EventProcessor:
             removed = store.sweep_expired(None, SWEEP_MAX_KEYS)
             if removed:
                 metrics.EXPIRED.inc(removed)
-            transactions = self._transactions.get(store.shard_index)
-            if transactions is not None and transactions.pending:
-                transactions.add([])  # the tombstones of what expired
+            self._guarantee.after_sweep(store)
             if store.counters.quarantined:
                 self._report_quarantined(store)
         if self._settings.gc_freeze:
@@ -286,10 +280,7 @@ class EventProcessor:
         metrics.SWEEP_SECONDS.observe(time.perf_counter() - started)
 
     def _replay_floor(self, partition: int, store: SessionStore) -> int:
-        # The lowest offset a restart may read again: from the recovery store's snapshots,
-        # or, lower, from the last progress the changelog holds (a rebuild resumes there).
-        floor = self._worker.replay_floors.get(partition, store.replay_floor)
-        return min(floor, self._stores.changelog_floor(partition))
+        return self._guarantee.replay_floor(self._worker, partition, store)
 
     def _report_quarantined(self, store: SessionStore) -> None:
         for user in store.counters.quarantined:
@@ -311,6 +302,37 @@ class EventProcessor:
         self._cache_reads.inc(hits - self._reported_reads[0])
         self._rocksdb_reads.inc(misses - self._reported_reads[1])
         self._reported_reads = (hits, misses)
+
+
+class _MicroBatch:
+    """What applying one micro-batch leaves for its answers and its guarantee."""
+
+    __slots__ = (
+        "event_partitions",
+        "events",
+        "keys",
+        "last_offsets",
+        "out",
+        "out_partitions",
+        "parse_s",
+        "picks",
+        "prepared",
+    )
+
+    def __init__(self) -> None:
+        # Outputs (the dead letters, then the recommendations), and each one's events partition.
+        self.out: list[SinkItem] = []
+        self.out_partitions: list[int] = []
+        # The last offset read of each events partition.
+        self.last_offsets: dict[int, int] = {}
+        # Per event answered: the event, its partition, its key, what its answer reads (taken
+        # after its own update and before any later one) and the variant that answers it.
+        self.events: list[Event] = []
+        self.event_partitions: list[int] = []
+        self.keys: list[bytes | None] = []
+        self.prepared: list[Prepared] = []
+        self.picks: list[int] = []
+        self.parse_s = 0.0
 
 
 def processor_factory(

@@ -3,8 +3,9 @@
 Bytewax's own ``KafkaSource`` blocks 1 ms on every idle partition and wraps
 each record in a ``KafkaSourceMessage``; this source polls without blocking
 (Bytewax itself backs off 1 ms after an empty batch) and hands the records of
-librdkafka through untouched.  Offsets are Bytewax resume state, as in
-``KafkaSource``: no consumer group, so recovery decides where reading resumes.
+librdkafka through untouched.  There is no consumer group: where reading
+resumes is the delivery guarantee's decision (``flows/guarantee/``), from
+Bytewax's resume state at least once and from the changelog's marks exactly once.
 """
 
 from __future__ import annotations
@@ -23,21 +24,17 @@ from confluent_kafka import (
 )
 
 from flows import metrics
+from flows.guarantee import PartitionProgress
 from flows.kafka_log import kafka_logger
 from flows.pacing import Pacer
 from flows.shutdown import STOP_READING
 from flows.stores import PartitionStores
-from flows.transactions import PartitionTransactions
 from flows.worker import WorkerContext, Workers
-from state.session import NO_REPLAY
 from streamrec.kafka_clients import consumer_config, topic_partitions, watermark_offsets
 from streamrec.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Bytewax writes a snapshot when its epoch closes, so the one taken two snapshots back is
-# surely in the recovery store: its resume offset is the partition's replay floor.
-SNAPSHOTS_UNTIL_COMMITTED: Final = 2
 # How long a partition without a leader (a broker restarting) is waited for when a reader
 # starts; past that the flow stops with "Kafka unavailable" (69), which a supervisor retries.
 BROKER_PATIENCE_S: Final = 60.0
@@ -139,50 +136,33 @@ class WorkerConsumer:
 class _PartitionReader(StatefulSourcePartition[Message, int]):
     """Reads one Kafka partition from a resume offset.
 
-    The snapshot is the next offset to read, or, at least once, the first whose
-    outputs are not yet all acknowledged (flows/delivery.py).
+    The snapshot is the resume offset its guarantee gives: the next offset to
+    read, or, at least once, the first whose outputs are not yet all acknowledged.
     """
 
     def __init__(
         self,
-        worker: WorkerContext,
         reader: WorkerConsumer,
         topic: str,
         partition: int,
         offset: int,
         batch: int,
-        resumable: bool,
-        transactions: PartitionTransactions | None = None,
+        progress: PartitionProgress,
     ):
-        self._worker = worker
         self._reader = reader
-        offset = reader.add(topic, partition, offset)
         self._topic = topic
         self._partition = partition
         self._offset = offset
         self._batch = batch
-        self._resumable = resumable
-        # Exactly once: the partition's transaction, committed from here when due (also when
-        # no record comes, so that answers never wait for the next one).
-        self._transactions = transactions
-        self._snapshots: deque[int] = deque(maxlen=SNAPSHOTS_UNTIL_COMMITTED)
-        if transactions is None:
-            # At least once, outputs are acknowledged after reading goes on (flows/delivery.py).
-            worker.delivered[partition] = offset
-        # Without a recovery store every run reads from the start: no tail can cover that.
-        worker.replay_floors[partition] = max(offset, 0) if resumable else NO_REPLAY
+        self._progress = progress
         self._reported: set[int] = set()
 
     def next_batch(self) -> list[Message]:
         if STOP_READING.is_set():
-            if self._transactions is None:
-                self._worker.take_reports()
-                if self._worker.delivered_through(self._partition, self._offset) < self._offset:
-                    return []  # the end waits for the outputs of what was read
+            if not self._progress.may_stop(self._offset):
+                return []
             raise StopIteration
-        transactions = self._transactions
-        if transactions is not None and transactions.due():
-            transactions.commit()
+        self._progress.on_poll()
         records = self._reader.take(self._partition, self._batch)
         if not records:
             return records
@@ -210,15 +190,7 @@ class _PartitionReader(StatefulSourcePartition[Message, int]):
             )
 
     def snapshot(self) -> int:
-        # Never past an event whose outputs Kafka has yet to acknowledge.
-        worker = self._worker
-        worker.take_reports()
-        offset = worker.delivered_through(self._partition, self._offset)
-        if self._resumable:
-            self._snapshots.append(offset)
-            if len(self._snapshots) == SNAPSHOTS_UNTIL_COMMITTED:
-                worker.replay_floors[self._partition] = self._snapshots[0]
-        return offset
+        return self._progress.snapshot(self._offset)
 
     def close(self) -> None:
         self._reader.remove(self._partition)
@@ -228,18 +200,13 @@ class EventSource(FixedPartitionedSource[Message, int]):
     """The events topic, one Bytewax input partition per Kafka partition."""
 
     def __init__(
-        self,
-        settings: Settings,
-        workers: Workers,
-        batch: int,
-        resumable: bool = True,
-        stores: PartitionStores | None = None,
+        self, settings: Settings, workers: Workers, batch: int, stores: PartitionStores
     ) -> None:
         self._settings = settings
         self._workers = workers
         self._batch = batch
-        self._resumable = resumable
         self._stores = stores
+        self._guarantee = stores.guarantee
         # The consumer each worker's partitions share.
         self._consumers: dict[WorkerContext, WorkerConsumer] = {}
 
@@ -249,36 +216,18 @@ class EventSource(FixedPartitionedSource[Message, int]):
         return [f"{p}-{topic}" for p in topic_partitions(self._settings, topic)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _PartitionReader:
-        partition, topic = for_part.split("-", 1)
-        offset = OFFSET_BEGINNING if resume_state is None else resume_state
-        if self._stores is not None:
-            # The shard first, rebuilt if needed: its state decides where reading may resume.
-            self._stores.get(int(partition))
-            if self._stores.exactly_once:
-                # After the last committed micro-batch, wherever it was committed.
-                offset = self._stores.resume_at.get(int(partition), OFFSET_BEGINNING)
-            else:
-                rebuilt_to = self._stores.rebuilt_to.get(int(partition))
-                if rebuilt_to is not None and resume_state is not None:
-                    offset = min(resume_state, rebuilt_to)
-        transactions = (
-            None if self._stores is None else self._stores.transactions.get(int(partition))
-        )
-        if transactions is None:  # exactly once, the shard's opening says where it reads
-            start = "the beginning" if offset == OFFSET_BEGINNING else f"offset {offset}"
-            log.info("events partition %s taken at least once; reading from %s", partition, start)
+        name, topic = for_part.split("-", 1)
+        partition = int(name)
+        # The shard first, rebuilt if needed: its state decides where reading may resume.
+        self._stores.get(partition)
+        guarantee = self._guarantee
+        offset = guarantee.start_offset(partition, resume_state)
         # Built on the worker that reads the partition, on its thread.
         worker = self._workers.current()
-        return _PartitionReader(
-            worker,
-            self._consumer_of(worker),
-            topic,
-            int(partition),
-            offset,
-            self._batch,
-            self._resumable,
-            transactions,
-        )
+        consumer = self._consumer_of(worker)
+        offset = consumer.add(topic, partition, offset)
+        progress = guarantee.reading(partition, offset, worker)
+        return _PartitionReader(consumer, topic, partition, offset, self._batch, progress)
 
     def _consumer_of(self, worker: WorkerContext) -> WorkerConsumer:
         """The consumer ``worker``'s partitions share, made anew after its last one closed it."""

@@ -8,7 +8,7 @@ worker, so the three parts of a worker share plain objects without a lock:
   source asks whether records should wait for a fuller batch);
 - **delivered**: per events partition, the offset before which every event has
   its outputs in Kafka (the sink releases it as Kafka acknowledges, the source's
-  snapshots never resume past it; ``flows/delivery.py``);
+  snapshots never resume past it; ``flows/guarantee/at_least_once.py``);
 - **replay floors**: per events partition, the lowest offset a crash could make
   this process read again (the source's snapshots set them, the processor's
   stores keep what a replay from there needs);

@@ -17,7 +17,7 @@ gives up on a record (``message.timeout.ms=0``), so the changelog of a
 partition is a gapless prefix of its commits; when it lags behind the local
 store, that store is used as it is, and a rebuild elsewhere replays the rest.
 
-In exactly-once mode (``flows/transactions.py``) each micro-batch's changes,
+In exactly-once mode (``flows/guarantee/transactions.py``) each micro-batch's changes,
 outputs and marks commit in one Kafka transaction; the marks then also carry
 the next events offset to read (``next``) and the shard's ``version``, the
 number of committed transactions that changed it, which the local store stamps
@@ -396,7 +396,10 @@ def open_shard(
     the changelog's marks is used as it is; a rebuilt one must read its events
     again from ``marks.applied + 1`` at the latest.  Exactly once, the local store
     is used only if its version stamp equals the changelog's (it holds exactly
-    what was committed), and its ``stamp`` is set to the version being built.
+    what was committed); a rebuilt one is stamped with the version it restored.
+    Nothing is written to the store until its caller takes it: exactly once, the
+    partition's transactions (``flows/guarantee/transactions.py``) stamp every
+    later write with the version being built.
     """
     store = SessionStore.open(settings.state_dir, partition, shard_count, settings)
     try:
@@ -427,7 +430,7 @@ def open_shard(
             current = _at_least(local, marks)
         lost_writes = store.lost_writes
         if current and not lost_writes:
-            _attach(store, writer, marks, exactly_once)
+            store.changes = writer
             return OpenedShard(store, marks, rebuilt=False)
     except BaseException:
         store.close()
@@ -463,7 +466,7 @@ def open_shard(
         time.monotonic() - started,
         resume,
     )
-    _attach(store, writer, marks, exactly_once)
+    store.changes = writer
     return OpenedShard(store, marks, rebuilt=True)
 
 
@@ -471,13 +474,3 @@ def _at_least(local: int | None, marks: Marks | None) -> bool:
     if marks is None or marks.applied == NOTHING_APPLIED:  # a claim before anything was applied
         return True
     return local is not None and local >= marks.applied
-
-
-def _attach(
-    store: SessionStore, writer: ChangeListener, marks: Marks | None, exactly_once: bool
-) -> None:
-    if exactly_once:
-        # Nothing is written before the partition's transactions attach and stamp the next
-        # version with their writer; until then the store holds exactly what it restored.
-        store.stamp = Stamp(0) if marks is None else marks.stamp
-    store.changes = writer

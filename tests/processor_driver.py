@@ -13,9 +13,10 @@ from typing import cast
 import orjson
 from confluent_kafka import Message
 
+from flows.guarantee import AtLeastOnce, Guarantee
 from flows.models import ModelSet
+from flows.output import SinkItem
 from flows.processor import EventProcessor
-from flows.sink import SinkItem
 from flows.stores import PartitionStores
 from flows.worker import WorkerContext, Workers
 from streamrec.settings import Settings
@@ -85,10 +86,15 @@ def answers_in(outputs: list[SinkItem], topic: str) -> list[Answer]:
 
 
 def new_processor(
-    settings: Settings, partitions: int, models: ModelSet, worker: WorkerContext | None = None
+    settings: Settings,
+    partitions: int,
+    models: ModelSet,
+    worker: WorkerContext | None = None,
+    guarantee: Guarantee | None = None,
 ) -> tuple[EventProcessor, PartitionStores]:
     """A processor over the stores of ``partitions`` events partitions in ``settings.state_dir``
-    (no changelog), on ``worker`` (else a worker of its own); close the stores when done."""
-    stores = PartitionStores(settings, partitions)
+    (``guarantee``: at least once without a changelog unless given), on ``worker`` (else a
+    worker of its own); close the stores when done."""
+    stores = PartitionStores(partitions, guarantee or AtLeastOnce(settings))
     worker = worker or Workers.of(settings).current()
     return EventProcessor(settings, stores, models, worker), stores

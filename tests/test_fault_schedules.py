@@ -31,6 +31,7 @@ import numpy as np
 import orjson
 import pytest
 
+from flows.guarantee import AtLeastOnce
 from flows.models import ModelSet, load_model_set, parse_variants
 from flows.stores import PartitionStores
 from flows.worker import Workers
@@ -346,7 +347,7 @@ def divergences(schedule: Schedule, run: Run, oracle: Oracle) -> list[str]:
                 f"the oracle {sorted(want.consumed)}"
             )
     expected = oracle.sessions()
-    reopened = PartitionStores(run.settings, schedule.partitions)
+    reopened = PartitionStores(schedule.partitions, AtLeastOnce(run.settings))
     try:
         stored = {}
         for partition in range(schedule.partitions):

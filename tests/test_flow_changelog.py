@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.guarantee import AtLeastOnce
 from flows.stores import PartitionStores
 from state.changelog import (
     MARKS_KEY,
@@ -174,7 +175,12 @@ def machine(settings: Settings, state_dir: Path) -> tuple[ChangelogWriter, Parti
     incarnation = topic_id(settings, settings.events_topic)
     mine = settings.replace(state_dir=state_dir)
     writer = ChangelogWriter(mine, incarnation)
-    return writer, PartitionStores(mine, 2, writer, incarnation)
+    return writer, PartitionStores(2, AtLeastOnce(mine, writer, incarnation))
+
+
+def after_batch_on_shard_0(stores: PartitionStores) -> None:
+    """What the processor does after each micro-batch's commit, for shard 0."""
+    stores.guarantee.after_commit({0: stores.get(0)})
 
 
 def test_at_least_once_a_second_process_on_the_same_shard_stops_the_older_claim(
@@ -197,10 +203,10 @@ def test_at_least_once_a_second_process_on_the_same_shard_stops_the_older_claim(
     older.get(0).apply(view("u1", "a2", 1), 0, 1)  # lands after the newer one's records
     older_writer.flush()
     with pytest.raises(ChangelogTaken, match="another process took shard 0"):
-        older.check_changelog([0])
+        after_batch_on_shard_0(older)
     newer.get(0).apply(view("u2", "b2", 2), 0, 2)  # finds the older one's records before it
     newer_writer.flush()
-    newer.check_changelog([0])  # the newer claim writes its own records of them again
+    after_batch_on_shard_0(newer)  # the newer claim writes its own records of them again
     newer_writer.flush()
     older.close()
     newer.close()
@@ -227,6 +233,6 @@ def test_at_least_once_an_older_claim_that_wrote_nothing_yet_still_finds_the_new
     older.get(0).apply(Event("e0", "u1", "a1", "view", 1_700_000_000_000), 0, 0)
     older_writer.flush()
     with pytest.raises(ChangelogTaken, match="another process took shard 0"):
-        older.check_changelog([0])
+        after_batch_on_shard_0(older)
     older.close()
     newer.close()

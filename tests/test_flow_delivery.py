@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from flows import sink
-from flows.delivery import OffsetMark
-from flows.sink import OutputRecord, OutputSink
+from flows import output
+from flows.guarantee import acked_sink as sink
+from flows.guarantee.acked_sink import OutputSink
+from flows.output import OffsetMark, OutputRecord
 from flows.worker import WorkerContext, Workers
 from streamrec.contracts import DeadLetter
 from streamrec.settings import Settings
@@ -234,12 +235,14 @@ def test_blocked_output_is_said_once_and_its_end_too_while_traffic_goes_on(
     caplog: pytest.LogCaptureFixture,
     worker: WorkerContext,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="flows.sink")
+    caplog.set_level(logging.INFO, logger="flows.output")
     now = [1_000.0]
-    monkeypatch.setattr(sink, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=lambda _: 0))
+    clock = SimpleNamespace(monotonic=lambda: now[0], sleep=lambda _: 0)
+    monkeypatch.setattr(sink, "time", clock)
+    monkeypatch.setattr(output, "time", clock)
     kafka = HeldProducer.made[0]
     writer.write_batch([rec(1), OffsetMark(0, 110)])
-    now[0] += sink.BLOCKED_AFTER_S + 1  # Kafka away
+    now[0] += output.BLOCKED_AFTER_S + 1  # Kafka away
     worker.take_reports()
     worker.take_reports()
     writer.write_batch([rec(2), OffsetMark(0, 120)])  # traffic goes on meanwhile

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.guarantee import ExactlyOnce
+from flows.stores import PartitionStores
 from streamrec.contracts import Event, ForgetRequest
 from streamrec.settings import Settings
 from tests.flow_harness import (
@@ -158,23 +160,22 @@ def test_a_fenced_owners_uncommitted_batch_is_never_taken_for_the_new_owners_com
     # Defect found by review: versions were a bare count, so A's uncommitted "version 1",
     # stamped at a clean close after B fenced it, matched B's committed "version 1" and A's
     # stale store was kept when the partition came back to A's machine.
-    from flows.stores import PartitionStores
     from streamrec.kafka_clients import topic_id
 
     settings = kafka_settings.replace(guarantee="exactly-once", transaction_interval_ms=60_000.0)
     incarnation = topic_id(settings, settings.events_topic)
     machine_a = settings.replace(state_dir=tmp_path / "a")
     machine_b = settings.replace(state_dir=tmp_path / "b")
-    first = PartitionStores(machine_a, 2, events_topic_id=incarnation, exactly_once=True)
+    first, first_guarantee = exactly_once_shards(machine_a, incarnation)
     first.get(0).apply(Event("e1", "u1", "from-a", "view", 1_700_000_000_000), 0, 0)
-    first.transactions[0].add([], next_offset=1)  # open, not yet due
-    second = PartitionStores(machine_b, 2, events_topic_id=incarnation, exactly_once=True)
+    first_guarantee.transactions[0].add([], next_offset=1)  # open, not yet due
+    second, second_guarantee = exactly_once_shards(machine_b, incarnation)
     second.get(0).apply(Event("e1", "u1", "from-b", "view", 1_700_000_000_000), 0, 0)
-    second.transactions[0].add([], next_offset=1)
-    second.transactions[0].commit()
+    second_guarantee.transactions[0].add([], next_offset=1)
+    second_guarantee.transactions[0].commit()
     second.close()
     first.close()  # fenced: its batch never committed
-    again = PartitionStores(machine_a, 2, events_topic_id=incarnation, exactly_once=True)
+    again, again_guarantee = exactly_once_shards(machine_a, incarnation)
     try:
         session = again.get(0).get("u1")
         assert session is not None and session.item_ids == ["from-b"]
@@ -189,23 +190,22 @@ def test_a_crash_before_the_first_commit_is_not_taken_for_a_lost_changelog(
     # transaction of a partition committed left that shard stamped "version 1" beside a
     # changelog with no marks, and every later start refused it (exit 65) as a changelog
     # deleted since.  One uncommitted batch ahead is a crash; only more is a lost changelog.
-    from flows.stores import PartitionStores
     from streamrec.kafka_clients import topic_id
 
     settings = kafka_settings.replace(
         guarantee="exactly-once", transaction_interval_ms=60_000.0, state_dir=tmp_path / "a"
     )
     incarnation = topic_id(settings, settings.events_topic)
-    first = PartitionStores(settings, 2, events_topic_id=incarnation, exactly_once=True)
+    first, first_guarantee = exactly_once_shards(settings, incarnation)
     first.get(1).apply(Event("e1", "u1", "i1", "view", 1_700_000_000_000), 1, 0)
-    first.transactions[1].add([], next_offset=1)  # open, not yet due
+    first_guarantee.transactions[1].add([], next_offset=1)  # open, not yet due
     for store in first._stores.values():  # killed: RocksDB keeps what it wrote, no commit
         store._closed = True
         store._db.close()
-    again = PartitionStores(settings, 2, events_topic_id=incarnation, exactly_once=True)
+    again, again_guarantee = exactly_once_shards(settings, incarnation)
     try:
         assert again.get(1).get("u1") is None  # nothing committed: read again from the start
-        assert 1 not in again.resume_at
+        assert 1 not in again_guarantee.resume_at
     finally:
         again.close()
 
@@ -215,7 +215,6 @@ def test_a_shard_committed_twice_beside_a_recreated_changelog_is_refused(
 ) -> None:
     # The other side of the rule above: a store more than one version ahead of a changelog
     # without marks holds commits the changelog lost; it stops, and says how to start afresh.
-    from flows.stores import PartitionStores
     from state.changelog import ChangelogError
     from streamrec.kafka_clients import topic_id
     from streamrec.topics import create_topics, delete_topics
@@ -224,17 +223,25 @@ def test_a_shard_committed_twice_beside_a_recreated_changelog_is_refused(
         guarantee="exactly-once", transaction_interval_ms=0.0, state_dir=tmp_path / "a"
     )
     incarnation = topic_id(settings, settings.events_topic)
-    first = PartitionStores(settings, 2, events_topic_id=incarnation, exactly_once=True)
+    first, first_guarantee = exactly_once_shards(settings, incarnation)
     for offset in range(2):  # versions 1 and 2, committed
         first.get(1).apply(Event(f"e{offset}", "u1", "i1", "view", 1_700_000_000_000), 1, offset)
-        first.transactions[1].add([], next_offset=offset + 1)
-        first.transactions[1].commit()
+        first_guarantee.transactions[1].add([], next_offset=offset + 1)
+        first_guarantee.transactions[1].commit()
     first.close()
     delete_topics(settings, [settings.sessions_changelog])
     create_topics(settings, partitions=2)
-    again = PartitionStores(settings, 2, events_topic_id=incarnation, exactly_once=True)
+    again, again_guarantee = exactly_once_shards(settings, incarnation)
     try:
         with pytest.raises(ChangelogError, match="deleted or recreated since"):
             again.get(1)
     finally:
         again.close()
+
+
+def exactly_once_shards(
+    settings: Settings, incarnation: str
+) -> tuple[PartitionStores, ExactlyOnce]:
+    """The two shards of a process serving exactly once, and its guarantee (the transactions)."""
+    guarantee = ExactlyOnce(settings, incarnation)
+    return PartitionStores(2, guarantee), guarantee

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from flows import transactions as transactions_module
-from flows.transactions import PartitionTransactions, ProducerFenced, TransactionGaveUp
+from flows.guarantee import transactions as transactions_module
+from flows.guarantee.transactions import PartitionTransactions, ProducerFenced, TransactionGaveUp
 from state.store import SessionStore
 from streamrec.settings import Settings
 

@@ -1,8 +1,8 @@
-"""Recommendations and dead letters out of the dataflow; no record is lost and none is fatal.
+"""At least once: recommendations and dead letters out of the dataflow; none lost, none fatal.
 
 ``write_batch`` queues a micro-batch's records and returns: the next batch is
 read and scored while Kafka acknowledges them.  Each batch ends with the
-``OffsetMark`` of every events partition it read (flows/delivery.py), released
+``OffsetMark`` of every events partition it read (flows/guarantee/at_least_once.py), released
 once the batch and every batch before it are acknowledged; a partition's
 reader never snapshots an offset past its released mark, so a snapshotted
 epoch never has outputs in flight (at-least-once output).  Each record's
@@ -19,20 +19,14 @@ delivery report decides what happens to it:
   sha256 and the reason;
 * a fatal producer error replaces the producer, which sends again whatever
   was not confirmed.
-
->>> size_limits({"recommendations": 1_048_588, "events.dlq": 1_048_588})
-{'message.max.bytes': '1048588', 'batch.size': '1000000'}
->>> stub(("events.dlq", b"u1", b"x" * 2_000_000, None), "too large")[2:]  # doctest: +ELLIPSIS
-(None, [('streamrec.stub.reason', b'too large'), ('streamrec.stub.value_size', b'2000000'), ...])
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Final, cast
 
@@ -40,129 +34,29 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from flows import metrics
-from flows.delivery import OffsetMark
 from flows.kafka_log import kafka_logger
+from flows.output import (
+    BLOCKED_AFTER_S,
+    POLL_S,
+    REFUSED,
+    BlockedOutput,
+    OffsetMark,
+    OutputRecord,
+    SinkItem,
+    output_limits,
+    set_aside,
+    size_limits,
+)
 from flows.shutdown import STOP_READING
 from flows.worker import WorkerContext, Workers
-from streamrec.contracts import (
-    OUTPUT_REFUSED,
-    STUB_HEADER_KEY_SHA256,
-    STUB_HEADER_KEY_SIZE,
-    STUB_HEADER_REASON,
-    STUB_HEADER_VALUE_SHA256,
-    STUB_HEADER_VALUE_SIZE,
-    STUB_MAX_KEY_BYTES,
-    DeadLetter,
-)
-from streamrec.kafka_clients import (
-    KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
-    KafkaUnavailable,
-    max_message_bytes,
-    producer_config,
-    redact,
-)
+from streamrec.kafka_clients import producer_config
 from streamrec.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Headers = list[tuple[str, str | bytes | None]]
-# (topic, key, value, headers): what the flow hands the sink, with no wrapper per record.
-OutputRecord = tuple[str, bytes | None, bytes | None, Headers | None]
-# What the processor hands the sink: output records, each micro-batch's offset marks after them.
-SinkItem = OutputRecord | OffsetMark
-
-
-# Every wait is this short, so a second SIGTERM (KeyboardInterrupt) is never held up.
-POLL_S: Final = 0.5
-# A slower delivery is reported as blocked output; shorter stalls are routine (a leader moving).
-BLOCKED_AFTER_S: Final = 5.0
-# librdkafka's default batch.size: batches fill up to it, and no topic limit is below it by default.
-_DEFAULT_BATCH_BYTES: Final = 1_000_000
-# The bounds librdkafka accepts for message.max.bytes.
-_MESSAGE_MAX_BYTES_RANGE: Final = (1000, 1_000_000_000)
-
-# Refusals of one record: sending it again cannot help, so it is set aside.  Any
-# other failure is sent again: nothing is lost to an outage or a misconfiguration,
-# which show as blocked output until fixed.
-REFUSED: Final = frozenset(
-    {
-        KafkaError.MSG_SIZE_TOO_LARGE,
-        KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.INVALID_MSG,
-        KafkaError.INVALID_MSG_SIZE,
-        KafkaError.INVALID_RECORD,
-        KafkaError.INVALID_TIMESTAMP,
-        KafkaError.POLICY_VIOLATION,
-        KafkaError._INVALID_ARG,
-        KafkaError._BAD_MSG,
-    }
-)
 # Unacknowledged records at which a worker stops reading (about 3 MB of recommendations):
 # far above what flows at full speed, reached only while Kafka is away.
 MAX_IN_FLIGHT: Final = 10_000
-
-
-def size_limits(limits: Mapping[str, int]) -> dict[str, str]:
-    """librdkafka size settings for output topics that take batches of at most ``limits`` bytes.
-
-    The broker refuses a whole batch over a topic's limit, so batches never
-    grow past the smallest limit (a record larger than ``batch.size`` still goes,
-    alone); the local check lets through anything the largest limit may take.
-    """
-    low, high = _MESSAGE_MAX_BYTES_RANGE
-    return {
-        "message.max.bytes": str(min(max(max(limits.values()), low), high)),
-        "batch.size": str(max(1, min(_DEFAULT_BATCH_BYTES, *limits.values()))),
-    }
-
-
-def stub(record: OutputRecord, reason: str) -> OutputRecord:
-    """``record`` (a dead letter) without its payload: its size, sha256 and why, in headers."""
-    topic, key, value, headers = record
-    added: Headers = [(STUB_HEADER_REASON, reason.encode())]
-    if value is not None:
-        added.append((STUB_HEADER_VALUE_SIZE, str(len(value)).encode()))
-        added.append((STUB_HEADER_VALUE_SHA256, hashlib.sha256(value).hexdigest().encode()))
-    if key is not None and len(key) > STUB_MAX_KEY_BYTES:
-        added.append((STUB_HEADER_KEY_SIZE, str(len(key)).encode()))
-        added.append((STUB_HEADER_KEY_SHA256, hashlib.sha256(key).hexdigest().encode()))
-        key = None
-    return (topic, key, None, [*(headers or []), *added])
-
-
-def is_stub(headers: Headers | None) -> bool:
-    return any(name == STUB_HEADER_REASON for name, _ in headers or ())
-
-
-def set_aside(
-    record: OutputRecord,
-    error: KafkaError,
-    limits: Mapping[str, int],
-    dlq_topic: str,
-    say: Callable[[str], None],
-) -> OutputRecord | None:
-    """What replaces a record Kafka refused: a dead letter, a stub, or nothing (said)."""
-    topic, key, value, headers = record
-    reason = f"{topic} refused the record: {error.str()}"
-    if error.code() == KafkaError.MSG_SIZE_TOO_LARGE and topic in limits:
-        reason += f" (it takes record batches of at most {limits[topic]} bytes)"
-    if topic != dlq_topic:
-        metrics.OUTPUT_FAILURES.labels(error.name(), "dead_lettered").inc()
-        metrics.DEAD_LETTERS.labels(OUTPUT_REFUSED).inc()
-        # Never written, so it has no partition or offset of its own.
-        letter = DeadLetter(key, value, OUTPUT_REFUSED, reason, topic, -1, -1)
-        return (dlq_topic, key, value, letter.headers())
-    if not is_stub(headers):
-        metrics.OUTPUT_FAILURES.labels(error.name(), "stubbed").inc()
-        return stub(record, reason)
-    # Even the stub, a few hundred bytes, was refused: the topic's own rules forbid it
-    # (e.g. compaction refuses a null key).  Said, counted, and the flow goes on.
-    metrics.OUTPUT_FAILURES.labels(error.name(), "dropped").inc()
-    say(
-        f"ERROR: dropped a dead letter's stub that {topic} refused too "
-        f"({error.str()}); its headers: {headers}"
-    )
-    return None
 
 
 class _Batch:
@@ -216,7 +110,7 @@ class _AsyncWriter(StatelessSinkPartition[SinkItem]):
         self._again_at = 0.0
         self._fatal: KafkaError | None = None
         self._last_error = ""
-        self._blocked_since: float | None = None
+        self._blocked = BlockedOutput(settings)
         self._stop_noted = False
         worker.take_reports = self._take_reports  # the source's snapshots release marks now
 
@@ -269,10 +163,11 @@ class _AsyncWriter(StatelessSinkPartition[SinkItem]):
             self._release(batches.popleft())
         if batches:
             self._note_waiting(batches[0].queued_at)
-        if self._blocked_since is not None and (
+        if self._blocked.blocked and (
             not batches or time.monotonic() - batches[0].queued_at < BLOCKED_AFTER_S
         ):
-            self._resumed()  # under steady traffic a batch is always in flight: a young one
+            # Under steady traffic a batch is always in flight: a young one means it moves.
+            self._blocked.resumed("output resumed after {blocked_s:.0f} s")
 
     def _release(self, batch: _Batch) -> None:
         for partition, next_offset in batch.marks:
@@ -378,31 +273,24 @@ class _AsyncWriter(StatelessSinkPartition[SinkItem]):
             self._fatal = err
 
     def _note_waiting(self, since: float) -> None:
-        waited = time.monotonic() - since
-        if self._blocked_since is None and waited >= BLOCKED_AFTER_S:
-            self._blocked_since = since
-            metrics.OUTPUT_BLOCKED.inc()
-            undelivered = len(self._producer) + len(self._failed)
-            self._say(
-                f"output blocked: {undelivered} records undelivered for {waited:.0f} s "
-                f"(last error: {self._last_error or 'none reported'}); reading goes on until "
-                f"{MAX_IN_FLIGHT} are in flight, then waits until Kafka takes them"
-            )
-        if self._blocked_since is not None and STOP_READING.is_set() and not self._stop_noted:
+        self._blocked.waiting(since, self._describe_blocked)
+        if self._blocked.blocked and STOP_READING.is_set() and not self._stop_noted:
             self._stop_noted = True
             self._say(
                 "stopping once the undelivered output is delivered; a second SIGTERM "
                 "abandons it (it is read and sent again on the next run)"
             )
 
-    def _resumed(self) -> None:
-        assert self._blocked_since is not None
-        self._say(f"output resumed after {time.monotonic() - self._blocked_since:.0f} s")
-        self._blocked_since = None
-        metrics.OUTPUT_BLOCKED.dec()
+    def _describe_blocked(self, waited_s: float) -> str:
+        undelivered = len(self._producer) + len(self._failed)
+        return (
+            f"output blocked: {undelivered} records undelivered for {waited_s:.0f} s "
+            f"(last error: {self._last_error or 'none reported'}); reading goes on until "
+            f"{MAX_IN_FLIGHT} are in flight, then waits until Kafka takes them"
+        )
 
     def _say(self, line: str) -> None:
-        log.warning(redact(line, self._settings))
+        self._blocked.say(line)
 
 
 class OutputSink(DynamicSink[SinkItem]):
@@ -418,14 +306,3 @@ class OutputSink(DynamicSink[SinkItem]):
         config: dict[str, Any] = size_limits(limits) | producer_config(self._settings)
         # Built on the worker it writes for, on its thread.
         return _AsyncWriter(config, self._settings, limits, self._workers.current())
-
-
-def output_limits(settings: Settings) -> dict[str, int]:
-    """The output topics' record batch limits; Kafka's default where they cannot be read."""
-    topics = [settings.recommendations_topic, settings.dlq_topic]
-    try:
-        return max_message_bytes(settings, topics)
-    except KafkaUnavailable as err:
-        # Refusals are still handled record by record; only the sizes are guessed.
-        log.warning("%s; assuming %d bytes", err, KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
-        return dict.fromkeys(topics, KAFKA_DEFAULT_MAX_MESSAGE_BYTES)

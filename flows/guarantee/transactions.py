@@ -22,7 +22,7 @@ never committed is rebuilt from the changelog.  Kafka's
 Bytewax's ``assign``-ed readers do not have; offsets in the changelog need none.
 
 Failures: a record the broker refuses is set aside (dead letter or stub, as in
-``flows/sink.py``) and the transaction is made again; a transaction Kafka
+``flows/output.py``) and the transaction is made again; a transaction Kafka
 aborts (an outage longer than ``transaction.timeout.ms``) is made again,
 reading waiting meanwhile; a fenced producer means another process serves the
 partition now, and this one stops.
@@ -41,11 +41,11 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from flows import metrics
 from flows.kafka_log import kafka_logger
-from flows.sink import BLOCKED_AFTER_S, POLL_S, REFUSED, OutputRecord, set_aside, size_limits
+from flows.output import POLL_S, REFUSED, BlockedOutput, OutputRecord, set_aside, size_limits
 from state.changelog import MARKS_KEY, Marks, encode_marks
 from state.errors import StateError
 from state.store import SessionStore, Stamp
-from streamrec.kafka_clients import producer_config, redact
+from streamrec.kafka_clients import producer_config
 from streamrec.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class PartitionTransactions:
         self._outcomes: list[KafkaError | None] = []
         self._callbacks: list[Callable[[KafkaError | None, Message], None]] = []
         self._failing_since: float | None = None
-        self._blocked = False
+        self._blocked = BlockedOutput(settings)
         self._last_error = "none reported"
         self._fenced: ProducerFenced | None = None
         self._give_up_at = float("inf")
@@ -185,16 +185,30 @@ class PartitionTransactions:
         self._outputs = []
         self._opened_at = None
         store.stamp = Stamp(version + 1, self.writer)
-        if self._blocked:
-            self._say(f"partition {self.partition}: transactions commit again")
-            self._blocked = False
-            metrics.OUTPUT_BLOCKED.dec()
+        self._blocked.resumed(f"partition {self.partition}: transactions commit again")
         self._failing_since = None
 
     @property
     def pending(self) -> bool:
         """Whether anything waits for a commit: micro-batches taken, or changes collected."""
         return self._opened_at is not None or bool(self._changes)
+
+    def finish(self, give_up_after_s: float) -> None:
+        """At a clean stop: the store's last writes and whatever waits, committed; stamped.
+
+        Fenced, or Kafka away for ``give_up_after_s``: said, and the stamp stays ahead, so
+        the next start rebuilds the shard from what was committed.
+        """
+        store = self._store
+        assert store is not None, "attach() comes first"
+        store.commit()
+        try:
+            if self.pending:  # the open transaction, or removals
+                self.commit(give_up_after_s=give_up_after_s)
+            # It holds just what committed.
+            store.stamp = Stamp(self.version, self.version_writer)
+        except StateError as err:
+            log.warning("%s", err)
 
     def close(self) -> None:
         self._producer.flush(POLL_S)
@@ -268,7 +282,7 @@ class PartitionTransactions:
             if error is None or error.code() not in REFUSED:
                 again.append(record)
                 continue
-            replacement = set_aside(record, error, self._limits, self._dlq_topic, self._say)
+            replacement = set_aside(record, error, self._limits, self._dlq_topic, self._blocked.say)
             if replacement is not None:
                 again.append(replacement)
         return again
@@ -311,14 +325,11 @@ class PartitionTransactions:
             )
         if self._failing_since is None:
             self._failing_since = now
-        elif not self._blocked and now - self._failing_since >= BLOCKED_AFTER_S:
-            self._blocked = True
-            metrics.OUTPUT_BLOCKED.inc()
-            self._say(
-                f"output blocked: partition {self.partition}'s transaction has not "
-                f"committed for {now - self._failing_since:.0f} s (last error: "
-                f"{self._last_error}); reading waits until it does"
-            )
+        else:
+            self._blocked.waiting(self._failing_since, self._describe_blocked)
 
-    def _say(self, line: str) -> None:
-        log.warning(redact(line, self._settings))
+    def _describe_blocked(self, waited_s: float) -> str:
+        return (
+            f"output blocked: partition {self.partition}'s transaction has not committed for "
+            f"{waited_s:.0f} s (last error: {self._last_error}); reading waits until it does"
+        )
