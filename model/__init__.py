@@ -14,6 +14,7 @@ Training (torch, ``streamrec train``):
   export.py      ONNX export, int8 quantization, agreement with fp32
   metrics.py     full-ranking NDCG/HR, bootstrap intervals
   bench.py       scoring latency
-  card.py        card.json, card.md, frontier and learning-curve plots, the choice by f
+  evaluation.py  every variant scored as served; its card row, the targets
+  card.py        the card's typed rows; card.json, card.md, the plots, the choice by f
   pipeline.py    the stages in order;  cli.py  the ``train`` command
 """

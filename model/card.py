@@ -7,50 +7,355 @@ and ``quality`` its validation NDCG@10 (each user's second-to-last
 interaction) relative to the teacher's: the test points report on the choice
 but do not make it.
 
->>> rows = [{"name": "teacher", "val_ndcg@10": 0.1, "ms_per_event_b1": 10.0, "onnx": "t.onnx"},
-...         {"name": "small", "val_ndcg@10": 0.097, "ms_per_event_b1": 0.5, "onnx": "s.onnx"}]
->>> choose(rows, alpha=0.5)
-'small'
+>>> teacher = objective(10.0, 0.1, reference_ms=10.0, reference_ndcg=0.1, alpha=0.5)
+>>> small = objective(0.5, 0.097, reference_ms=10.0, reference_ndcg=0.1, alpha=0.5)
+>>> teacher, round(small, 3)  # the small one is chosen: 20x faster, 3% less accurate
+(0.5, 0.04)
+
+``Card`` and the row types below are what ``card.json`` holds; their ``as_dict``
+writes the document (keys in the order readers and past cards have them), and
+``markdown`` and the plots read that document.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from model.metrics import Interval
+
 CARD_JSON = "card.json"
 CARD_MD = "card.md"
 FRONTIER_PNG = "frontier.png"
 CURVES_PNG = "learning_curves.png"
+VERSION = 1
+K = 10  # the cut-off of every ranking metric on the card
 
 
-def objective(row: dict[str, Any], reference: dict[str, Any], alpha: float) -> float:
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """A paired difference of NDCG@10 between two variants, with its 95% interval."""
+
+    delta: float
+    lo: float
+    hi: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"delta": self.delta, "lo": self.lo, "hi": self.hi}
+
+
+@dataclass(frozen=True, slots=True)
+class Paired:
+    """``Delta`` under each protocol: leave-one-out and streaming."""
+
+    loo: Delta
+    stream: Delta
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        return {"loo": self.loo.as_dict(), "stream": self.stream.as_dict()}
+
+
+@dataclass(frozen=True, slots=True)
+class Agreement:
+    """An int8 variant against its fp32 source (``model.export.agreement``, and NDCG@10)."""
+
+    source: str
+    top_overlap: float  # of the top K items
+    score_mae: float
+    score_max_error: float
+    score_mae_relative: float  # to the spread of the fp32 scores
+    ndcg_relative_change: float  # leave-one-out
+    stream_ndcg_relative_change: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            f"top{K}_overlap": self.top_overlap,
+            "score_mae": self.score_mae,
+            "score_max_error": self.score_max_error,
+            "score_mae_relative": self.score_mae_relative,
+            "ndcg_relative_change": self.ndcg_relative_change,
+            "stream_ndcg_relative_change": self.stream_ndcg_relative_change,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """Median ms per event of the scoring call alone, one thread (``model.bench``)."""
+
+    b1: float
+    b32: float
+    # A model with a longer context than the flow's sessions: its cost at their length.
+    b1_at_session_length: float | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        out = {"ms_per_event_b1": self.b1, "ms_per_event_b32": self.b32}
+        if self.b1_at_session_length is not None:
+            out["ms_per_event_b1_at_session_length"] = self.b1_at_session_length
+        return out
+
+
+@dataclass(slots=True)
+class VariantRow:
+    """One variant's row: accuracy under both protocols, size, speed, and ``f``."""
+
+    name: str
+    parent: str | None  # the variant it is compared with (``vs_parent``)
+    val_ndcg: float  # validation: what ``f`` reads
+    ndcg: Interval  # leave-one-out, with its 95% interval
+    hr: Interval
+    stream_ndcg: Interval
+    stream_hr: Interval
+    vs_parent: Paired | None
+    vs_baselines: dict[str, Paired] | None  # the teacher's only
+    params: int
+    bytes: int
+    int8_fp32_matmuls: list[str] | None  # int8 variants: the MatMuls kept in fp32
+    latency: Latency
+    onnx: str | None  # the file, while it is shipped; baselines have none
+    onnx_parity_max_abs: float | None  # exported models: ONNX against torch
+    agreement: Agreement | None  # int8 variants
+    f: float | None = None  # set by ``choose``
+
+    def as_dict(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"name": self.name, "parent": self.parent}
+        row[f"val_ndcg@{K}"] = self.val_ndcg
+        for prefix, ndcg, hr in (
+            ("", self.ndcg, self.hr),
+            ("stream_", self.stream_ndcg, self.stream_hr),
+        ):
+            for key, iv in ((f"ndcg@{K}", ndcg), (f"hr@{K}", hr)):
+                row[prefix + key] = iv.mean
+                row[prefix + key + "_ci"] = [iv.lo, iv.hi]
+        if self.vs_parent is not None:
+            row["vs_parent"] = {"parent": self.parent, **self.vs_parent.as_dict()}
+        if self.vs_baselines is not None:
+            row["vs_baselines"] = {b: p.as_dict() for b, p in self.vs_baselines.items()}
+        row.update(params=self.params, bytes=self.bytes)
+        if self.int8_fp32_matmuls is not None:
+            row["int8_fp32_matmuls"] = self.int8_fp32_matmuls
+        row.update(self.latency.as_dict())
+        row["onnx"] = self.onnx
+        if self.onnx_parity_max_abs is not None:
+            row["onnx_parity_max_abs"] = self.onnx_parity_max_abs
+        if self.agreement is not None:
+            row["agreement"] = self.agreement.as_dict()
+        if self.f is not None:
+            row["f"] = self.f
+        return row
+
+
+@dataclass(frozen=True, slots=True)
+class Protocol:
+    """How many test points a protocol evaluated, of how many, and what they are."""
+
+    points: int
+    of: int
+    description: str
+    fraction: float | None = None  # streaming: the final stretch's share of the events
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"points": self.points, "of": self.of}
+        if self.fraction is not None:
+            out["fraction"] = self.fraction
+        out["description"] = self.description
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Recall:
+    """The share of targets among the first ``c`` candidates, by protocol."""
+
+    c: int
+    by_protocol: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"C": self.c, **self.by_protocol}
+
+
+@dataclass(frozen=True, slots=True)
+class EndMetric:
+    """The chosen variant's NDCG@10 scoring only its ``c`` candidates vs the whole catalogue."""
+
+    c: int
+    loo_candidates: float
+    loo_full: float
+    stream_candidates: float
+    stream_full: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "C": self.c,
+            "loo_candidates": self.loo_candidates,
+            "loo_full": self.loo_full,
+            "stream_candidates": self.stream_candidates,
+            "stream_full": self.stream_full,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """The candidate index: recall, cost, and what scoring candidates only costs in NDCG."""
+
+    recall: list[Recall]
+    ms_per_event: float  # candidate generation, batch 1
+    ms_per_event_b32: float
+    end_metric: EndMetric
+    sources: str = "co-visitation, embedding neighbours, popular"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "recall": [r.as_dict() for r in self.recall],
+            "sources": self.sources,
+            "ms_per_event": self.ms_per_event,
+            "ms_per_event_b32": self.ms_per_event_b32,
+            "end_metric": self.end_metric.as_dict(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One of the issue's targets, checked."""
+
+    target: str
+    met: bool
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "met": self.met, "detail": self.detail}
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUse:
+    """The run's time budget, threads and early-stopping points, and the budget used."""
+
+    minutes: float | None
+    threads: int
+    early_stop_points: int
+    used_fraction: float | None = None  # only with a budget
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "minutes": self.minutes,
+            "threads": self.threads,
+            "early_stop_points": self.early_stop_points,
+        }
+        if self.used_fraction is not None:
+            out["used_fraction"] = self.used_fraction
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Environment:
+    """The versions and the CPU the card was measured with."""
+
+    torch: str
+    onnxruntime: str
+    python: str
+    cpu: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "torch": self.torch,
+            "onnxruntime": self.onnxruntime,
+            "python": self.python,
+            "cpu": self.cpu,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """The dataset trained on, and how the split came out."""
+
+    name: str
+    path: str
+    summary: dict[str, int]  # ``model.data.Split.summary``
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, **self.summary}
+
+
+@dataclass(frozen=True, slots=True)
+class Card:
+    """The whole card; ``as_dict`` is what ``card.json`` holds."""
+
+    dataset: Dataset
+    quick: bool
+    seed: int
+    alpha: float
+    chosen: str  # the served variant
+    variants: list[VariantRow]
+    protocols: dict[str, Protocol]  # "loo" and "stream"
+    candidates: Candidates
+    # The sections below come from other modules' records, as they write them.
+    training: dict[str, dict[str, Any]]  # each fit's ``model.train.FitReport.summary``
+    pruning: dict[str, int | float]  # ``model.prune.describe``
+    config: dict[str, Any]  # the configs as trained: shapes, training, distillation, pruning
+    environment: Environment
+    command: str
+    int8: str  # the int8 student shipped (the served one, else the best by f)
+    targets: list[Target]
+    notes: list[str]
+    search: dict[str, Any]  # ``model.search.SearchResult.record``
+    budget: BudgetUse
+    timings_s: dict[str, float]  # seconds by stage, and the total
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "dataset": self.dataset.as_dict(),
+            "quick": self.quick,
+            "seed": self.seed,
+            "alpha": self.alpha,
+            "chosen": self.chosen,
+            "variants": [v.as_dict() for v in self.variants],
+            "protocols": {name: p.as_dict() for name, p in self.protocols.items()},
+            "candidates": self.candidates.as_dict(),
+            "training": self.training,
+            "pruning": self.pruning,
+            "config": self.config,
+            "environment": self.environment.as_dict(),
+            "command": self.command,
+            "int8": self.int8,
+            "targets": [t.as_dict() for t in self.targets],
+            "notes": self.notes,
+            "search": self.search,
+            "budget": self.budget.as_dict(),
+            "timings_s": self.timings_s,
+        }
+
+
+def objective(
+    ms_per_event: float, val_ndcg: float, reference_ms: float, reference_ndcg: float, alpha: float
+) -> float:
     """``f`` of one variant against the reference (the teacher); lower is better."""
-    t = row["ms_per_event_b1"] / reference["ms_per_event_b1"]
-    ref_quality = reference["val_ndcg@10"]
-    quality = row["val_ndcg@10"] / ref_quality if ref_quality > 0 else 0.0
+    t = ms_per_event / reference_ms
+    quality = val_ndcg / reference_ndcg if reference_ndcg > 0 else 0.0
     return alpha * t + (1.0 - alpha) * (1.0 - quality)
 
 
-def choose(rows: list[dict[str, Any]], alpha: float, reference: str = "teacher") -> str:
+def choose(rows: list[VariantRow], alpha: float, reference: str = "teacher") -> str:
     """Name of the servable variant with the lowest ``f``; sets every row's ``f``."""
-    ref = next(r for r in rows if r["name"] == reference)
+    ref = next(r for r in rows if r.name == reference)
     for row in rows:
-        row["f"] = objective(row, ref, alpha)
-    servable = [r for r in rows if r.get("onnx")]
-    return str(min(servable, key=lambda r: r["f"])["name"])
+        row.f = objective(row.latency.b1, row.val_ndcg, ref.latency.b1, ref.val_ndcg, alpha)
+    servable = [r for r in rows if r.onnx]
+    return min(servable, key=lambda r: math.inf if r.f is None else r.f).name
 
 
-def write(out_dir: Path, card: dict[str, Any]) -> None:
+def write(out_dir: Path, card: Card) -> None:
+    """``card.json``, ``card.md`` and the two plots, all read from the one document."""
+    document = card.as_dict()
     (out_dir / CARD_JSON).write_bytes(
-        orjson.dumps(card, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+        orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
     )
-    (out_dir / CARD_MD).write_text(markdown(card), encoding="utf-8")
-    plot_frontier(card, out_dir / FRONTIER_PNG)
-    plot_learning_curves(card, out_dir / CURVES_PNG)
+    (out_dir / CARD_MD).write_text(markdown(document), encoding="utf-8")
+    plot_frontier(document, out_dir / FRONTIER_PNG)
+    plot_learning_curves(document, out_dir / CURVES_PNG)
 
 
 def _ci(row: dict[str, Any], key: str) -> str:

@@ -118,11 +118,9 @@ def train_command(
         time_budget_s=None if time_budget is None else time_budget * 60.0,
         threads=threads,
     )
-    click.echo(f"chosen: {card['chosen']} → {out}")
-    for target in card["targets"]:
-        click.echo(
-            f"  {'met   ' if target['met'] else 'MISSED'} {target['target']}: {target['detail']}"
-        )
+    click.echo(f"chosen: {card.chosen} → {out}")
+    for target in card.targets:
+        click.echo(f"  {'met   ' if target.met else 'MISSED'} {target.target}: {target.detail}")
     click.echo(f"card: {out / 'card.md'}")
 
 

@@ -16,7 +16,14 @@ RUNTIME = [
     "model.card",
     "model.budget",
 ]
-TRAINING = ["model.sasrec", "model.hybrid", "model.losses", "model.search", "model.pipeline"]
+TRAINING = [
+    "model.sasrec",
+    "model.hybrid",
+    "model.losses",
+    "model.search",
+    "model.evaluation",
+    "model.pipeline",
+]
 
 
 def check(module: ModuleType) -> None:
