@@ -7,6 +7,7 @@ COPY flows flows
 COPY state state
 COPY model model
 COPY tools tools
+COPY bench bench
 COPY data data
 RUN pip install --no-cache-dir .
 ENV STREAMREC_DATA_DIR=/app/data/ml-latest-small \

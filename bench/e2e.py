@@ -4,7 +4,7 @@ For each variant the benchmark creates fresh topics, starts the service as a
 user would (``streamrec run ...``, configured through ``STREAMREC_*``), waits
 until it answers, warms it up, then climbs a ladder of offered rates.  Each
 point is an open-loop replay of the dataset at that rate
-(``bench.load_generator``, in its own process) of at least 20,000 events,
+(``streamrec.bench.load_generator``, in its own process) of at least 20,000 events,
 measured by a ``LatencyCollector`` started just before it; CPU and memory of
 the service, the broker and the harness are taken from the process table
 around the point.  A ladder stops at the first point the service could not
@@ -16,7 +16,7 @@ taking turns, and each point reports the median of its repeats.
 
 Results go to a JSON list of points (each with its repeats), a
 latency-vs-throughput PNG and the "End to end" section of BENCHMARKS.md
-(``bench.report``).
+(``streamrec.bench.report``).
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import psutil
 from confluent_kafka import KafkaException
 from tqdm import tqdm
 
-from bench.load_generator import LoadGenerator, LoadPoint
-from bench.report import median_of_repeats, section_markdown, write_section
-from bench.services import (
+from streamrec.bench.load_generator import LoadGenerator, LoadPoint
+from streamrec.bench.report import median_of_repeats, section_markdown, write_section
+from streamrec.bench.services import (
     FLOOR,
     PEERS,
     QUIX,
@@ -67,9 +67,8 @@ from streamrec.contracts import Event
 from streamrec.datasets import DatasetError, load_events
 from streamrec.kafka_clients import KafkaUnavailable, admin_client
 from streamrec.settings import EXACTLY_ONCE, REPO_ROOT, Settings
-from streamrec.topics import TopicError, create_topics, delete_topics, wanted_topics
-from tools.latency import LatencyMatcher
-from tools.services import (
+from streamrec.tools.latency import LatencyMatcher
+from streamrec.tools.services import (
     Readiness,
     Service,
     core_list,
@@ -77,6 +76,7 @@ from tools.services import (
     service_environment,
     wait_until_serving,
 )
+from streamrec.topics import TopicError, create_topics, delete_topics, wanted_topics
 
 FULL_RATES = (500.0, 1000.0, 2000.0, 3000.0, 4000.0, 6000.0)
 # Fewer events per point and a p99 rests on too few samples to quote (200 above it at 20,000).
@@ -621,7 +621,7 @@ def write_outputs(
     json_path.write_bytes(orjson.dumps(points, option=orjson.OPT_INDENT_2))
     written.append(json_path)
     if plot_path is not None and points:
-        from tools.plots import plot_latency_vs_throughput
+        from streamrec.tools.plots import plot_latency_vs_throughput
 
         written.append(plot_latency_vs_throughput(points, plot_path))
     if benchmarks_md is not None:

@@ -11,7 +11,7 @@ source keeps a consumer per partition, polled by Bytewax without blocking.)
 
 Run it like the flow, configured by the same ``STREAMREC_*`` variables::
 
-    python -m bench.kafka_floor
+    python -m streamrec.bench.kafka_floor
 
 >>> raw = b'{"event_id":"e1","user_id":"u1","item_id":"i1","type":"view","ts":1700000000000}'
 >>> Recommendation.from_json(floor_recommendation(raw, 5.0, 6.0)).event_id

@@ -22,8 +22,8 @@ from typing import Any
 
 from streamrec.datasets import load_events
 from streamrec.settings import Settings
-from tools.replay import DatasetSource, KafkaSender, replay
-from tools.schedule import Timing
+from streamrec.tools.replay import DatasetSource, KafkaSender, replay
+from streamrec.tools.schedule import Timing
 
 # How long to wait for the child to answer beyond the point's own duration.
 REPLY_MARGIN_S = 120.0
@@ -90,7 +90,7 @@ class LoadGenerator:
         return self._process.pid
 
     def run(self, point: LoadPoint) -> dict[str, Any]:
-        """Replay one point and return the replay report (``tools.replay.ReplayReport.to_dict``)."""
+        """Replay one point; the replay report (``streamrec.tools.replay.ReplayReport.to_dict``)."""
         self._connection.send(point)
         report: dict[str, Any] = self._receive("done", point.duration_s + REPLY_MARGIN_S)
         return report

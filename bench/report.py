@@ -1,6 +1,6 @@
 """The end-to-end benchmark's verdict: targets met or missed (and why), as a BENCHMARKS.md section.
 
-Runs are the dicts ``bench.e2e`` writes: one per variant, offered
+Runs are the dicts ``streamrec.bench.e2e`` writes: one per variant, offered
 rate and repeat, which ``median_of_repeats`` folds into one per variant and
 rate (the median of each figure, the repeats kept beside it).  CPU figures
 are percent of one core (200 = both cores of a 2-core machine).  Where a
@@ -492,7 +492,7 @@ def section_markdown(
         "from each input record's Kafka timestamp (its scheduled send time: the load is open "
         "loop) to the moment the recommendation is received; throughput is recommendations "
         "delivered per second. The **floor** is a consume→produce loop with the flow's client "
-        "settings and no work (`python -m bench.kafka_floor`): what Kafka alone costs. "
+        "settings and no work (`python -m streamrec.bench.kafka_floor`): what Kafka alone costs. "
         "Broker, service, load generator and latency consumer share the machine.",
         "",
         f"- Command: `{command}`",

@@ -3,7 +3,7 @@
 Writes ``--sessions`` full sessions (the records ``bench state`` measures) and
 a marks record to a fresh changelog partition, then rebuilds an empty shard
 from it ``--repeats`` times, as a process taking a partition on a new machine
-does (``state.changelog.open_shard``), and reports the median.
+does (``streamrec.state.changelog.open_shard``), and reports the median.
 
 >>> per_100k(12.5, 250_000)
 5.0
@@ -23,12 +23,12 @@ import orjson
 from confluent_kafka import Producer
 from tqdm import tqdm
 
-from bench.services import ensure_broker
-from bench.state import full_sessions
-from state.changelog import MARKS_KEY, ChangelogWriter, Marks, encode_marks, open_shard
-from state.session import encode_session
+from streamrec.bench.services import ensure_broker
+from streamrec.bench.state import full_sessions
 from streamrec.kafka_clients import producer_config, topic_id
 from streamrec.settings import Settings
+from streamrec.state.changelog import MARKS_KEY, ChangelogWriter, Marks, encode_marks, open_shard
+from streamrec.state.session import encode_session
 from streamrec.topics import create_topics, delete_topics, wanted_topics
 
 

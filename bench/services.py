@@ -1,8 +1,8 @@
 """What the end-to-end benchmark starts and watches: the broker, the service under test, usage.
 
 A *service* is the thing that turns events into recommendations: the Kafka
-floor (``python -m bench.kafka_floor``), the flow (``streamrec run``) or a
-peer doing the same job in another framework (``bench.peers``), as one or
+floor (``python -m streamrec.bench.kafka_floor``), the flow (``streamrec run``) or a
+peer doing the same job in another framework (``streamrec.bench.peers``), as one or
 more subprocesses configured only through ``STREAMREC_*`` variables,
 exactly as a user would start them.  Their stderr goes to a log file whose
 tail is shown when one of them dies or never answers.
@@ -30,8 +30,8 @@ from pathlib import Path
 import psutil
 
 from streamrec.settings import REPO_ROOT, Settings
-from tools.kafka_local import LocalKafka, broker_answers
-from tools.services import (
+from streamrec.tools.kafka_local import LocalKafka, broker_answers
+from streamrec.tools.services import (
     ServiceError,
     core_list,
     free_port,
@@ -108,11 +108,11 @@ def _listening_pid(bootstrap: str) -> int | None:
 def service_commands(variant: str, workers: int = 1) -> list[list[str]]:
     """The command line of each process of ``variant`` (two for ``student-2proc``)."""
     if variant == FLOOR:
-        return [[sys.executable, "-m", "bench.kafka_floor"]]
+        return [[sys.executable, "-m", "streamrec.bench.kafka_floor"]]
     if variant == BYTEWAX_STOCK:
-        return [[sys.executable, "-m", "bytewax.run", "bench.peers.bytewax_peer:flow"]]
+        return [[sys.executable, "-m", "bytewax.run", "streamrec.bench.peers.bytewax_peer:flow"]]
     if variant == QUIX:
-        return [[str(QUIX_VENV / "bin" / "python"), "-m", "bench.peers.quix_peer"]]
+        return [[str(QUIX_VENV / "bin" / "python"), "-m", "streamrec.bench.peers.quix_peer"]]
     run = [streamrec_executable(), "run", "-w", str(workers)]
     if variant == TEACHER:
         return [[*run, "--variant", TEACHER]]
@@ -130,10 +130,14 @@ def ensure_quix_venv(log: Callable[[str], None], venv: Path = QUIX_VENV) -> Path
 
     Quix Streams pins confluent-kafka below 2.13, which this project's
     environment is above, so the peer cannot run here.  onnxruntime and numpy
-    are pinned to this environment's versions: both sides score alike.
+    are pinned to this environment's versions: both sides score alike.  This
+    repository is installed in it too (editable, without its dependencies): its
+    folders import as ``streamrec.bench``, ``streamrec.model``, ... only once installed.
     """
     python = venv / "bin" / "python"
-    wanted = [QUIX_REQUIREMENT, *(f"{name}=={version(name)}" for name in SCORING_PACKAGES)]
+    requirements = [QUIX_REQUIREMENT, *(f"{name}=={version(name)}" for name in SCORING_PACKAGES)]
+    this_repository = ["--no-deps", "-e", str(REPO_ROOT)]
+    wanted = [*requirements, *this_repository]
     stamp = venv / "streamrec-requirements.txt"
     if python.exists() and stamp.exists() and stamp.read_text().split() == wanted:
         return python
@@ -146,12 +150,13 @@ def ensure_quix_venv(log: Callable[[str], None], venv: Path = QUIX_VENV) -> Path
                 capture_output=True,
                 timeout=VENV_TIMEOUT_S,
             )
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", *wanted],
-            check=True,
-            capture_output=True,
-            timeout=VENV_TIMEOUT_S,
-        )
+        for packages in (requirements, this_repository):
+            subprocess.run(
+                [str(python), "-m", "pip", "install", "--quiet", *packages],
+                check=True,
+                capture_output=True,
+                timeout=VENV_TIMEOUT_S,
+            )
     except subprocess.CalledProcessError as err:
         tail = (err.stderr or b"").decode(errors="replace").strip().splitlines()[-5:]
         raise BenchError(

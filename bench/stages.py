@@ -16,11 +16,11 @@ from pathlib import Path
 import click
 import orjson
 
-from model.serving import Recommender
-from state.store import SessionStore
 from streamrec.contracts import Event, parse_message
 from streamrec.datasets import load_events
+from streamrec.model.serving import Recommender
 from streamrec.settings import Settings
+from streamrec.state.store import SessionStore
 
 SHARDS = 4
 

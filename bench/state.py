@@ -8,7 +8,7 @@ users are applied and timed one by one; then as many again staged and committed
 in micro-batches, as the flow applies them; then, reopened with the cache off,
 ``applies`` more one by one: the cost of a session read from RocksDB.  Not a
 test: the figures go to BENCHMARKS.md.  The rated and bought items of the timed
-events go to their users' consumed-items records (``state.consumed``): their
+events go to their users' consumed-items records (``streamrec.state.consumed``): their
 count and bytes are reported too (``STREAMREC_CONSUMED_CAP=0`` turns them off, to
 compare the apply cost without them).
 """
@@ -32,13 +32,13 @@ import click
 import orjson
 from tqdm import tqdm
 
-from state.keys import CONSUMED_PREFIX
-from state.layout import shard_dir
-from state.rocks import disk_bytes
-from state.session import Session, decode_session
-from state.store import SessionStore
 from streamrec.contracts import Event
 from streamrec.settings import Settings
+from streamrec.state.keys import CONSUMED_PREFIX
+from streamrec.state.layout import shard_dir
+from streamrec.state.rocks import disk_bytes
+from streamrec.state.session import Session, decode_session
+from streamrec.state.store import SessionStore
 
 START_MS: Final = 1_700_000_000_000
 PARTITIONS: Final = 4

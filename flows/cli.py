@@ -218,7 +218,7 @@ def run_command(
       streamrec run -i 0 -a "127.0.0.1:2101;127.0.0.1:2102"
       streamrec run -i 1 -a "127.0.0.1:2101;127.0.0.1:2102"
     """
-    from flows.shutdown import STARTING, stop_gracefully_on_signals
+    from streamrec.flows.shutdown import STARTING, stop_gracefully_on_signals
 
     # Before the seconds of start-up, so that a stop during them exits cleanly.
     stop_gracefully_on_signals()
@@ -248,7 +248,7 @@ def _checked_cluster(
     settings: Settings, process_id: int | None, addresses: str | None
 ) -> list[str]:
     """The cluster's addresses (none: one process), after the checks of the command line."""
-    from flows.guarantee import GuaranteeChoiceError, check_choice
+    from streamrec.flows.guarantee import GuaranteeChoiceError, check_choice
 
     try:
         check_choice(settings)
@@ -270,11 +270,16 @@ def _serve(
     no_recovery: bool,
 ) -> None:
     """Load and check everything the flow needs, then run it until it stops."""
-    from flows import metrics
-    from flows.dataflow import build_dataflow
-    from flows.guarantee import for_settings
-    from flows.models import ModelWatcher, VariantSpecError, load_model_set, parse_variants
-    from flows.stores import PartitionStores
+    from streamrec.flows import metrics
+    from streamrec.flows.dataflow import build_dataflow
+    from streamrec.flows.guarantee import for_settings
+    from streamrec.flows.models import (
+        ModelWatcher,
+        VariantSpecError,
+        load_model_set,
+        parse_variants,
+    )
+    from streamrec.flows.stores import PartitionStores
 
     try:
         shares = parse_variants(variant)
@@ -350,8 +355,8 @@ def _events_topic(settings: Settings) -> tuple[int, str]:
 
 
 def _check_state(settings: Settings, partitions: int, incarnation: str) -> None:
-    from state.errors import StateError
-    from state.layout import check_topic_incarnation, ensure_layout
+    from streamrec.state.errors import StateError
+    from streamrec.state.layout import check_topic_incarnation, ensure_layout
 
     try:
         # Sessions live with the events partition they arrive on, so the state
@@ -393,9 +398,9 @@ def _run_until_stopped(
     from bytewax.errors import BytewaxRuntimeError
     from bytewax.run import cli_main
 
-    from flows.source import ResumeOffsetError
-    from state.errors import StateError, StateWriteError
+    from streamrec.flows.source import ResumeOffsetError
     from streamrec.kafka_clients import KafkaUnavailable
+    from streamrec.state.errors import StateError, StateWriteError
 
     # A stop during start-up needs no case of its own: the readers end at once.
     try:

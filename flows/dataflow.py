@@ -9,11 +9,11 @@ from __future__ import annotations
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
-from flows.models import ModelSet, ModelWatcher
-from flows.processor import processor_factory
-from flows.source import EventSource
-from flows.stores import PartitionStores
-from flows.worker import Workers
+from streamrec.flows.models import ModelSet, ModelWatcher
+from streamrec.flows.processor import processor_factory
+from streamrec.flows.source import EventSource
+from streamrec.flows.stores import PartitionStores
+from streamrec.flows.worker import Workers
 from streamrec.settings import Settings
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Final
 from zlib import crc32
 
-from model.serving import Recommender
+from streamrec.model.serving import Recommender
 from streamrec.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,6 @@ from typing import Final, NamedTuple
 
 from confluent_kafka import KafkaError
 
-from flows import metrics
 from streamrec.contracts import (
     OUTPUT_REFUSED,
     STUB_HEADER_KEY_SHA256,
@@ -37,6 +36,7 @@ from streamrec.contracts import (
     STUB_MAX_KEY_BYTES,
     DeadLetter,
 )
+from streamrec.flows import metrics
 from streamrec.kafka_clients import (
     KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
     KafkaUnavailable,

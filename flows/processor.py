@@ -20,13 +20,6 @@ from typing import cast
 
 from confluent_kafka import Message
 
-from flows import metrics
-from flows.models import ModelSet, ModelWatcher, load_model_set, parse_variants
-from flows.output import OutputRecord, SinkItem
-from flows.stores import PartitionStores
-from flows.worker import WorkerContext, Workers
-from model.serving import Prepared
-from state.store import Erasure, SessionStore
 from streamrec.contracts import (
     ContractError,
     DeadLetter,
@@ -35,7 +28,14 @@ from streamrec.contracts import (
     encode_recommendation,
     parse_message,
 )
+from streamrec.flows import metrics
+from streamrec.flows.models import ModelSet, ModelWatcher, load_model_set, parse_variants
+from streamrec.flows.output import OutputRecord, SinkItem
+from streamrec.flows.stores import PartitionStores
+from streamrec.flows.worker import WorkerContext, Workers
+from streamrec.model.serving import Prepared
 from streamrec.settings import Settings
+from streamrec.state.store import Erasure, SessionStore
 
 log = logging.getLogger(__name__)
 

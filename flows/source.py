@@ -23,13 +23,13 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from flows import metrics
-from flows.guarantee import PartitionProgress
-from flows.kafka_log import kafka_logger
-from flows.pacing import Pacer
-from flows.shutdown import STOP_READING
-from flows.stores import PartitionStores
-from flows.worker import WorkerContext, Workers
+from streamrec.flows import metrics
+from streamrec.flows.guarantee import PartitionProgress
+from streamrec.flows.kafka_log import kafka_logger
+from streamrec.flows.pacing import Pacer
+from streamrec.flows.shutdown import STOP_READING
+from streamrec.flows.stores import PartitionStores
+from streamrec.flows.worker import WorkerContext, Workers
 from streamrec.kafka_clients import consumer_config, topic_partitions, watermark_offsets
 from streamrec.settings import Settings
 

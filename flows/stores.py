@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import threading
 
-from flows.guarantee import Guarantee
-from state.store import SessionStore
+from streamrec.flows.guarantee import Guarantee
+from streamrec.state.store import SessionStore
 
 
 class PartitionStores:

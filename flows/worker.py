@@ -40,7 +40,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flows.pacing import Pacer
+from streamrec.flows.pacing import Pacer
 from streamrec.settings import Settings
 
 

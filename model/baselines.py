@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from model.candidates import PAD, RECENCY, covisit_pairs
+from streamrec.model.candidates import PAD, RECENCY, covisit_pairs
 
 
 class Popular:

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from model.data import left_pad
-from model.serving import OnnxScorer
+from streamrec.model.data import left_pad
+from streamrec.model.serving import OnnxScorer
 
 Call = Callable[[], object]
 

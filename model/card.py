@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from model.metrics import Interval
+from streamrec.model.metrics import Interval
 
 CARD_JSON = "card.json"
 CARD_MD = "card.md"
@@ -61,7 +61,7 @@ class Paired:
 
 @dataclass(frozen=True, slots=True)
 class Agreement:
-    """An int8 variant against its fp32 source (``model.export.agreement``, and NDCG@10)."""
+    """An int8 variant against its fp32 source (``streamrec.model.export.agreement``; NDCG@10)."""
 
     source: str
     top_overlap: float  # of the top K items
@@ -85,7 +85,7 @@ class Agreement:
 
 @dataclass(frozen=True, slots=True)
 class Latency:
-    """Median ms per event of the scoring call alone, one thread (``model.bench``)."""
+    """Median ms per event of the scoring call alone, one thread (``streamrec.model.bench``)."""
 
     b1: float
     b32: float
@@ -273,7 +273,7 @@ class Dataset:
 
     name: str
     path: str
-    summary: dict[str, int]  # ``model.data.Split.summary``
+    summary: dict[str, int]  # ``streamrec.model.data.Split.summary``
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "path": self.path, **self.summary}
@@ -292,15 +292,15 @@ class Card:
     protocols: dict[str, Protocol]  # "loo" and "stream"
     candidates: Candidates
     # The sections below come from other modules' records, as they write them.
-    training: dict[str, dict[str, Any]]  # each fit's ``model.train.FitReport.summary``
-    pruning: dict[str, int | float]  # ``model.prune.describe``
+    training: dict[str, dict[str, Any]]  # each fit's ``streamrec.model.train.FitReport.summary``
+    pruning: dict[str, int | float]  # ``streamrec.model.prune.describe``
     config: dict[str, Any]  # the configs as trained: shapes, training, distillation, pruning
     environment: Environment
     command: str
     int8: str  # the int8 student shipped (the served one, else the best by f)
     targets: list[Target]
     notes: list[str]
-    search: dict[str, Any]  # ``model.search.SearchResult.record``
+    search: dict[str, Any]  # ``streamrec.model.search.SearchResult.record``
     budget: BudgetUse
     timings_s: dict[str, float]  # seconds by stage, and the total
 

@@ -1,4 +1,4 @@
-"""`streamrec train`: the command-line front door of ``model.pipeline``.
+"""`streamrec train`: the command-line front door of ``streamrec.model.pipeline``.
 
 torch is imported only when the command runs: the runtime install (the flow)
 has no torch, and ``streamrec --help`` must work there too.
@@ -89,7 +89,7 @@ def train_command(
       streamrec train --data ../shared/data/amazon-video-games --time-budget 30 --out /tmp/vg
     """
     try:
-        from model import pipeline
+        from streamrec.model import pipeline
     except ImportError as err:  # the runtime install has no torch
         raise click.ClickException(
             f"training needs the train extra ({err.name} is missing): pip install -e '.[train]'"

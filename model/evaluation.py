@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from model.baselines import Covisit, Popular
-from model.bench import Call, baseline_calls, interleaved, onnx_calls
-from model.candidates import CandidateIndex, recall_at
-from model.card import Agreement, Delta, K, Latency, Paired, Recall, Target, VariantRow
-from model.data import PAD, EvalSet, left_pad
-from model.export import agreement
-from model.metrics import Interval, bootstrap, hit_at, ndcg_at, target_ranks
-from model.serving import OnnxScorer
+from streamrec.model.baselines import Covisit, Popular
+from streamrec.model.bench import Call, baseline_calls, interleaved, onnx_calls
+from streamrec.model.candidates import CandidateIndex, recall_at
+from streamrec.model.card import Agreement, Delta, K, Latency, Paired, Recall, Target, VariantRow
+from streamrec.model.data import PAD, EvalSet, left_pad
+from streamrec.model.export import agreement
+from streamrec.model.metrics import Interval, bootstrap, hit_at, ndcg_at, target_ranks
+from streamrec.model.serving import OnnxScorer
 
 BASELINES = ("popular", "covisit")
 
@@ -56,7 +56,7 @@ def rank_targets(
     keep: list[np.ndarray] | None = None,
     batch: int = 64,
 ) -> np.ndarray:
-    """Each point's target rank among every item (``model.metrics.target_ranks``);
+    """Each point's target rank among every item (``streamrec.model.metrics.target_ranks``);
     ``keep`` collects the scores as float32."""
     ranks = []
     for lo in range(0, len(points), batch):
@@ -182,7 +182,7 @@ def scoring_latency(
 def variant_rows(
     variants: dict[str, Variant], protocols: dict[str, EvalSet], n_boot: int
 ) -> list[VariantRow]:
-    """The card's row of every variant, in order (``f`` is left to ``model.card.choose``)."""
+    """The card's row of every variant, in order (``f``: ``streamrec.model.card.choose``)."""
     ndcg = {v.name: {p: ndcg_at(v.ranks[p], K) for p in protocols} for v in variants.values()}
     hr = {v.name: {p: hit_at(v.ranks[p], K) for p in protocols} for v in variants.values()}
     loo, stream = protocols["loo"], protocols["stream"]

@@ -1,4 +1,4 @@
-"""Consumed-item hashes (``state.consumed``) → the vocabulary's item codes, per user.
+"""Consumed-item hashes (``streamrec.state.consumed``) → the vocabulary's item codes, per user.
 
 A user's consumed record only ever grows by appending an item (the oldest
 leaving at the cap), and the flow asks for the user's codes on each of their

@@ -45,10 +45,10 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from model.candidates import CandidateIndex
-from model.data import left_pad
-from model.sasrec import SASRec
-from model.serving import OnnxScorer
+from streamrec.model.candidates import CandidateIndex
+from streamrec.model.data import left_pad
+from streamrec.model.sasrec import SASRec
+from streamrec.model.serving import OnnxScorer
 
 OPSET = 17
 # 7-bit weights: no int16 saturation in the uint8 × int8 kernels of CPUs without VNNI.

@@ -3,7 +3,7 @@
 A hybrid SASRec (``SASRecConfig.covisit_recent`` > 0) adds to each item's score a
 learnt gate times ``log1p`` of the item's co-visitation sum after the session's
 newest items.  The sums come from the same table the candidate index serves
-(``model.candidates.neighbour_table``: each item's strongest neighbours), so the
+(``streamrec.model.candidates.neighbour_table``: each item's strongest neighbours), so the
 model trains on the input serving gives it; ``CandidateIndex.covisit_sums``
 computes the same sums in numpy at serving time.
 
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.candidates import NEIGHBOUR_WIDTH, PAD, RECENCY, neighbour_table
-from model.losses import ScoreBonus
-from model.sasrec import SASRec
+from streamrec.model.candidates import NEIGHBOUR_WIDTH, PAD, RECENCY, neighbour_table
+from streamrec.model.losses import ScoreBonus
+from streamrec.model.sasrec import SASRec
 
 
 class CovisitTable:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.data import PAD
+from streamrec.model.data import PAD
 
 Pairs = tuple[torch.Tensor, torch.Tensor]  # (row, item) index pairs
 

@@ -2,11 +2,11 @@
 
 Stages, in order (one progress bar over them):
 
-1. load the events and split them (``model.data``: leave-one-out and streaming);
+1. load the events and split them (``streamrec.model.data``: leave-one-out and streaming);
 2. baselines: most-popular and co-visitation;
 3. teacher: a wide, deep, long-context SASRec that also takes the
-   co-visitation sums of its candidates as an input (a hybrid, ``model.hybrid``),
-   chosen by a small search on validation (``model.search``), one block deeper per
+   co-visitation sums of its candidates as an input (a hybrid, ``streamrec.model.hybrid``),
+   chosen by a small search on validation (``streamrec.model.search``), one block deeper per
    doubling of the training windows beyond ``teacher_windows_per_block``;
 4. the teacher's top items at every training position (distillation targets);
 5. two students of one size and initialisation, hybrids too: one on the data alone,
@@ -18,7 +18,7 @@ Stages, in order (one progress bar over them):
    intervals, agreement of int8 with fp32, candidate recall, latency;
 9. the card, the choice by ``f``, and the artifacts the flow and benchmark need.
 
-With a time budget (``model.budget``) each stage gets a share of the time left;
+With a time budget (``streamrec.model.budget``) each stage gets a share of the time left;
 training stages stop at their deadline, the others are not cut.  The loss follows
 the catalogue: a full softmax up to ``softmax_max_items`` items, a softmax over
 sampled negatives above (gBCE, also there, learnt too slowly on a short budget:
@@ -27,7 +27,7 @@ number of training windows.
 
 ``run`` reads as the stages in order: each is one function below it, and what a stage
 hands to the next is a typed record (``Points``, ``Training``, ``Trained``, ``Exported``,
-``Choice``); the card is a ``model.card.Card``.
+``Choice``); the card is a ``streamrec.model.card.Card``.
 """
 
 from __future__ import annotations
@@ -49,12 +49,14 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from model import card as model_card
-from model.baselines import Covisit, Popular
-from model.bench import median_ms_per_event
-from model.budget import Budget, clock_text
-from model.candidates import CandidateIndex
-from model.card import (
+from streamrec.cpu import describe_int8_support
+from streamrec.datasets import load_events
+from streamrec.model import card as model_card
+from streamrec.model.baselines import Covisit, Popular
+from streamrec.model.bench import median_ms_per_event
+from streamrec.model.budget import Budget, clock_text
+from streamrec.model.candidates import CandidateIndex
+from streamrec.model.card import (
     BudgetUse,
     Candidates,
     Card,
@@ -66,8 +68,8 @@ from model.card import (
     Target,
     VariantRow,
 )
-from model.data import EvalSet, Split, split_events
-from model.evaluation import (
+from streamrec.model.data import EvalSet, Split, split_events
+from streamrec.model.evaluation import (
     Variant,
     candidate_recall,
     check_targets,
@@ -78,19 +80,19 @@ from model.evaluation import (
     scoring_latency,
     variant_rows,
 )
-from model.export import (
+from streamrec.model.export import (
     calibration_feeds,
     export_onnx,
     quantize_dynamic_int8,
     quantize_static_int8,
 )
-from model.hybrid import CovisitTable
-from model.metrics import ndcg_at
-from model.prune import PruneConfig, describe, importance, prune
-from model.sasrec import SASRec, SASRecConfig
-from model.search import TEACHER_CANDIDATES, Candidate, SearchResult, search
-from model.serving import INDEX_FILE, VOCAB_FILE, OnnxScorer
-from model.train import (
+from streamrec.model.hybrid import CovisitTable
+from streamrec.model.metrics import ndcg_at
+from streamrec.model.prune import PruneConfig, describe, importance, prune
+from streamrec.model.sasrec import SASRec, SASRecConfig
+from streamrec.model.search import TEACHER_CANDIDATES, Candidate, SearchResult, search
+from streamrec.model.serving import INDEX_FILE, VOCAB_FILE, OnnxScorer
+from streamrec.model.train import (
     FitReport,
     TeacherTargets,
     TrainConfig,
@@ -100,8 +102,6 @@ from model.train import (
     teacher_targets,
     training_windows,
 )
-from streamrec.cpu import describe_int8_support
-from streamrec.datasets import load_events
 from streamrec.settings import Settings
 
 # Hybrid models add co-visitation from the session's newest items: as many as the
@@ -257,7 +257,7 @@ STAGES = (
     "card",
 )
 
-# Shares of the time budget (model.budget): training stages stop at their deadline; the
+# Shares of the time budget (streamrec.model.budget): training stages stop at their deadline; the
 # others hold a share so that training leaves them their usual time.
 BUDGET_SHARES = {
     "load": 0.01,
@@ -354,7 +354,7 @@ class Trained:
     student: Fitted  # the same initialisation, distilled from the teacher too
     pruned: Fitted  # the distilled student, pruned and fine-tuned
     search: SearchResult
-    pruning: dict[str, int | float]  # ``model.prune.describe``
+    pruning: dict[str, int | float]  # ``streamrec.model.prune.describe``
 
     def by_variant(self) -> dict[str, tuple[Fitted, str]]:
         """Each model by its variant name, with its parent (the row it is compared with)."""

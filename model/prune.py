@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.sasrec import SASRec
-from model.train import Batch, TeacherTargets, TrainConfig, loss_on
+from streamrec.model.sasrec import SASRec
+from streamrec.model.train import Batch, TeacherTargets, TrainConfig, loss_on
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ at serving time.
 
 A hybrid (``covisit_recent`` > 0) takes one more input, the
 co-visitation sums of the candidates after the session's newest items
-(``model.candidates``), and adds ``gate(h) · log1p(sum)`` to each score: the gate is
+(``streamrec.model.candidates``), and adds ``gate(h) · log1p(sum)`` to each score: the gate is
 learnt from the hidden state, so the model decides per session how far to trust
 co-visitation, and the transformer learns what co-visitation misses.
 
@@ -143,7 +143,7 @@ class SASRec(nn.Module):
             persistent=False,
         )
         self.apply(_init_weights)
-        # Set from the training data before training (``model.hybrid``); never exported:
+        # Set from the training data before training (``streamrec.model.hybrid``); never exported:
         # at serving time the sums come from the candidate index, kept up to date online.
         self.covisit_table: Any = None
         if cfg.covisit_recent:
@@ -207,7 +207,7 @@ class SASRec(nn.Module):
         if covisit is None:
             raise ValueError(
                 "a hybrid SASRec scores with its candidates' co-visitation sums: pass covisit "
-                "(model.hybrid.CovisitTable or CandidateIndex.covisit_sums)"
+                "(streamrec.model.hybrid.CovisitTable or CandidateIndex.covisit_sums)"
             )
         return scores + self.covisit_weight(hidden)[:, None] * torch.log1p(covisit)
 

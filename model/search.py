@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from model.data import EvalSet
-from model.sasrec import SASRec
-from model.train import FitReport, TrainConfig, fit
+from streamrec.model.data import EvalSet
+from streamrec.model.sasrec import SASRec
+from streamrec.model.train import FitReport, TrainConfig, fit
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ index proposes unseen items; the ONNX model scores them (a hybrid model with
 their co-visitation sums from the same index); the best ``k`` are
 returned best first.  A session with no known item gets the popular items.
 Items whose hash is in the session's ``exclude`` (what the user consumed
-beyond the window, ``state.consumed``) are never candidates, as if seen: the
+beyond the window, ``streamrec.state.consumed``) are never candidates, as if seen: the
 candidate sources fill their places with the next items they would propose.
 """
 
@@ -41,10 +41,10 @@ import numpy as np
 import onnxruntime as ort
 import orjson
 
-from model.candidates import CandidateIndex, Excluded, Reads
-from model.data import PAD, Vocab
-from model.exclusions import ExclusionCodes
 from streamrec.item_hashes import EMPTY, HASH_DTYPE, isin_sorted, item_hashes
+from streamrec.model.candidates import CandidateIndex, Excluded, Reads
+from streamrec.model.data import PAD, Vocab
+from streamrec.model.exclusions import ExclusionCodes
 
 CARD_FILE = "card.json"
 VOCAB_FILE = "vocab.json"
@@ -193,7 +193,8 @@ class Recommender:
 
         ``exclude``: per session, hashes (``streamrec.item_hashes.item_hash``) of items never
         to recommend either; ``users``: whose sessions they are, so that each user's
-        exclusions are looked up anew only for what they consumed since (``model.exclusions``).
+        exclusions are looked up anew only for what they consumed since
+        (``streamrec.model.exclusions``).
         Every session is answered from the online counts as they are now.
         """
         if k <= 0:

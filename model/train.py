@@ -1,7 +1,7 @@
 """Training: next-item loss over the catalogue, optionally distilled from a teacher.
 
 Every position of a training window predicts the next item, with a full softmax
-over all items or a loss on sampled negatives (``model.losses``; the pipeline
+over all items or a loss on sampled negatives (``streamrec.model.losses``; the pipeline
 picks one by catalogue size).  A student may also learn the teacher's
 ranking: for each training position the teacher's top-``kd_top`` items and
 probabilities (at temperature ``kd_temperature``) are precomputed once, and the
@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.budget import clock_text
-from model.data import PAD, EvalSet, left_pad
-from model.hybrid import dense_sums, score_bonus, table_of
-from model.losses import LossOut, full_softmax, gbce, sampled_softmax
-from model.metrics import ndcg_at, target_ranks
-from model.sasrec import SASRec
+from streamrec.model.budget import clock_text
+from streamrec.model.data import PAD, EvalSet, left_pad
+from streamrec.model.hybrid import dense_sums, score_bonus, table_of
+from streamrec.model.losses import LossOut, full_softmax, gbce, sampled_softmax
+from streamrec.model.metrics import ndcg_at, target_ranks
+from streamrec.model.sasrec import SASRec
 
 LOSSES = ("softmax", "gbce", "sampled")
 
@@ -407,7 +407,7 @@ def covisit_embeddings(
     A warm start for the item embeddings: on a dataset this small, pair statistics
     that co-visitation gathers in one pass take a transformer many epochs to find.
     """
-    from model.candidates import covisit_pairs
+    from streamrec.model.candidates import covisit_pairs
 
     indptr, col, weight = covisit_pairs(train, n_items, window=3)
     row = np.repeat(np.arange(n_items), np.diff(indptr))

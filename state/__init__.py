@@ -8,7 +8,7 @@ disk), ``rocks`` (RocksDB options and scans), ``view`` (read-only access for the
 command line), ``errors``; ``cli`` and ``bench`` are the front door.
 """
 
-from state.errors import (
+from streamrec.state.errors import (
     CorruptSessionError,
     IncompatibleStateError,
     StateError,
@@ -16,9 +16,9 @@ from state.errors import (
     StateNotFoundError,
     UnknownSessionFormatError,
 )
-from state.session import Session
-from state.store import ApplyResult, SessionStore, StoreCounters
-from state.view import StateView, open_state_view
+from streamrec.state.session import Session
+from streamrec.state.store import ApplyResult, SessionStore, StoreCounters
+from streamrec.state.view import StateView, open_state_view
 
 __all__ = [
     "ApplyResult",

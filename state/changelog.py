@@ -50,11 +50,11 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from state.errors import StateError
-from state.layout import shard_dir
-from state.store import ChangeListener, SessionStore, Stamp
 from streamrec.kafka_clients import consumer_config, producer_config, watermark_offsets
 from streamrec.settings import Settings
+from streamrec.state.errors import StateError
+from streamrec.state.layout import shard_dir
+from streamrec.state.store import ChangeListener, SessionStore, Stamp
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The command line of session state: ``streamrec state show|dump|stats|reset``.
 
 ``state_group`` is mounted by ``streamrec.cli``; the work itself lives in
-``state.view`` (the benchmark, ``streamrec bench state``, in ``bench/state.py``).
+``streamrec.state.view`` (the benchmark, ``streamrec bench state``, in ``bench/state.py``).
 """
 
 from __future__ import annotations
@@ -20,12 +20,18 @@ import click
 import orjson
 from tqdm import tqdm
 
-from state.errors import StateError
-from state.layout import shard_dir
-from state.rocks import ShardStats
-from state.session import EVENT_TYPES
-from state.view import DamagedShard, FoundSession, StateView, UnreadableRecord, open_state_view
 from streamrec.settings import Settings
+from streamrec.state.errors import StateError
+from streamrec.state.layout import shard_dir
+from streamrec.state.rocks import ShardStats
+from streamrec.state.session import EVENT_TYPES
+from streamrec.state.view import (
+    DamagedShard,
+    FoundSession,
+    StateView,
+    UnreadableRecord,
+    open_state_view,
+)
 
 # A damaged store can hold many unreadable records: name this many, count them all.
 UNREADABLE_NAMED: Final = 20

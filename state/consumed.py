@@ -27,8 +27,8 @@ from typing import Final
 
 import numpy as np
 
-from state.errors import CorruptSessionError
 from streamrec.item_hashes import EMPTY, HASH_DTYPE, isin_sorted, item_hash, item_hashes
+from streamrec.state.errors import CorruptSessionError
 
 __all__ = ["EMPTY", "HASH_DTYPE", "item_hash", "item_hashes", "isin_sorted"]
 

@@ -34,7 +34,7 @@ VERSION_KEY: Final = META_PREFIX + b"version"
 OPEN_KEY: Final = META_PREFIX + b"open"
 # Session records that could not be read, kept aside for inspection (never read again).
 QUARANTINE_PREFIX: Final = b"q:"
-# The items each user consumed in their current session (state.consumed), beside ``s:``.
+# The items each user consumed in their current session (streamrec.state.consumed), beside ``s:``.
 CONSUMED_PREFIX: Final = b"c:"
 # In the changelog, whose keys are raw user ids, a consumed-items record's key is this tag
 # and the user id: not valid UTF-8, so never a user id (which is text) on its own.

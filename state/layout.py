@@ -25,7 +25,7 @@ Layout(format_version=1, shard_count=2)
 >>> ensure_layout(d, shard_count=3)  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-state.errors.IncompatibleStateError: state directory ... was laid out for 2 shards ...
+streamrec.state.errors.IncompatibleStateError: state directory ... was laid out for 2 shards ...
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Final
 
 import orjson
 
-from state.errors import IncompatibleStateError, StateNotFoundError, TopicIncarnationError
+from streamrec.state.errors import IncompatibleStateError, StateNotFoundError, TopicIncarnationError
 
 STATE_FORMAT_VERSION: Final = 1
 LAYOUT_FILE: Final = "LAYOUT.json"

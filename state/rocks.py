@@ -25,9 +25,14 @@ from rocksdict import (
     WriteOptions,
 )
 
-from state.errors import CorruptSessionError, StateError, StateLockedError, StateNotFoundError
-from state.keys import CLOCK_KEY, SESSION_PREFIX, SESSIONS_END
-from state.session import last_seen_of
+from streamrec.state.errors import (
+    CorruptSessionError,
+    StateError,
+    StateLockedError,
+    StateNotFoundError,
+)
+from streamrec.state.keys import CLOCK_KEY, SESSION_PREFIX, SESSIONS_END
+from streamrec.state.session import last_seen_of
 
 # Block cache of each shard DB: the warm set of sessions should be served from memory.
 BLOCK_CACHE_BYTES: Final = 64 * 1024 * 1024

@@ -47,8 +47,8 @@ from typing import Any, Final, NamedTuple
 
 import orjson
 
-from state.errors import CorruptSessionError, UnknownSessionFormatError
 from streamrec.contracts import Event
+from streamrec.state.errors import CorruptSessionError, UnknownSessionFormatError
 
 SESSION_FORMAT_VERSION: Final = 3
 # The previous format, still read: its records become version 3 on their next write.

@@ -35,7 +35,9 @@ from zlib import crc32
 import numpy as np
 from rocksdict import BottommostLevelCompaction, CompactOptions, Rdict, WriteBatch
 
-from state.consumed import (
+from streamrec.contracts import Event
+from streamrec.settings import Settings
+from streamrec.state.consumed import (
     EMPTY,
     decode_consumed,
     encode_consumed,
@@ -43,8 +45,8 @@ from state.consumed import (
     parse_types,
     with_item,
 )
-from state.errors import CorruptSessionError, StateWriteError
-from state.keys import (
+from streamrec.state.errors import CorruptSessionError, StateWriteError
+from streamrec.state.keys import (
     APPLIED_PREFIX,
     CHANGELOG_CONSUMED_TAG,
     CLOCK_KEY,
@@ -59,8 +61,8 @@ from state.keys import (
     session_key,
     user_of,
 )
-from state.layout import check_shard_record, ensure_layout, shard_dir, shard_record
-from state.rocks import (
+from streamrec.state.layout import check_shard_record, ensure_layout, shard_dir, shard_record
+from streamrec.state.rocks import (
     CLOCK,
     ShardStats,
     damaged,
@@ -71,7 +73,7 @@ from state.rocks import (
     session_bounds,
     write_options,
 )
-from state.session import (
+from streamrec.state.session import (
     EVENT_TYPES,
     NO_REPLAY,
     Session,
@@ -80,8 +82,6 @@ from state.session import (
     encode_session,
     last_seen_of,
 )
-from streamrec.contracts import Event
-from streamrec.settings import Settings
 
 # Before any event: earlier than every event time, so nothing counts as expired.
 NO_CLOCK: Final = -(2**63)
@@ -341,7 +341,7 @@ class SessionStore:
                 self._staged_consumed[key] = after
 
     def consumed(self, user_id: str) -> np.ndarray:
-        """The hashes (``state.consumed.item_hash``) of the items ``user_id`` consumed.
+        """The hashes (``streamrec.state.consumed.item_hash``) of the items ``user_id`` consumed.
 
         As of their latest event, staged ones included; read-only, oldest first.
         """

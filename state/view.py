@@ -14,12 +14,12 @@ from typing import Final
 
 from rocksdict import Rdict, ReadOptions
 
-from state.errors import StateError
-from state.keys import QUARANTINE_PREFIX, SESSION_PREFIX, session_key, user_of
-from state.layout import Layout, existing_shards, read_layout, shard_dir
-from state.rocks import ShardStats, open_read_only, read_clock, scan_stats, session_bounds
-from state.session import Session, decode_session
 from streamrec.settings import Settings
+from streamrec.state.errors import StateError
+from streamrec.state.keys import QUARANTINE_PREFIX, SESSION_PREFIX, session_key, user_of
+from streamrec.state.layout import Layout, existing_shards, read_layout, shard_dir
+from streamrec.state.rocks import ShardStats, open_read_only, read_clock, scan_stats, session_bounds
+from streamrec.state.session import Session, decode_session
 
 # The first key after every quarantined record: the upper bound of their scan.
 _QUARANTINE_END: Final = QUARANTINE_PREFIX[:-1] + bytes([QUARANTINE_PREFIX[-1] + 1])

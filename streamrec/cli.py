@@ -22,79 +22,79 @@ Loader = Callable[[], click.Command]
 
 
 def _kafka() -> click.Command:
-    from tools.kafka_cli import kafka_group
+    from streamrec.tools.kafka_cli import kafka_group
 
     return kafka_group
 
 
 def _topics() -> click.Command:
-    from tools.kafka_cli import topics_group
+    from streamrec.tools.kafka_cli import topics_group
 
     return topics_group
 
 
 def _state() -> click.Command:
-    from state.cli import state_group
+    from streamrec.state.cli import state_group
 
     return state_group
 
 
 def _train() -> click.Command:
-    from model.cli import train_command
+    from streamrec.model.cli import train_command
 
     return train_command
 
 
 def _run() -> click.Command:
-    from flows.cli import run_command
+    from streamrec.flows.cli import run_command
 
     return run_command
 
 
 def _replay() -> click.Command:
-    from tools.replay import replay_command
+    from streamrec.tools.replay import replay_command
 
     return replay_command
 
 
 def _record() -> click.Command:
-    from tools.record import record_command
+    from streamrec.tools.record import record_command
 
     return record_command
 
 
 def _latency() -> click.Command:
-    from tools.latency import latency_command
+    from streamrec.tools.latency import latency_command
 
     return latency_command
 
 
 def _demo() -> click.Command:
-    from tools.demo import demo_command
+    from streamrec.tools.demo import demo_command
 
     return demo_command
 
 
 def _bench_state() -> click.Command:
-    from bench.state import bench_state
+    from streamrec.bench.state import bench_state
 
     return bench_state
 
 
 def _bench_e2e() -> click.Command:
-    from bench.e2e import bench_e2e_command
+    from streamrec.bench.e2e import bench_e2e_command
 
     return bench_e2e_command
 
 
 def _bench_stages() -> click.Command:
-    from bench.stages import bench_stages_command
+    from streamrec.bench.stages import bench_stages_command
 
     return bench_stages_command
 
 
 def _bench_restore() -> click.Command:
-    from bench.restore import bench_restore_command
+    from streamrec.bench.restore import bench_restore_command
 
     return bench_restore_command
 

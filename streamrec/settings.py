@@ -24,6 +24,13 @@ EXACTLY_ONCE: Final = "exactly-once"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _served_artifacts() -> Path:
+    """model/artifacts of a checkout; installed from a wheel, the copy inside the package."""
+    checkout = REPO_ROOT / "model" / "artifacts"
+    installed = Path(__file__).resolve().parent / "model" / "artifacts"  # streamrec.model
+    return installed if installed.is_dir() and not checkout.is_dir() else checkout
+
+
 def _setting(default: Any, meaning: str) -> Any:
     return field(default=default, metadata={"help": meaning})
 
@@ -138,9 +145,7 @@ class Settings:
     )
 
     # Model and scoring.
-    model_dir: Path = _setting(
-        REPO_ROOT / "model" / "artifacts", "Trained model artifacts served by the flow."
-    )
+    model_dir: Path = _setting(_served_artifacts(), "Trained model artifacts served by the flow.")
     model_check_s: float = _setting(
         5.0,
         "How often a running flow looks for new artifacts in model_dir (a repointed symlink, "

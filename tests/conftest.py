@@ -12,9 +12,9 @@ import pytest
 from streamrec.contracts import Event
 from streamrec.datasets import load_events
 from streamrec.settings import Settings
+from streamrec.tools.kafka_local import LocalKafka
 from streamrec.topics import create_topics, delete_topics, wanted_topics
 from tests.flow_harness import FlowProcess
-from tools.kafka_local import LocalKafka
 
 
 def free_port() -> int:

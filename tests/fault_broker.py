@@ -41,13 +41,14 @@ from typing import Final
 import numpy as np
 import orjson
 
-from flows.cli import EXIT_KAFKA_UNAVAILABLE, EXIT_STATE_UNUSABLE
-from state.layout import shard_dir
-from state.store import SessionStore
 from streamrec.contracts import DeadLetter, Event, ForgetRequest, Recommendation
+from streamrec.flows.cli import EXIT_KAFKA_UNAVAILABLE, EXIT_STATE_UNUSABLE
 from streamrec.item_hashes import item_hash
 from streamrec.kafka_clients import topic_partitions
 from streamrec.settings import Settings
+from streamrec.state.layout import shard_dir
+from streamrec.state.store import SessionStore
+from streamrec.tools.kafka_local import LocalKafka
 from tests.flow_harness import (
     FlowProcess,
     RecommendationCollector,
@@ -60,7 +61,6 @@ from tests.flow_harness import (
     value_of,
 )
 from tests.oracle import Contract, Expected, Oracle
-from tools.kafka_local import LocalKafka
 
 SESSION_TTL_S: Final = 60.0
 TTL_MS: Final = int(SESSION_TTL_S * 1000)

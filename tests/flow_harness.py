@@ -12,9 +12,8 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
-from flows.shutdown import STARTING
-from state.store import SessionStore
 from streamrec.contracts import DeadLetter, Event, ForgetRequest, Recommendation, parse_message
+from streamrec.flows.shutdown import STARTING
 from streamrec.kafka_clients import (
     consumer_config,
     end_offsets,
@@ -22,6 +21,7 @@ from streamrec.kafka_clients import (
     topic_partitions,
 )
 from streamrec.settings import Settings
+from streamrec.state.store import SessionStore
 
 
 # A consumed message (never an error event) always has these; the client's types allow None.

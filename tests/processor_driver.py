@@ -13,12 +13,12 @@ from typing import cast
 import orjson
 from confluent_kafka import Message
 
-from flows.guarantee import AtLeastOnce, Guarantee
-from flows.models import ModelSet
-from flows.output import SinkItem
-from flows.processor import EventProcessor
-from flows.stores import PartitionStores
-from flows.worker import WorkerContext, Workers
+from streamrec.flows.guarantee import AtLeastOnce, Guarantee
+from streamrec.flows.models import ModelSet
+from streamrec.flows.output import SinkItem
+from streamrec.flows.processor import EventProcessor
+from streamrec.flows.stores import PartitionStores
+from streamrec.flows.worker import WorkerContext, Workers
 from streamrec.settings import Settings
 
 

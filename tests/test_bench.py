@@ -12,12 +12,12 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from bench.e2e import BenchPlan, bench_e2e_command, variant_settings
-from bench.report import evaluate_targets, write_section
-from bench.services import BenchError, service_commands
+from streamrec.bench.e2e import BenchPlan, bench_e2e_command, variant_settings
+from streamrec.bench.report import evaluate_targets, write_section
+from streamrec.bench.services import BenchError, service_commands
 from streamrec.settings import Settings
-from tools.kafka_local import LocalKafka
-from tools.services import Service, service_environment, wait_until_serving
+from streamrec.tools.kafka_local import LocalKafka
+from streamrec.tools.services import Service, service_environment, wait_until_serving
 
 
 def bench_env(kafka: LocalKafka, settings: Settings) -> dict[str, str]:
@@ -217,7 +217,7 @@ def test_two_process_student_runs_as_a_bytewax_cluster_of_two() -> None:
 
 def test_the_teacher_is_served_by_name_and_the_floor_by_its_module() -> None:
     assert service_commands("teacher")[0][-2:] == ["--variant", "teacher"]
-    assert service_commands("floor")[0][1:] == ["-m", "bench.kafka_floor"]
+    assert service_commands("floor")[0][1:] == ["-m", "streamrec.bench.kafka_floor"]
 
 
 def test_each_variant_runs_on_fresh_topics_and_state_without_metrics(tmp_path: Path) -> None:

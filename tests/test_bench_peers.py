@@ -8,13 +8,13 @@ from typing import Any
 import orjson
 import pytest
 
-from bench.peers.session import apply_event, is_replay
-from bench.report import evaluate_targets, side_by_side_table
-from bench.services import QUIX_VENV, service_commands
+from streamrec.bench import services
+from streamrec.bench.peers.session import apply_event, is_replay
+from streamrec.bench.report import evaluate_targets, side_by_side_table
+from streamrec.bench.services import QUIX_VENV, ensure_quix_venv, service_commands
 from streamrec.settings import Settings
+from streamrec.tools.kafka_local import LocalKafka
 from tests.test_bench import quick_bench
-from tools.kafka_local import LocalKafka
-from tools.services import service_environment
 
 
 def test_a_session_keeps_the_last_items_and_the_offset_of_the_last_event_applied() -> None:
@@ -31,14 +31,22 @@ def test_the_peers_run_from_their_frameworks_own_entry_points() -> None:
     (bytewax,) = service_commands("bytewax-stock")
     (quix,) = service_commands("quix-streams")
 
-    assert bytewax[1:] == ["-m", "bytewax.run", "bench.peers.bytewax_peer:flow"]
-    assert quix == [str(QUIX_VENV / "bin" / "python"), "-m", "bench.peers.quix_peer"]
+    assert bytewax[1:] == ["-m", "bytewax.run", "streamrec.bench.peers.bytewax_peer:flow"]
+    assert quix == [str(QUIX_VENV / "bin" / "python"), "-m", "streamrec.bench.peers.quix_peer"]
 
 
-def test_a_peer_in_its_own_environment_finds_this_repository_on_its_path() -> None:
-    env = service_environment(Settings())
+def test_a_peer_in_its_own_environment_has_this_repository_installed_there(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Its folders import as streamrec.bench, streamrec.model, ... only once installed.
+    ran: list[list[str]] = []
+    monkeypatch.setattr(services.subprocess, "run", lambda command, **_: ran.append(command))
 
-    assert str(Path(__file__).resolve().parents[1]) in env["PYTHONPATH"].split(":")
+    (tmp_path / "venv").mkdir()  # as `python -m venv` would leave it
+    ensure_quix_venv(lambda _: None, tmp_path / "venv")
+
+    repository = str(Path(__file__).resolve().parents[1])
+    assert ran[-1][-3:] == ["--no-deps", "-e", repository]
 
 
 def point(variant: str, rate: float, p99: float, saturated: bool = False) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from bench.e2e import (
+from streamrec.bench.e2e import (
     BenchPlan,
     BenchResult,
     bench_e2e_command,
@@ -20,12 +20,12 @@ from bench.e2e import (
     plan_description,
     write_outputs,
 )
-from bench.report import median_of_repeats, runs_table
-from bench.services import CorePin, Pinning, parse_pin
+from streamrec.bench.report import median_of_repeats, runs_table
+from streamrec.bench.services import CorePin, Pinning, parse_pin
 from streamrec.kafka_clients import KafkaUnavailable
 from streamrec.settings import Settings
-from tools import services
-from tools.services import Service, service_environment
+from streamrec.tools import services
+from streamrec.tools.services import Service, service_environment
 
 
 def repeat(variant: str, rate: float, index: int, p99: float, **extra: Any) -> dict[str, Any]:

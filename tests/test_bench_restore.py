@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench.restore import fill_changelog, per_100k, time_restores
-from state.changelog import changelog_records
+from streamrec.bench.restore import fill_changelog, per_100k, time_restores
 from streamrec.settings import Settings
+from streamrec.state.changelog import changelog_records
 
 pytestmark = pytest.mark.kafka
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.stages import measure_stages
+from streamrec.bench.stages import measure_stages
 from streamrec.datasets import load_events
 from streamrec.settings import Settings
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from streamrec.settings import REPO_ROOT, Settings
-from tools.kafka_local import SINGLE_NODE_PROPERTIES, LocalKafka
+from streamrec.tools.kafka_local import SINGLE_NODE_PROPERTIES, LocalKafka
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 

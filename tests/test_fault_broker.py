@@ -25,6 +25,7 @@ import time
 import pytest
 
 from streamrec.settings import Settings
+from streamrec.tools.kafka_local import LocalKafka
 from tests.fault_broker import (
     Schedule,
     ScheduleFailed,
@@ -34,7 +35,6 @@ from tests.fault_broker import (
     summary,
     verdict,
 )
-from tools.kafka_local import LocalKafka
 
 pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("no_flow_left_behind")]
 

@@ -31,16 +31,16 @@ import numpy as np
 import orjson
 import pytest
 
-from flows.guarantee import AtLeastOnce
-from flows.models import ModelSet, load_model_set, parse_variants
-from flows.stores import PartitionStores
-from flows.worker import Workers
-from model.serving import Prepared, Recommender
-from state.session import NO_REPLAY
-from state.store import REPLAY_TAIL_WINDOWS
 from streamrec.contracts import Event, ForgetRequest
+from streamrec.flows.guarantee import AtLeastOnce
+from streamrec.flows.models import ModelSet, load_model_set, parse_variants
+from streamrec.flows.stores import PartitionStores
+from streamrec.flows.worker import Workers
 from streamrec.item_hashes import EMPTY, item_hash
+from streamrec.model.serving import Prepared, Recommender
 from streamrec.settings import Settings
+from streamrec.state.session import NO_REPLAY
+from streamrec.state.store import REPLAY_TAIL_WINDOWS
 from tests.oracle import Contract, Oracle
 from tests.processor_driver import Record, answers_in, as_messages, new_processor
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.models import load_model_set, parse_variants
 from streamrec.contracts import Event
+from streamrec.flows.models import load_model_set, parse_variants
 from streamrec.settings import Settings
 from tests.processor_driver import Answer, Record, answers_in, as_messages, new_processor
 

@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from flows.guarantee import AtLeastOnce
-from flows.stores import PartitionStores
-from state.changelog import (
+from streamrec.contracts import Event, ForgetRequest
+from streamrec.flows.guarantee import AtLeastOnce
+from streamrec.flows.stores import PartitionStores
+from streamrec.settings import Settings
+from streamrec.state.changelog import (
     MARKS_KEY,
     ChangelogTaken,
     ChangelogWriter,
     changelog_records,
     latest_marks,
 )
-from state.keys import CHANGELOG_CONSUMED_TAG
-from streamrec.contracts import Event, ForgetRequest
-from streamrec.settings import Settings
+from streamrec.state.keys import CHANGELOG_CONSUMED_TAG
 from tests.flow_harness import (
     FlowProcess,
     produce,

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from flows import output
-from flows.guarantee import acked_sink as sink
-from flows.guarantee.acked_sink import OutputSink
-from flows.output import OffsetMark, OutputRecord
-from flows.worker import WorkerContext, Workers
 from streamrec.contracts import DeadLetter
+from streamrec.flows import output
+from streamrec.flows.guarantee import acked_sink as sink
+from streamrec.flows.guarantee.acked_sink import OutputSink
+from streamrec.flows.output import OffsetMark, OutputRecord
+from streamrec.flows.worker import WorkerContext, Workers
 from streamrec.settings import Settings
 
 SETTINGS = Settings(recommendations_topic="recs", dlq_topic="dlq")
@@ -235,7 +235,7 @@ def test_blocked_output_is_said_once_and_its_end_too_while_traffic_goes_on(
     caplog: pytest.LogCaptureFixture,
     worker: WorkerContext,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="flows.output")
+    caplog.set_level(logging.INFO, logger="streamrec.flows.output")
     now = [1_000.0]
     clock = SimpleNamespace(monotonic=lambda: now[0], sleep=lambda _: 0)
     monkeypatch.setattr(sink, "time", clock)

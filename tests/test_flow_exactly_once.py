@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.guarantee import ExactlyOnce
-from flows.stores import PartitionStores
 from streamrec.contracts import Event, ForgetRequest
+from streamrec.flows.guarantee import ExactlyOnce
+from streamrec.flows.stores import PartitionStores
 from streamrec.settings import Settings
 from tests.flow_harness import (
     FlowProcess,
@@ -215,8 +215,8 @@ def test_a_shard_committed_twice_beside_a_recreated_changelog_is_refused(
 ) -> None:
     # The other side of the rule above: a store more than one version ahead of a changelog
     # without marks holds commits the changelog lost; it stops, and says how to start afresh.
-    from state.changelog import ChangelogError
     from streamrec.kafka_clients import topic_id
+    from streamrec.state.changelog import ChangelogError
     from streamrec.topics import create_topics, delete_topics
 
     settings = kafka_settings.replace(

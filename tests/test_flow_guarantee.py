@@ -12,9 +12,9 @@ from pathlib import Path
 
 import orjson
 
-from flows.guarantee import AtLeastOnce
-from flows.models import load_model_set, parse_variants
-from flows.output import OutputRecord, SinkItem
+from streamrec.flows.guarantee import AtLeastOnce
+from streamrec.flows.models import load_model_set, parse_variants
+from streamrec.flows.output import OutputRecord, SinkItem
 from streamrec.settings import Settings
 from tests.processor_driver import Record, as_messages, new_processor
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from flows.models import ModelWatcher, VariantSpecError, load_model_set, parse_variants
-from model.serving import read_card
 from streamrec.contracts import Event
+from streamrec.flows.models import ModelWatcher, VariantSpecError, load_model_set, parse_variants
+from streamrec.model.serving import read_card
 from streamrec.settings import Settings
 from tests.flow_harness import FlowProcess, RecommendationCollector, produce
 
@@ -89,7 +89,7 @@ def test_each_user_keeps_one_variant_and_the_shares_follow_the_weights() -> None
 def test_the_watcher_takes_new_artifacts_and_refuses_broken_ones_with_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="flows.models")
+    caplog.set_level(logging.INFO, logger="streamrec.flows.models")
     link = tmp_path / "current"
     link.symlink_to(artifacts_copy(tmp_path, "v1"))
     settings = Settings(model_dir=link)

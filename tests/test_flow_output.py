@@ -26,6 +26,7 @@ from streamrec.contracts import (
 )
 from streamrec.kafka_clients import max_message_bytes, producer_config
 from streamrec.settings import Settings
+from streamrec.tools.kafka_local import LocalKafka
 from streamrec.topics import create_topics
 from tests.conftest import free_port
 from tests.flow_harness import (
@@ -40,7 +41,6 @@ from tests.flow_harness import (
     sessions_in,
     set_topic_config,
 )
-from tools.kafka_local import LocalKafka
 
 pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("no_flow_left_behind")]
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from flows.pacing import BUSY_ABOVE, IDLE_BELOW, WINDOW_S, Pacer
-from flows.source import WorkerConsumer
+from streamrec.flows.pacing import BUSY_ABOVE, IDLE_BELOW, WINDOW_S, Pacer
+from streamrec.flows.source import WorkerConsumer
 
 
 class Clock:

@@ -14,14 +14,14 @@ import pytest
 from confluent_kafka import Producer
 from rocksdict import Rdict
 
-from flows.cli import EXIT_CONFIGURATION, EXIT_STATE_UNUSABLE, EXIT_STATE_UNWRITABLE
-from state.keys import session_key
-from state.layout import shard_dir
-from state.rocks import db_options
-from state.store import SessionStore
 from streamrec.contracts import Event
+from streamrec.flows.cli import EXIT_CONFIGURATION, EXIT_STATE_UNUSABLE, EXIT_STATE_UNWRITABLE
 from streamrec.kafka_clients import producer_config, topic_partitions
 from streamrec.settings import Settings
+from streamrec.state.keys import session_key
+from streamrec.state.layout import shard_dir
+from streamrec.state.rocks import db_options
+from streamrec.state.store import SessionStore
 from streamrec.topics import create_topics, delete_topics
 from tests.flow_harness import (
     FlowProcess,

@@ -13,10 +13,14 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from flows.guarantee import transactions as transactions_module
-from flows.guarantee.transactions import PartitionTransactions, ProducerFenced, TransactionGaveUp
-from state.store import SessionStore
+from streamrec.flows.guarantee import transactions as transactions_module
+from streamrec.flows.guarantee.transactions import (
+    PartitionTransactions,
+    ProducerFenced,
+    TransactionGaveUp,
+)
 from streamrec.settings import Settings
+from streamrec.state.store import SessionStore
 
 ABORTABLE = KafkaError(KafkaError.INVALID_TXN_STATE, "commit failed", txn_requires_abort=True)
 FENCED = KafkaError(KafkaError._FENCED, "fenced by a newer instance", fatal=True)

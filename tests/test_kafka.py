@@ -13,10 +13,7 @@ from confluent_kafka import Consumer, Producer
 from streamrec.contracts import Event, parse_event
 from streamrec.kafka_clients import admin_client, consumer_config, producer_config
 from streamrec.settings import Settings
-from streamrec.topics import TopicError, create_topics, wanted_topics
-from tests.conftest import free_port
-from tests.flow_harness import partition_of
-from tools.kafka_local import (
+from streamrec.tools.kafka_local import (
     MAIN_CLASS,
     KafkaLauncherError,
     LocalKafka,
@@ -24,6 +21,9 @@ from tools.kafka_local import (
     _scram_credential,
     ensure_jars,
 )
+from streamrec.topics import TopicError, create_topics, wanted_topics
+from tests.conftest import free_port
+from tests.flow_harness import partition_of
 
 pytestmark = pytest.mark.kafka
 
@@ -164,7 +164,7 @@ def test_a_taken_port_is_reported_before_starting(kafka: LocalKafka, tmp_path: P
 def test_a_missing_maven_is_reported_clearly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tools import kafka_local
+    from streamrec.tools import kafka_local
 
     monkeypatch.setattr(kafka_local.shutil, "which", lambda _: None)
     settings = Settings.from_env(kafka_jars_dir=tmp_path / "empty-cache")

@@ -24,11 +24,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from flows.cli import EXIT_CONFIGURATION
+from streamrec.flows.cli import EXIT_CONFIGURATION
 from streamrec.settings import Settings
+from streamrec.tools.kafka_local import LocalKafka, SecuredListener
 from tests.conftest import free_port, own_topics_and_state
 from tests.flow_harness import FlowProcess
-from tools.kafka_local import LocalKafka, SecuredListener
 
 pytestmark = pytest.mark.kafka
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.budget import Budget, clock_text
+from streamrec.model.budget import Budget, clock_text
 
 
 class FakeClock:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.candidates import PAD, CandidateIndex, Excluded, nearest_items, recall_at
+from streamrec.model.candidates import PAD, CandidateIndex, Excluded, nearest_items, recall_at
 
 
 def index(width: int = 4) -> CandidateIndex:

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from model.data import PAD, Split, Vocab, left_pad, split_events
 from streamrec.contracts import Event
+from streamrec.model.data import PAD, Split, Vocab, left_pad, split_events
 
 
 def events(rows: list[tuple[str, str, int]]) -> list[Event]:

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from model.exclusions import ExclusionCodes
 from streamrec.item_hashes import item_hashes
+from streamrec.model.exclusions import ExclusionCodes
 
 ITEMS = [f"i{n}" for n in range(50)]
 HASHES_BY_CODE = np.concatenate([np.zeros(1, dtype=np.uint64), item_hashes(ITEMS)])

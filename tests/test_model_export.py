@@ -14,8 +14,8 @@ onnx = pytest.importorskip("onnx")
 
 from onnx import numpy_helper  # noqa: E402
 
-from model import export  # noqa: E402
-from model.sasrec import SASRec, SASRecConfig  # noqa: E402
+from streamrec.model import export  # noqa: E402
+from streamrec.model.sasrec import SASRec, SASRecConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,14 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.train
 torch = pytest.importorskip("torch")
 
-from model.candidates import CandidateIndex  # noqa: E402
-from model.data import EvalSet, left_pad  # noqa: E402
-from model.export import export_onnx  # noqa: E402
-from model.hybrid import CovisitTable, score_bonus  # noqa: E402
-from model.losses import ScoreBonus, full_softmax, gbce, sampled_softmax  # noqa: E402
-from model.sasrec import SASRec, SASRecConfig  # noqa: E402
-from model.serving import ArtifactError, OnnxScorer  # noqa: E402
-from model.train import Batch, TrainConfig, fit, loss_on, teacher_targets  # noqa: E402
+from streamrec.model.candidates import CandidateIndex  # noqa: E402
+from streamrec.model.data import EvalSet, left_pad  # noqa: E402
+from streamrec.model.export import export_onnx  # noqa: E402
+from streamrec.model.hybrid import CovisitTable, score_bonus  # noqa: E402
+from streamrec.model.losses import ScoreBonus, full_softmax, gbce, sampled_softmax  # noqa: E402
+from streamrec.model.sasrec import SASRec, SASRecConfig  # noqa: E402
+from streamrec.model.serving import ArtifactError, OnnxScorer  # noqa: E402
+from streamrec.model.train import Batch, TrainConfig, fit, loss_on, teacher_targets  # noqa: E402
 
 N_ITEMS = 30
 RECENT = 3
@@ -226,7 +226,7 @@ def test_a_hybrid_scorer_without_an_index_says_what_to_give_it(
 
 
 def test_pruning_a_hybrid_keeps_its_gate_on_the_kept_dimensions() -> None:
-    from model.prune import Importance, PruneConfig, prune
+    from streamrec.model.prune import Importance, PruneConfig, prune
 
     torch.manual_seed(0)
     model = SASRec(SASRecConfig(n_items=N_ITEMS, max_len=6, d_model=16, covisit_recent=RECENT))
@@ -244,7 +244,7 @@ def test_pruning_a_hybrid_keeps_its_gate_on_the_kept_dimensions() -> None:
 
 
 def test_calibration_feeds_of_a_hybrid_carry_the_sums_serving_would_give() -> None:
-    from model.export import calibration_feeds
+    from streamrec.model.export import calibration_feeds
 
     histories = [s[:-1] for s in TRAIN[:6]]
     candidates = [np.arange(1, 9) for _ in histories]
@@ -260,8 +260,8 @@ def test_the_recommender_serves_a_hybrid_with_the_covisitation_it_observes(
 ) -> None:
     import orjson
 
-    from model.data import Vocab
-    from model.serving import Recommender
+    from streamrec.model.data import Vocab
+    from streamrec.model.serving import Recommender
 
     _, path = exported
     (tmp_path / "teacher.onnx").write_bytes(path.read_bytes())

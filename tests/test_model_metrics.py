@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from model.metrics import MISS, bootstrap, hit_at, ndcg_at, target_ranks
+from streamrec.model.metrics import MISS, bootstrap, hit_at, ndcg_at, target_ranks
 
 
 def test_target_ranked_first_scores_full_ndcg() -> None:

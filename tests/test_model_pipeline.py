@@ -15,7 +15,7 @@ from tests.test_model_serving import REQUIRED, check_recommender  # noqa: E402
 def quick_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from click.testing import CliRunner
 
-    from model.cli import train_command
+    from streamrec.model.cli import train_command
 
     out = tmp_path_factory.mktemp("model")
     result = CliRunner().invoke(
@@ -68,9 +68,9 @@ def test_quick_artifacts_serve(quick_artifacts: Path) -> None:
 def test_training_is_reproducible() -> None:
     import numpy as np
 
-    from model.data import EvalSet
-    from model.sasrec import SASRec, SASRecConfig
-    from model.train import TrainConfig, fit
+    from streamrec.model.data import EvalSet
+    from streamrec.model.sasrec import SASRec, SASRecConfig
+    from streamrec.model.train import TrainConfig, fit
 
     train = [np.array([1, 2, 3, 4, 5, 6]), np.array([2, 3, 4, 5]), np.array([6, 5, 4, 3])]
     valid = EvalSet([np.array([1, 2])], np.array([3]), np.array([0]))
@@ -87,9 +87,9 @@ def test_training_is_reproducible() -> None:
 def test_pruning_removes_rows_and_columns() -> None:
     import numpy as np
 
-    from model.prune import PruneConfig, importance, prune
-    from model.sasrec import SASRec, SASRecConfig
-    from model.train import TrainConfig, batches, training_windows
+    from streamrec.model.prune import PruneConfig, importance, prune
+    from streamrec.model.sasrec import SASRec, SASRecConfig
+    from streamrec.model.train import TrainConfig, batches, training_windows
 
     torch.manual_seed(0)
     model = SASRec(SASRecConfig(n_items=9, max_len=5, d_model=16, n_heads=2, head_dim=8, d_ff=32))
@@ -105,7 +105,7 @@ def test_pruning_removes_rows_and_columns() -> None:
 def test_train_help_explains_the_options() -> None:
     from click.testing import CliRunner
 
-    from model.cli import train_command
+    from streamrec.model.cli import train_command
 
     result = CliRunner().invoke(train_command, ["--help"])
     assert result.exit_code == 0
@@ -129,7 +129,7 @@ def test_the_card_records_the_search_the_budget_and_why_training_stopped(
 
 
 def test_the_loss_follows_the_catalogue_size() -> None:
-    from model.pipeline import loss_for
+    from streamrec.model.pipeline import loss_for
 
     assert loss_for(10_000, softmax_max_items=10_000) == "softmax"
     assert loss_for(10_001, softmax_max_items=10_000) == "sampled"
@@ -138,7 +138,7 @@ def test_the_loss_follows_the_catalogue_size() -> None:
 def test_batch_sizes_follow_the_number_of_training_windows() -> None:
     import numpy as np
 
-    from model.pipeline import QUICK, for_data
+    from streamrec.model.pipeline import QUICK, for_data
 
     few = [np.arange(1, 6)] * 40
     many = [np.arange(1, 6)] * 40_000
@@ -149,8 +149,8 @@ def test_batch_sizes_follow_the_number_of_training_windows() -> None:
 
 
 def test_the_progress_bar_shows_the_time_left_of_a_budget() -> None:
-    from model.budget import Budget
-    from model.pipeline import BUDGET_SHARES, Progress
+    from streamrec.model.budget import Budget
+    from streamrec.model.pipeline import BUDGET_SHARES, Progress
 
     progress = Progress(Budget(600.0, BUDGET_SHARES))
     progress.stage("load")
@@ -159,7 +159,7 @@ def test_the_progress_bar_shows_the_time_left_of_a_budget() -> None:
 
 
 def test_the_teacher_grows_a_block_per_doubling_of_training_windows() -> None:
-    from model.pipeline import teacher_blocks
+    from streamrec.model.pipeline import teacher_blocks
 
     assert teacher_blocks(8192, base=3, windows_per_block=8192) == 3
     assert teacher_blocks(2 * 8192, base=3, windows_per_block=8192) == 4
@@ -170,7 +170,7 @@ def test_the_teacher_grows_a_block_per_doubling_of_training_windows() -> None:
 def test_many_training_windows_deepen_the_teacher_and_never_the_students() -> None:
     import numpy as np
 
-    from model.pipeline import FULL, for_data
+    from streamrec.model.pipeline import FULL, for_data
 
     few = [np.arange(1, 6)] * 40
     many = [np.arange(1, 6)] * 40_000
@@ -181,14 +181,14 @@ def test_many_training_windows_deepen_the_teacher_and_never_the_students() -> No
 
 
 def test_the_students_take_the_teachers_covisitation_input() -> None:
-    from model.pipeline import FULL, QUICK
+    from streamrec.model.pipeline import FULL, QUICK
 
     for cfg in (FULL, QUICK):
         assert cfg.student.covisit_recent == cfg.teacher.covisit_recent > 0
 
 
 def test_the_teacher_holds_at_least_half_of_a_time_budget() -> None:
-    from model.pipeline import BUDGET_SHARES
+    from streamrec.model.pipeline import BUDGET_SHARES
 
     assert sum(BUDGET_SHARES.values()) == pytest.approx(1.0)
     assert BUDGET_SHARES["teacher"] >= 0.5

@@ -11,10 +11,10 @@ import pytest
 pytestmark = pytest.mark.train
 torch = pytest.importorskip("torch")
 
-from model.data import EvalSet  # noqa: E402
-from model.sasrec import SASRec, SASRecConfig  # noqa: E402
-from model.search import Candidate, search  # noqa: E402
-from model.train import TrainConfig  # noqa: E402
+from streamrec.model.data import EvalSet  # noqa: E402
+from streamrec.model.sasrec import SASRec, SASRecConfig  # noqa: E402
+from streamrec.model.search import Candidate, search  # noqa: E402
+from streamrec.model.train import TrainConfig  # noqa: E402
 
 # Every user walks 1 → 2 → 3 → 4 → 5 → 6: the next item is easy to learn.
 TRAIN = [np.array([1, 2, 3, 4, 5, 6])] * 24
@@ -74,7 +74,7 @@ def test_a_search_without_candidates_is_refused() -> None:
 def test_the_winner_continues_at_the_learning_rate_its_trial_decayed_to(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import model.search as search_module
+    import streamrec.model.search as search_module
 
     rates: list[float] = []
     real_fit = search_module.fit

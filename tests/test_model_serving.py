@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.serving import ArtifactError, Recommender, read_card
 from streamrec.item_hashes import item_hashes
+from streamrec.model.serving import ArtifactError, Recommender, read_card
 from streamrec.settings import Settings
 
 ARTIFACTS = Settings().model_dir

@@ -15,10 +15,10 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.train
 torch = pytest.importorskip("torch")
 
-from model.data import EvalSet  # noqa: E402
-from model.losses import full_softmax, gbce, sampled_softmax  # noqa: E402
-from model.sasrec import SASRec, SASRecConfig  # noqa: E402
-from model.train import TrainConfig, fit  # noqa: E402
+from streamrec.model.data import EvalSet  # noqa: E402
+from streamrec.model.losses import full_softmax, gbce, sampled_softmax  # noqa: E402
+from streamrec.model.sasrec import SASRec, SASRecConfig  # noqa: E402
+from streamrec.model.train import TrainConfig, fit  # noqa: E402
 
 TRAIN = [np.array([1, 2, 3, 4, 5, 6]), np.array([2, 3, 4, 5]), np.array([6, 5, 4, 3])] * 8
 VALID = EvalSet([np.array([1, 2]), np.array([6, 5])], np.array([3, 4]), np.array([0, 1]))
@@ -159,7 +159,7 @@ def test_sampled_softmax_is_cross_entropy_over_the_target_and_the_negatives_draw
 
 @pytest.mark.parametrize("loss", ["softmax", "sampled", "gbce"])
 def test_distillation_trains_with_every_loss(loss: str) -> None:
-    from model.train import teacher_targets
+    from streamrec.model.train import teacher_targets
 
     targets = teacher_targets(tiny(), TRAIN, top=3, temperature=1.0)
     cfg = TrainConfig(epochs=1, batch_size=4, warmup_steps=1, loss=loss, negatives=3, kd_weight=0.5)
@@ -168,7 +168,7 @@ def test_distillation_trains_with_every_loss(loss: str) -> None:
 
 
 def test_teacher_targets_are_the_teachers_masked_top_items_at_each_position() -> None:
-    from model.train import teacher_targets
+    from streamrec.model.train import teacher_targets
 
     model = tiny()
     model.eval()

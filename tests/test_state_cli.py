@@ -10,14 +10,14 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from bench.state import bench_state
-from state.cli import state_group
-from state.layout import shard_dir
-from state.rocks import open_read_write
-from state.session import Session, encode_session
-from state.store import SessionStore
+from streamrec.bench.state import bench_state
 from streamrec.contracts import Event
 from streamrec.settings import Settings
+from streamrec.state.cli import state_group
+from streamrec.state.layout import shard_dir
+from streamrec.state.rocks import open_read_write
+from streamrec.state.session import Session, encode_session
+from streamrec.state.store import SessionStore
 
 T0 = 1_700_000_000_000
 DAY_MS = 24 * 3600 * 1000

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from rocksdict import Rdict
 
-from state.consumed import isin_sorted, item_hash, item_hashes
-from state.keys import CHANGELOG_CONSUMED_TAG, consumed_key
-from state.layout import shard_dir
-from state.rocks import db_options
-from state.store import Erasure, SessionStore
 from streamrec.contracts import Event
 from streamrec.settings import Settings
+from streamrec.state.consumed import isin_sorted, item_hash, item_hashes
+from streamrec.state.keys import CHANGELOG_CONSUMED_TAG, consumed_key
+from streamrec.state.layout import shard_dir
+from streamrec.state.rocks import db_options
+from streamrec.state.store import Erasure, SessionStore
 
 T0 = 1_700_000_000_000
 TTL_S = 60.0

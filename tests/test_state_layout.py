@@ -10,12 +10,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from state.errors import IncompatibleStateError, StateLockedError, StateNotFoundError
-from state.layout import LAYOUT_FILE, STATE_FORMAT_VERSION, Layout, read_layout, shard_dir
-from state.store import SessionStore
-from state.view import open_state_view
 from streamrec.contracts import Event
 from streamrec.settings import Settings
+from streamrec.state.errors import IncompatibleStateError, StateLockedError, StateNotFoundError
+from streamrec.state.layout import LAYOUT_FILE, STATE_FORMAT_VERSION, Layout, read_layout, shard_dir
+from streamrec.state.store import SessionStore
+from streamrec.state.view import open_state_view
 
 SETTINGS = Settings()
 
@@ -96,7 +96,7 @@ def test_a_shard_db_is_never_opened_twice_in_one_process(tmp_path: Path) -> None
 
 def test_a_shard_db_open_in_another_process_is_refused(tmp_path: Path) -> None:
     script = (
-        "from pathlib import Path; from state.store import SessionStore; "
+        "from pathlib import Path; from streamrec.state.store import SessionStore; "
         "from streamrec.settings import Settings; "
         f"SessionStore.open(Path({str(tmp_path)!r}), 0, 1, Settings())"
     )

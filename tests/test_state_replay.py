@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state.session import EVENT_TYPES, Session
-from state.store import ApplyResult, SessionStore, StoreCounters
 from streamrec.contracts import Event
 from streamrec.settings import Settings
+from streamrec.state.session import EVENT_TYPES, Session
+from streamrec.state.store import ApplyResult, SessionStore, StoreCounters
 
 T0 = 1_700_000_000_000
 TTL_MS = 10_000

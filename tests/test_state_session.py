@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state.errors import CorruptSessionError, UnknownSessionFormatError
-from state.session import (
+from streamrec.contracts import EVENT_TYPES as CONTRACT_EVENT_TYPES
+from streamrec.contracts import Event
+from streamrec.state.errors import CorruptSessionError, UnknownSessionFormatError
+from streamrec.state.session import (
     EVENT_TYPES,
     NO_REPLAY,
     SESSION_FORMAT_VERSION,
@@ -19,8 +21,6 @@ from state.session import (
     encode_session,
     last_seen_of,
 )
-from streamrec.contracts import EVENT_TYPES as CONTRACT_EVENT_TYPES
-from streamrec.contracts import Event
 
 T0 = 1_700_000_000_000
 

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from rocksdict import Rdict
 
-from state.errors import StateError, UnknownSessionFormatError
-from state.keys import QUARANTINE_PREFIX, session_key
-from state.layout import shard_dir
-from state.rocks import db_options
-from state.session import SESSION_FORMAT_VERSION
-from state.store import Erasure, SessionStore
-from state.view import open_state_view
 from streamrec.contracts import Event
 from streamrec.settings import Settings
+from streamrec.state.errors import StateError, UnknownSessionFormatError
+from streamrec.state.keys import QUARANTINE_PREFIX, session_key
+from streamrec.state.layout import shard_dir
+from streamrec.state.rocks import db_options
+from streamrec.state.session import SESSION_FORMAT_VERSION
+from streamrec.state.store import Erasure, SessionStore
+from streamrec.state.view import open_state_view
 
 T0 = 1_700_000_000_000
 TTL_S = 60.0
@@ -108,7 +108,7 @@ def kill_after(state_dir: Path, work: str, changelog: bool = False) -> None:
     script = f"""
 import os, signal
 from pathlib import Path
-from state.store import SessionStore
+from streamrec.state.store import SessionStore
 from streamrec.contracts import Event
 from streamrec.settings import Settings
 settings = Settings(session_length=3, changelog={changelog})

@@ -14,7 +14,7 @@ from confluent_kafka import Producer
 from streamrec.contracts import Event, Recommendation, ScoredItem
 from streamrec.kafka_clients import producer_config
 from streamrec.settings import Settings
-from tools.latency import (
+from streamrec.tools.latency import (
     EventFields,
     LatencyCollector,
     LatencyMatcher,

@@ -1,4 +1,4 @@
-"""`tools.online_quality`: the held-out replay, the in-process baselines and their intervals."""
+"""`streamrec.tools.online_quality`: the held-out replay, the in-process baselines, intervals."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-import tools.online_quality
-from model.candidates import CandidateIndex
-from model.data import Vocab, split_events
-from model.serving import VOCAB_FILE, read_card
+import streamrec.tools.online_quality
 from streamrec.contracts import Event, Recommendation, ScoredItem
 from streamrec.datasets import load_events
+from streamrec.model.candidates import CandidateIndex
+from streamrec.model.data import Vocab, split_events
+from streamrec.model.serving import VOCAB_FILE, read_card
 from streamrec.settings import Settings
-from tools.demo import report_quality
-from tools.latency import LatencyMatcher
-from tools.online_quality import (
+from streamrec.tools.demo import report_quality
+from streamrec.tools.latency import LatencyMatcher
+from streamrec.tools.online_quality import (
     COVISIT,
     POPULAR,
     StreamProtocol,
@@ -55,7 +55,7 @@ def timeline(n: int) -> list[Event]:
 
 
 def test_module_examples_run() -> None:
-    result = doctest.testmod(tools.online_quality, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(streamrec.tools.online_quality, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
 
@@ -112,7 +112,7 @@ def test_the_protocol_is_read_from_the_card_as_the_pipeline_writes_it() -> None:
 
 
 def test_a_card_without_a_streaming_protocol_is_refused() -> None:
-    with pytest.raises(tools.online_quality.CardError, match="streaming protocol"):
+    with pytest.raises(streamrec.tools.online_quality.CardError, match="streaming protocol"):
         StreamProtocol.from_card({"chosen": "student"})
 
 

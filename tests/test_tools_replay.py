@@ -12,12 +12,12 @@ import pytest
 from click.testing import CliRunner
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
-import tools.replay
+import streamrec.tools.replay
 from streamrec.contracts import MAX_TS_MS, Event, parse_event
 from streamrec.kafka_clients import consumer_config, producer_config, topic_partitions
 from streamrec.settings import Settings
-from tools.record import RecordedMessage, read_recording, record_command
-from tools.replay import (
+from streamrec.tools.record import RecordedMessage, read_recording, record_command
+from streamrec.tools.replay import (
     LAP_GAP_MS,
     UNBOUNDED,
     DatasetSource,
@@ -79,7 +79,7 @@ def read_topic(
 
 
 def test_the_replay_docstring_examples_hold() -> None:
-    result = doctest.testmod(tools.replay, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(streamrec.tools.replay, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
 
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tools.schedule import Timing, run_schedule
+from streamrec.tools.schedule import Timing, run_schedule
 
 
 class FakeClock:

@@ -4,7 +4,7 @@ Starts the local broker, creates fresh demo topics, runs the flow serving the
 committed model, replays the ratings after the model's training cut-off as
 live events on an open-loop schedule, measures event-to-recommendation latency
 and the online hit rate (with an interval, beside two baselines on the same
-events: ``tools.online_quality``), shows a few recommendations with their movie
+events: ``streamrec.tools.online_quality``), shows a few recommendations with their movie
 titles, and stops everything it started.
 """
 
@@ -24,17 +24,16 @@ import click
 import orjson
 from confluent_kafka import Consumer
 
-from model.candidates import CandidateIndex
-from model.data import Vocab
-from model.serving import INDEX_FILE, VOCAB_FILE, read_card
 from streamrec.contracts import Event, Recommendation
 from streamrec.datasets import load_events
 from streamrec.kafka_clients import consumer_config, end_offsets, topic_partitions
+from streamrec.model.candidates import CandidateIndex
+from streamrec.model.data import Vocab
+from streamrec.model.serving import INDEX_FILE, VOCAB_FILE, read_card
 from streamrec.settings import REPO_ROOT, Settings
-from streamrec.topics import create_topics, delete_topics, wanted_topics
-from tools.kafka_local import KafkaLauncherError, LocalKafka
-from tools.latency import LatencyCollector, LatencyMatcher, StopRule
-from tools.online_quality import (
+from streamrec.tools.kafka_local import KafkaLauncherError, LocalKafka
+from streamrec.tools.latency import LatencyCollector, LatencyMatcher, StopRule
+from streamrec.tools.online_quality import (
     BASELINES,
     RESAMPLES,
     CardError,
@@ -45,9 +44,9 @@ from tools.online_quality import (
     held_out,
     interval_of,
 )
-from tools.replay import DatasetSource, replay
-from tools.schedule import Timing
-from tools.services import (
+from streamrec.tools.replay import DatasetSource, replay
+from streamrec.tools.schedule import Timing
+from streamrec.tools.services import (
     Readiness,
     Service,
     ServiceError,
@@ -55,6 +54,7 @@ from tools.services import (
     service_environment,
     wait_until_serving,
 )
+from streamrec.topics import create_topics, delete_topics, wanted_topics
 
 DEMO_DIR = REPO_ROOT / "run" / "demo"
 READINESS = Readiness(warmup_events=50, timeout_s=180.0)

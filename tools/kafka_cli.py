@@ -8,8 +8,8 @@ import click
 
 from streamrec.kafka_clients import KafkaConfigError, KafkaUnavailable
 from streamrec.settings import Settings
+from streamrec.tools.kafka_local import KafkaLauncherError, LocalKafka
 from streamrec.topics import TopicError, create_topics
-from tools.kafka_local import KafkaLauncherError, LocalKafka
 
 
 def _broker_options(func: click.decorators.FC) -> click.decorators.FC:

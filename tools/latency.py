@@ -806,7 +806,7 @@ def latency_command(
         click.echo(f"figures: {json_path}")
         plot_prefix = plot_prefix or json_path.with_suffix("")
     if plot_prefix is not None:
-        from tools.plots import plot_latency_cdf, plot_latency_over_time
+        from streamrec.tools.plots import plot_latency_cdf, plot_latency_over_time
 
         for written in (
             plot_latency_cdf(matcher.stats, Path(f"{plot_prefix}-cdf.png")),

@@ -10,7 +10,7 @@ Three pieces, used by ``streamrec demo``:
   items as of each event) and "co-visitation" (the candidate index's
   co-visitation neighbours of the session's newest items), both with the
   flow's online updates of the index.  A hit is judged by
-  ``tools.latency.OnlineHitRate``, as for the served model;
+  ``streamrec.tools.latency.OnlineHitRate``, as for the served model;
 - ``user_bootstrap``: a 95% interval for a hit rate, resampling users (a
   user's events are not independent of each other).
 
@@ -18,8 +18,8 @@ On a tiny hand-made stream (items a..d are indices 1..4; popularity in
 training: c 3, b 2, a 1), "popular" answers c on the first event while
 co-visitation answers b, the item seen right after a:
 
->>> from model.candidates import CandidateIndex
->>> from model.data import Vocab
+>>> from streamrec.model.candidates import CandidateIndex
+>>> from streamrec.model.data import Vocab
 >>> from streamrec.contracts import Event
 >>> index = CandidateIndex.build(
 ...     [np.array([1, 2, 3]), np.array([2, 3]), np.array([3])], 5, np.eye(5, 2))
@@ -40,15 +40,15 @@ from typing import Any
 
 import numpy as np
 
-from model.candidates import RECENCY, CandidateIndex
-from model.data import PAD, Vocab
 from streamrec.contracts import Event, Recommendation, ScoredItem
-from tools.latency import ModelStats, OnlineHitRate
+from streamrec.model.candidates import RECENCY, CandidateIndex
+from streamrec.model.data import PAD, Vocab
+from streamrec.tools.latency import ModelStats, OnlineHitRate
 
 POPULAR = "popular"
 COVISIT = "co-visitation"
 BASELINES = (POPULAR, COVISIT)
-# model.pipeline.PipelineConfig.stream_fraction, for a card that does not record its own.
+# streamrec.model.pipeline.PipelineConfig.stream_fraction, for a card that does not record its own.
 DEFAULT_STREAM_FRACTION = 0.1
 RESAMPLES = 2000
 SEED = 0
@@ -70,7 +70,7 @@ class StreamProtocol:
 
     @classmethod
     def from_card(cls, card: Mapping[str, Any]) -> StreamProtocol:
-        """The protocol of a card as ``model.pipeline`` writes it (``card.json``)."""
+        """The protocol of a card as ``streamrec.model.pipeline`` writes it (``card.json``)."""
         try:
             stream = card["protocols"]["stream"]
             chosen = str(card["chosen"])
@@ -93,7 +93,7 @@ class StreamProtocol:
 
 
 def stream_cutoff(events: Sequence[Event], fraction: float) -> int:
-    """The cut-off ``model.data.split_events`` draws in time-ordered ``events`` (ms).
+    """The cut-off ``streamrec.model.data.split_events`` draws in time-ordered ``events`` (ms).
 
     >>> stream_cutoff([Event(f"e{i}", "u", "i", "view", 10 * i) for i in range(10)], 0.1)
     90
@@ -189,7 +189,7 @@ def baseline_hit_rates(
     warmup: Sequence[Event] = (),
     online: bool = True,
 ) -> dict[str, ModelStats]:
-    """Each baseline's online hit rate@``k`` on ``events``, judged as ``tools.latency`` does.
+    """Each baseline's online hit rate@``k`` on ``events``, judged as ``streamrec.tools.latency``.
 
     Every event first updates its user's session (and, when ``online``, the
     index, as the flow's ``observe`` does), then each baseline recommends ``k``

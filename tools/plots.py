@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from matplotlib.axis import Axis
     from matplotlib.figure import Figure
 
-    from tools.latency import LatencyHistogram, LatencyStats
+    from streamrec.tools.latency import LatencyHistogram, LatencyStats
 
 # Percentiles the distribution plot samples, denser towards the tail.
 _TAIL_FRACTIONS = np.logspace(0, -5, 400)  # 1 - percentile/100, from 0 % to 99.999 %

@@ -2,7 +2,7 @@
 
 Each record is keyed by user (the flow's ordering guarantee rests on it).
 Timing is one of ``--rate max`` (as fast as possible), ``--rate R`` (an
-open-loop schedule, see ``tools.schedule``) or ``--speed F`` (the recorded
+open-loop schedule, see ``streamrec.tools.schedule``) or ``--speed F`` (the recorded
 inter-arrival times divided by F).  On a schedule each record carries its
 *scheduled* send time as its Kafka timestamp, so latency measured from that
 timestamp includes any delay in getting it out -- a slow producer or broker
@@ -68,8 +68,8 @@ from streamrec.contracts import (
 from streamrec.datasets import DatasetError, load_events
 from streamrec.kafka_clients import KafkaUnavailable, producer_config, topic_partitions
 from streamrec.settings import Settings
-from tools.record import RecordedMessage, RecordingError, read_recording
-from tools.schedule import ScheduleReport, Timing, run_schedule
+from streamrec.tools.record import RecordedMessage, RecordingError, read_recording
+from streamrec.tools.schedule import ScheduleReport, Timing, run_schedule
 
 # The gap between two laps of a dataset, so the next lap's first event follows its last.
 LAP_GAP_MS = 1000

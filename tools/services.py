@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from streamrec.contracts import Event
 from streamrec.kafka_clients import KafkaUnavailable
-from streamrec.settings import REPO_ROOT, Settings
-from tools.latency import LatencyCollector
-from tools.replay import DatasetSource, KafkaSender
+from streamrec.settings import Settings
+from streamrec.tools.latency import LatencyCollector
+from streamrec.tools.replay import DatasetSource, KafkaSender
 
 STOP_TIMEOUT_S: Final = 20.0
 # Readiness: a probe every half second until the first answer, then a few at this rate.
@@ -63,13 +63,8 @@ def streamrec_executable() -> str:
 
 
 def service_environment(settings: Settings) -> dict[str, str]:
-    """The environment of a service: this one, with every setting made explicit.
-
-    The repository goes on ``PYTHONPATH`` for the peers that run from a
-    virtual environment of their own, where this project is not installed.
-    """
-    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, **settings.to_env(), "PYTHONPATH": path}
+    """The environment of a service: this one, with every setting made explicit."""
+    return {**os.environ, **settings.to_env()}
 
 
 class Service:

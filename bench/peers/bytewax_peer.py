@@ -7,7 +7,7 @@ time.  No recovery store is configured (Bytewax's default), and the Kafka
 clients keep librdkafka's defaults beyond the bootstrap servers.  Run it with
 Bytewax's own runner::
 
-    python -m bytewax.run bench.peers.bytewax_peer:flow
+    python -m bytewax.run streamrec.bench.peers.bytewax_peer:flow
 
 It reads ``STREAMREC_BROKERS``, ``STREAMREC_EVENTS_TOPIC``,
 ``STREAMREC_RECOMMENDATIONS_TOPIC``, ``STREAMREC_DLQ_TOPIC`` and the model
@@ -25,9 +25,9 @@ from bytewax.connectors.kafka import KafkaSinkMessage, KafkaSourceMessage
 from bytewax.connectors.kafka import operators as kop
 from bytewax.dataflow import Dataflow
 
-from bench.peers.session import Session, apply_event, is_replay
-from model.serving import Recommender
+from streamrec.bench.peers.session import Session, apply_event, is_replay
 from streamrec.contracts import ContractError, DeadLetter, Event, encode_recommendation, parse_event
+from streamrec.model.serving import Recommender
 from streamrec.settings import Settings
 
 settings = Settings.from_env()

@@ -8,10 +8,10 @@ at-least-once, RocksDB state under ``STREAMREC_STATE_DIR/quix`` with changelog
 topics (Quix's defaults), commit every 5 s (the default), librdkafka's
 client defaults beyond the bootstrap servers.  Quix Streams pins
 confluent-kafka below 2.13, so it runs from a virtual environment of its
-own (``bench.services.ensure_quix_venv``) with this repository on
-``PYTHONPATH``::
+own (``streamrec.bench.services.ensure_quix_venv``), where this repository is
+installed without its dependencies::
 
-    PYTHONPATH=. run/peers/quix-venv/bin/python -m bench.peers.quix_peer
+    run/peers/quix-venv/bin/python -m streamrec.bench.peers.quix_peer
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 from quixstreams import Application, State, message_context
 from quixstreams.models import Row
 
-from bench.peers.session import Session, apply_event, is_replay
-from model.serving import Recommender
+from streamrec.bench.peers.session import Session, apply_event, is_replay
 from streamrec.contracts import ContractError, DeadLetter, Event, encode_recommendation, parse_event
+from streamrec.model.serving import Recommender
 from streamrec.settings import Settings
 
 SESSION = "session"

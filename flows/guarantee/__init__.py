@@ -6,11 +6,11 @@ processor and shard map call it without knowing which it is.
 
 from __future__ import annotations
 
-from flows.guarantee.at_least_once import AtLeastOnce
-from flows.guarantee.base import Guarantee, PartitionProgress
-from flows.guarantee.exactly_once import ExactlyOnce
-from state.changelog import ChangelogWriter
+from streamrec.flows.guarantee.at_least_once import AtLeastOnce
+from streamrec.flows.guarantee.base import Guarantee, PartitionProgress
+from streamrec.flows.guarantee.exactly_once import ExactlyOnce
 from streamrec.settings import AT_LEAST_ONCE, EXACTLY_ONCE, Settings
+from streamrec.state.changelog import ChangelogWriter
 
 __all__ = [
     "AtLeastOnce",

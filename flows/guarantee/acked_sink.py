@@ -33,9 +33,9 @@ from typing import Any, Final, cast
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from flows import metrics
-from flows.kafka_log import kafka_logger
-from flows.output import (
+from streamrec.flows import metrics
+from streamrec.flows.kafka_log import kafka_logger
+from streamrec.flows.output import (
     BLOCKED_AFTER_S,
     POLL_S,
     REFUSED,
@@ -47,8 +47,8 @@ from flows.output import (
     set_aside,
     size_limits,
 )
-from flows.shutdown import STOP_READING
-from flows.worker import WorkerContext, Workers
+from streamrec.flows.shutdown import STOP_READING
+from streamrec.flows.worker import WorkerContext, Workers
 from streamrec.kafka_clients import producer_config
 from streamrec.settings import Settings
 

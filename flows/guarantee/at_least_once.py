@@ -31,15 +31,15 @@ from typing import Final
 from bytewax.outputs import DynamicSink
 from confluent_kafka import OFFSET_BEGINNING
 
-from flows import metrics
-from flows.guarantee.acked_sink import OutputSink
-from flows.guarantee.base import Guarantee, PartitionProgress
-from flows.output import OffsetMark, SinkItem
-from flows.worker import WorkerContext, Workers
-from state.changelog import ChangelogWriter, open_shard
-from state.session import NO_REPLAY
-from state.store import SessionStore
+from streamrec.flows import metrics
+from streamrec.flows.guarantee.acked_sink import OutputSink
+from streamrec.flows.guarantee.base import Guarantee, PartitionProgress
+from streamrec.flows.output import OffsetMark, SinkItem
+from streamrec.flows.worker import WorkerContext, Workers
 from streamrec.settings import AT_LEAST_ONCE, Settings
+from streamrec.state.changelog import ChangelogWriter, open_shard
+from streamrec.state.session import NO_REPLAY
+from streamrec.state.store import SessionStore
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from collections.abc import Mapping
 
 from bytewax.outputs import DynamicSink
 
-from flows.output import SinkItem
-from flows.worker import WorkerContext, Workers
-from state.store import SessionStore
+from streamrec.flows.output import SinkItem
+from streamrec.flows.worker import WorkerContext, Workers
+from streamrec.state.store import SessionStore
 
 
 class PartitionProgress(ABC):

@@ -23,15 +23,15 @@ from typing import Final, cast
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import OFFSET_BEGINNING
 
-from flows import metrics
-from flows.guarantee.base import Guarantee, PartitionProgress
-from flows.guarantee.transactions import PartitionTransactions
-from flows.output import OutputRecord, SinkItem, output_limits
-from flows.worker import WorkerContext, Workers
-from state.changelog import open_shard
-from state.session import NO_REPLAY
-from state.store import SessionStore
+from streamrec.flows import metrics
+from streamrec.flows.guarantee.base import Guarantee, PartitionProgress
+from streamrec.flows.guarantee.transactions import PartitionTransactions
+from streamrec.flows.output import OutputRecord, SinkItem, output_limits
+from streamrec.flows.worker import WorkerContext, Workers
 from streamrec.settings import EXACTLY_ONCE, Settings
+from streamrec.state.changelog import open_shard
+from streamrec.state.session import NO_REPLAY
+from streamrec.state.store import SessionStore
 
 log = logging.getLogger(__name__)
 

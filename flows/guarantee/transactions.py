@@ -39,14 +39,21 @@ from typing import Any, Final
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from flows import metrics
-from flows.kafka_log import kafka_logger
-from flows.output import POLL_S, REFUSED, BlockedOutput, OutputRecord, set_aside, size_limits
-from state.changelog import MARKS_KEY, Marks, encode_marks
-from state.errors import StateError
-from state.store import SessionStore, Stamp
+from streamrec.flows import metrics
+from streamrec.flows.kafka_log import kafka_logger
+from streamrec.flows.output import (
+    POLL_S,
+    REFUSED,
+    BlockedOutput,
+    OutputRecord,
+    set_aside,
+    size_limits,
+)
 from streamrec.kafka_clients import producer_config
 from streamrec.settings import Settings
+from streamrec.state.changelog import MARKS_KEY, Marks, encode_marks
+from streamrec.state.errors import StateError
+from streamrec.state.store import SessionStore, Stamp
 
 log = logging.getLogger(__name__)
 
