@@ -7,10 +7,14 @@ from types import ModuleType
 
 import pytest
 
-from state import keys, layout, session, store
+from state import consumed, erasure, expiry, keys, layout, session, store
 
 
-@pytest.mark.parametrize("module", [session, store, layout, keys], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "module",
+    [session, store, expiry, consumed, erasure, layout, keys],
+    ids=lambda m: m.__name__,
+)
 def test_the_docstring_examples_hold(module: ModuleType) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
