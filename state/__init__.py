@@ -2,10 +2,13 @@
 
 Shard i holds the users of partition i of the events topic (see ``layout``).
 
-Read in this order: ``session`` (the record and its encoding), ``store`` (apply,
-expiry, erasure: the hot path), ``layout`` and ``keys`` (where things live on
-disk), ``rocks`` (RocksDB options and scans), ``view`` (read-only access for the
-command line), ``errors``; ``cli`` and ``bench`` are the front door.
+Read in this order: ``session`` (the record and its encoding), ``store`` (apply
+exactly once: the hot path), then what the store leaves to others: ``expiry``
+(the clock, sweeps), ``consumed`` (the items consumed beyond the window) and
+``erasure`` (forgetting a user, quarantine); ``layout`` and ``keys`` (where
+things live on disk), ``rocks`` (RocksDB options and scans), ``view`` (read-only
+access for the command line), ``errors``; ``cli`` and ``bench`` are the front
+door.
 """
 
 from streamrec.state.errors import (

@@ -18,17 +18,24 @@ True
 
 Record layout, format version 1: B version, then one little-endian unsigned
 64-bit hash per item, oldest first (8 bytes an item: 40 kB at 5,000 items).
+
+``ConsumedItems`` is how a store stages, reads and caches these records.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Final
 
 import numpy as np
+from rocksdict import Rdict
 
+from streamrec.contracts import Event
 from streamrec.item_hashes import EMPTY, HASH_DTYPE, isin_sorted, item_hash, item_hashes
 from streamrec.state.errors import CorruptSessionError
+from streamrec.state.keys import consumed_key_of
+from streamrec.state.rocks import read_record
 
 __all__ = ["EMPTY", "HASH_DTYPE", "item_hash", "item_hashes", "isin_sorted"]
 
@@ -68,3 +75,92 @@ def parse_types(text: str, known: Iterable[str]) -> frozenset[str]:
             f"(known: {', '.join(sorted(known))})"
         )
     return types
+
+
+class ConsumedItems:
+    """The consumed-items records of one shard's users, as its store stages, reads and caches them.
+
+    A record is staged with the session of the same event and written in the same
+    batch (``take_staged``); it expires with the session (``stage`` with
+    ``restarted``).  The latest ``cache_size`` records read or written stay in
+    memory, EMPTY where a user has none, so that users who never consume cost no read.
+
+    >>> import tempfile
+    >>> from streamrec.state.rocks import db_options
+    >>> db = Rdict(tempfile.mkdtemp(), db_options())
+    >>> items = ConsumedItems(db, frozenset({"rating"}), cap=100, cache_size=10)
+    >>> items.stage(b"c:u1", Event("e1", "u1", "i9", "rating", 0), restarted=False)
+    >>> bool((items.of(b"c:u1", "u1") == item_hashes(["i9"])).all())  # staged, not yet written
+    True
+    >>> list(items.take_staged())  # for the store to write, with the session
+    [b'c:u1']
+    >>> db.close()
+    """
+
+    def __init__(self, db: Rdict, types: frozenset[str], cap: int, cache_size: int) -> None:
+        self._db = db
+        # The event types whose items are kept: none without room for any.
+        self.types = types if cap > 0 else frozenset()
+        self._cap = cap
+        self._cache_size = cache_size
+        # Staged since the last commit (None: delete), and the latest read or written.
+        self._staged: dict[bytes, np.ndarray | None] = {}
+        self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+
+    def of(self, key: bytes, user_id: str) -> np.ndarray:
+        """The hashes in the record at ``key``, of ``user_id``, staged ones included.
+
+        Read-only, oldest first.
+        """
+        if key in self._staged:
+            staged = self._staged[key]
+            return EMPTY if staged is None else staged
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        try:
+            raw = read_record(self._db, key, user_id)
+            consumed = EMPTY if raw is None else decode_consumed(user_id, raw)
+        except CorruptSessionError:
+            # Only the exclusion is lost: the next consumption writes a fresh record.
+            consumed = EMPTY
+        if self._cache_size:
+            self._remember(key, consumed)
+        return consumed
+
+    def stage(self, key: bytes, event: Event, restarted: bool) -> None:
+        """Stage the record at ``key`` as of ``event``; ``restarted``: a new session began."""
+        before = self.of(key, event.user_id)
+        if restarted and len(before):
+            before = EMPTY  # the consumed items expire with the session
+            self._staged[key] = None
+        if event.type in self.types:
+            after = with_item(before, item_hash(event.item_id), self._cap)
+            if after is not None:
+                self._staged[key] = after
+
+    def take_staged(self) -> dict[bytes, np.ndarray | None]:
+        """The records staged since the last call, by key (None: delete); read-only."""
+        staged = self._staged
+        if staged:
+            self._staged = {}
+        return staged
+
+    def remember(self, written: dict[bytes, np.ndarray | None]) -> None:
+        """Keep in memory the records just written (``take_staged``)."""
+        for key, consumed in written.items():
+            self._remember(key, EMPTY if consumed is None else consumed)
+
+    def uncache(self, session_key: bytes) -> None:
+        """Drop from memory the record of the user whose session key is ``session_key``."""
+        self._cache.pop(consumed_key_of(session_key), None)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _remember(self, key: bytes, consumed: np.ndarray) -> None:
+        cache = self._cache
+        cache[key] = consumed
+        cache.move_to_end(key)
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)

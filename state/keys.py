@@ -5,6 +5,8 @@ scan over sessions is a range scan that never meets a metadata key.
 
 >>> session_key("u1"), user_of(session_key("u1"))
 (b's:u1', 'u1')
+>>> consumed_key_of(session_key("u1")), quarantine_key_of(session_key("u1"))
+(b'c:u1', b'q:u1')
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ CONSUMED_PREFIX: Final = b"c:"
 # In the changelog, whose keys are raw user ids, a consumed-items record's key is this tag
 # and the user id: not valid UTF-8, so never a user id (which is text) on its own.
 CHANGELOG_CONSUMED_TAG: Final = b"\xff\xfdc:"
+_SESSION_PREFIX_LEN: Final = len(SESSION_PREFIX)
 
 
 def session_key(user_id: str) -> bytes:
@@ -49,6 +52,16 @@ def session_key(user_id: str) -> bytes:
 def consumed_key(user_id: str) -> bytes:
     """The RocksDB key of the items ``user_id`` consumed in their current session."""
     return CONSUMED_PREFIX + user_id.encode()
+
+
+def consumed_key_of(session_key: bytes) -> bytes:
+    """The key of the consumed items of the user whose session key is ``session_key``."""
+    return CONSUMED_PREFIX + session_key[_SESSION_PREFIX_LEN:]
+
+
+def quarantine_key_of(session_key: bytes) -> bytes:
+    """Where the unreadable session record at ``session_key`` is kept aside."""
+    return QUARANTINE_PREFIX + session_key[_SESSION_PREFIX_LEN:]
 
 
 def applied_key(partition: int) -> bytes:

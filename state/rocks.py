@@ -111,6 +111,20 @@ def is_corruption(err: Exception) -> bool:
     return str(err).startswith("Corruption")
 
 
+def read_record(db: Rdict, key: bytes, user_id: str) -> bytes | None:
+    """The record of ``user_id`` at ``key``, if any.
+
+    CorruptSessionError if RocksDB cannot read it (a checksum failed).
+    """
+    try:
+        raw: bytes | None = db.get(key)
+    except Exception as err:  # rocksdict raises RocksDB's failures as plain Exception
+        if is_corruption(err):
+            raise CorruptSessionError(user_id, f"RocksDB: {err}") from err
+        raise
+    return raw
+
+
 def damaged(path: Path, err: Exception) -> StateError:
     """What to say of a shard DB whose checksums fail."""
     return StateError(

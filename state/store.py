@@ -21,42 +21,39 @@ False
 from __future__ import annotations
 
 import contextlib
-import struct
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from types import TracebackType
 from typing import Final, NamedTuple, Protocol, cast
-from zlib import crc32
 
 import numpy as np
-from rocksdict import BottommostLevelCompaction, CompactOptions, Rdict, WriteBatch
+from rocksdict import Rdict, WriteBatch
 
 from streamrec.contracts import Event
 from streamrec.settings import Settings
-from streamrec.state.consumed import (
-    EMPTY,
-    decode_consumed,
-    encode_consumed,
-    item_hash,
-    parse_types,
-    with_item,
+from streamrec.state.consumed import ConsumedItems, encode_consumed, parse_types
+from streamrec.state.erasure import (
+    Erasure,
+    delete_session,
+    erase,
+    holds_later,
+    quarantine,
+    read_as_stored,
+    records_of,
+    scrub,
 )
 from streamrec.state.errors import CorruptSessionError, StateWriteError
+from streamrec.state.expiry import NO_CLOCK, SWEEP_BATCH_DEFAULT, Expiry, read_voters, wall_clock_ms
 from streamrec.state.keys import (
     APPLIED_PREFIX,
     CHANGELOG_CONSUMED_TAG,
-    CLOCK_KEY,
     CONSUMED_PREFIX,
     OPEN_KEY,
-    QUARANTINE_PREFIX,
     SESSION_PREFIX,
     SHAPE_KEY,
     VERSION_KEY,
-    VOTERS_KEY,
     applied_key,
     session_key,
     user_of,
@@ -69,37 +66,17 @@ from streamrec.state.rocks import (
     is_corruption,
     open_read_write,
     read_clock,
+    read_record,
     scan_stats,
     session_bounds,
     write_options,
 )
-from streamrec.state.session import (
-    EVENT_TYPES,
-    NO_REPLAY,
-    Session,
-    applied_offset_of,
-    decode_session,
-    encode_session,
-    last_seen_of,
-)
+from streamrec.state.session import EVENT_TYPES, NO_REPLAY, Session, decode_session, encode_session
 
-# Before any event: earlier than every event time, so nothing counts as expired.
-NO_CLOCK: Final = -(2**63)
-# The store's clock counts whole seconds: expiry is judged at most this late.
-CLOCK_RESOLUTION_MS: Final = 1000
-# The clock is the median of the latest event times of this many recent distinct users, and
-# moves only once this many have voted: one user's wrong clock cannot move it.
-CLOCK_VOTERS: Final = 63
-MIN_CLOCK_VOTERS: Final = 3
 # A session's replay tail holds at most this many windows' worth of interactions.
 REPLAY_TAIL_WINDOWS: Final = 2
-SWEEP_BATCH_DEFAULT: Final = 1000
 _PREFIX_LEN: Final = len(SESSION_PREFIX)
 _OFFSET_VALUE: Final = CLOCK  # one signed 64-bit integer, as the clock
-
-
-def wall_clock_ms() -> float:
-    return time.time() * 1000.0
 
 
 class ChangeListener(Protocol):
@@ -129,14 +106,6 @@ class ApplyResult(NamedTuple):
     applied: bool
 
 
-class Erasure(Enum):
-    """What ``forget`` did."""
-
-    ERASED = "erased"  # the user had records, and they are gone
-    NOTHING = "nothing"  # the user had none (a metric and a log line, never the user id)
-    ALREADY_APPLIED = "already applied"  # read again after a restart: applied before
-
-
 @dataclass(slots=True)
 class StoreCounters:
     """What a store has done since it was opened, for the flow's metrics."""
@@ -156,33 +125,32 @@ class StoreCounters:
 class SessionStore:
     """The sessions of the users of one events partition, in that shard's own RocksDB.
 
-    Responsibilities: apply events to sessions exactly once per source offset (read,
-    update and write back in one atomic batch, the offset stamp inside the session
-    record); treat sessions idle for longer than the TTL, in event time, as absent,
-    and remove them in bounded sweeps; erase a user on request.  ``apply`` writes
-    at once; ``stage`` defers the write to the next ``commit``, so that a
-    micro-batch costs one write-ahead log append (the flow commits before it emits
-    anything, so an event whose write was lost to a crash has no output either and
-    is read again).  The latest ``cache_size`` sessions written stay decoded in
-    memory: the store is the DB's only writer, so they are never stale.
+    Applies events to sessions exactly once per source offset: read, update and
+    write back in one atomic batch, the offset stamp inside the session record.
+    ``apply`` writes at once; ``stage`` defers the write to the next ``commit``, so
+    that a micro-batch costs one write-ahead log append (the flow commits before it
+    emits anything, so an event whose write was lost to a crash has no output
+    either and is read again).  The latest ``cache_size`` sessions written stay
+    decoded in memory: the store is the DB's only writer, so they are never stale.
+    While a crash may still replay events from ``replay_floor`` on (the flow sets
+    it), sessions keep the interactions such a replay needs (see
+    ``Session.with_event``).
 
     The store also keeps the last applied offset of each source partition (the
     shard's watermark), written in the same batch as any removal of sessions
     (sweep, erasure, quarantine): an event at or below it is a replay even if its
     user's session has gone since, so no removal can let a replay apply an event
-    twice (a session that exists carries its own offsets).  The "clock" (persisted,
-    whole seconds) is the default "now" of expiry: the median of the latest event times of the last
-    ``CLOCK_VOTERS`` distinct users, never ahead of the wall clock by more than
-    the allowed skew, so no single user's clock can expire the others.  While a
-    crash may still replay events from ``replay_floor`` on (the flow sets it),
-    sessions keep the interactions such a replay needs (see ``Session.with_event``).
-    The items of consumption events (``consumed_types``) are kept apart from the
-    session, under ``c:``, beyond its window (``consumed``): written in the same
-    batch as the session, dropped with it when it expires or is erased.
-    A session record that cannot be read is moved aside under ``q:`` and its user
-    starts afresh (``counters.quarantined``).  The worker reading the partition
-    uses the store; RocksDB's lock keeps any second opener out.  Open it with
-    ``open``.
+    twice (a session that exists carries its own offsets).
+
+    The store writes every batch itself, so that what belongs together is written
+    together, and three collaborators hold the rest: ``streamrec.state.expiry.Expiry``
+    decides when sessions expire (the shard's clock, bounded sweeps);
+    ``streamrec.state.consumed.ConsumedItems`` keeps the items of consumption events
+    (``consumed_types``) under ``c:``, beyond the session's window, staged and
+    written with the session; ``streamrec.state.erasure`` says what erasing a user
+    (``forget``) and moving an unreadable session aside (``counters.quarantined``)
+    remove.  The worker reading the partition uses the store; RocksDB's lock keeps
+    any second opener out.  Open it with ``open``.
     """
 
     def __init__(
@@ -220,30 +188,18 @@ class SessionStore:
         if not wal and not self.lost_writes:
             db.put(OPEN_KEY, b"", self._write_options)
             db.flush()  # on disk before any write it guards
-        clock = read_clock(db)
-        self._clock_ms = NO_CLOCK if clock is None else clock
-        self._next_tick_ms = NO_CLOCK if clock is None else clock + CLOCK_RESOLUTION_MS
-        self._skew_ms = skew_ms
-        self._wall_ms = wall_ms
-        self._voters = _read_voters(db)
-        # Whether a vote since the last count could move the clock (only one at or past
-        # its next tick can: the median of votes below it stays below it).
-        self._clock_due = True
+        self._expiry = Expiry(
+            ttl_ms, shard_index, skew_ms, wall_ms, read_clock(db), read_voters(db)
+        )
+        self._consumed = ConsumedItems(db, consumed_types, consumed_cap, cache_size)
         self._applied = _read_applied(db)
         self._applied_written = dict(self._applied)
         self._staged_applied: dict[int, int] = {}
-        self._sweep_from = SESSION_PREFIX
         self._cache: OrderedDict[bytes, Session] = OrderedDict()
         self._cache_size = cache_size
         # Staged since the last commit: the sessions by key, their writes, the events.
         self._staged: dict[bytes, Session] = {}
         self._staged_events = 0
-        # The same for consumed-items records (None: delete), and the latest read or written
-        # (EMPTY where the user has none, so that users who never consume cost no read).
-        self._consumed_types = consumed_types if consumed_cap > 0 else frozenset()
-        self._consumed_cap = consumed_cap
-        self._staged_consumed: dict[bytes, np.ndarray | None] = {}
-        self._consumed_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._closed = False
 
     @classmethod
@@ -314,62 +270,21 @@ class SessionStore:
         result = self._next_session(stored, event, partition, offset)
         if result.applied:
             self._staged[key] = result.session
-            restarted = stored is not None and self._has_expired(stored, event)
-            if restarted or event.type in self._consumed_types:
-                self._stage_consumed(CONSUMED_PREFIX + user, event, restarted)
+            restarted = stored is not None and self._expiry.has_expired(stored, event)
+            consumed_items = self._consumed
+            if restarted or event.type in consumed_items.types:
+                consumed_items.stage(CONSUMED_PREFIX + user, event, restarted)
             self._staged_events += 1
             self._staged_applied[partition] = offset
-            # By a hash of the key: the voters' keys must hold no user id (erasure).
-            voter = crc32(key)
-            voters = self._voters
-            voters[voter] = event.ts
-            voters.move_to_end(voter)
-            if event.ts >= self._next_tick_ms:
-                self._clock_due = True
-            if len(voters) > CLOCK_VOTERS:
-                voters.popitem(last=False)
+            self._expiry.vote(key, event.ts)
         return result
-
-    def _stage_consumed(self, key: bytes, event: Event, restarted: bool) -> None:
-        before = self._consumed_of(key, event.user_id)
-        if restarted and len(before):
-            before = EMPTY  # the consumed items expire with the session
-            self._staged_consumed[key] = None
-        if event.type in self._consumed_types:
-            after = with_item(before, item_hash(event.item_id), self._consumed_cap)
-            if after is not None:
-                self._staged_consumed[key] = after
 
     def consumed(self, user_id: str) -> np.ndarray:
         """The hashes (``streamrec.state.consumed.item_hash``) of the items ``user_id`` consumed.
 
         As of their latest event, staged ones included; read-only, oldest first.
         """
-        return self._consumed_of(CONSUMED_PREFIX + user_id.encode(), user_id)
-
-    def _consumed_of(self, key: bytes, user_id: str) -> np.ndarray:
-        if key in self._staged_consumed:
-            staged = self._staged_consumed[key]
-            return EMPTY if staged is None else staged
-        cached = self._consumed_cache.get(key)
-        if cached is not None:
-            return cached
-        try:
-            raw = self._read(key, user_id)
-            consumed = EMPTY if raw is None else decode_consumed(user_id, raw)
-        except CorruptSessionError:
-            # Only the exclusion is lost: the next consumption writes a fresh record.
-            consumed = EMPTY
-        if self._cache_size:
-            self._remember_consumed(key, consumed)
-        return consumed
-
-    def _remember_consumed(self, key: bytes, consumed: np.ndarray) -> None:
-        cache = self._consumed_cache
-        cache[key] = consumed
-        cache.move_to_end(key)
-        if len(cache) > self._cache_size:
-            cache.popitem(last=False)
+        return self._consumed.of(CONSUMED_PREFIX + user_id.encode(), user_id)
 
     def commit(self) -> int:
         """Write everything staged in one atomic batch; how many events it applied."""
@@ -378,16 +293,14 @@ class SessionStore:
             return 0
         applied, offsets = self._staged_events, self._staged_applied
         self._staged, self._staged_events, self._staged_applied = {}, 0, {}
-        consumed = self._staged_consumed
+        consumed = self._consumed.take_staged()
         if consumed:
-            self._staged_consumed = {}
             consumed_records = [
                 (key, None if c is None else encode_consumed(c)) for key, c in consumed.items()
             ]
         self._applied.update(offsets)
-        tick = self._clock_candidate() if self._clock_due else NO_CLOCK
-        self._clock_due = False
-        advance = tick != NO_CLOCK and tick >= self._next_tick_ms
+        tick = self._expiry.tick()
+        advance = tick != NO_CLOCK
         # On failure nothing was written and nothing cached: the events are simply unapplied.
         try:
             if len(staged) == 1 and not advance and not consumed and self.stamp is None:
@@ -406,7 +319,7 @@ class SessionStore:
                             batch.put(key, record)
                 if advance:
                     # About once a second of event time: the clock, with what voted for it.
-                    batch.put(CLOCK_KEY, CLOCK.pack(tick))
+                    self._expiry.put_clock(batch, tick)
                     self._write_marks(batch)
                 elif self.stamp is not None:
                     batch.put(VERSION_KEY, _pack_stamp(self.stamp))
@@ -414,7 +327,7 @@ class SessionStore:
         except Exception as err:  # rocksdict raises RocksDB's failures as plain Exception
             raise StateWriteError(f"cannot write to shard DB {self.path}: {err}") from err
         if advance:
-            self._clock_ms, self._next_tick_ms = tick, tick + CLOCK_RESOLUTION_MS
+            self._expiry.advance(tick)
         if self.changes is not None:
             changes: list[tuple[bytes, bytes | None]] = [
                 (key[_PREFIX_LEN:], encode_session(s)) for key, s in staged.items()
@@ -429,19 +342,9 @@ class SessionStore:
         if self._cache_size:
             for key, session in staged.items():
                 self._remember(key, session)
-            for key, c in consumed.items():
-                self._remember_consumed(key, EMPTY if c is None else c)
+            if consumed:
+                self._consumed.remember(consumed)
         return applied
-
-    def _clock_candidate(self) -> int:
-        """The clock the recent users vote for, in whole seconds; NO_CLOCK without a quorum."""
-        voters = self._voters
-        if len(voters) < MIN_CLOCK_VOTERS:
-            return NO_CLOCK
-        times = sorted(voters.values())
-        # Capped by the wall clock: a majority of wrong clocks still cannot run it far ahead.
-        median = min(times[len(times) // 2], int(self._wall_ms()) + self._skew_ms)
-        return median - median % CLOCK_RESOLUTION_MS
 
     def apply_many(self, records: Iterable[tuple[Event, int, int]]) -> list[ApplyResult]:
         """Apply (event, partition, offset) records in order, with one atomic write for all.
@@ -469,7 +372,7 @@ class SessionStore:
                 self.counters.duplicates += 1
                 return ApplyResult(stored, False)
             session = stored
-            if self._has_expired(stored, event):
+            if self._expiry.has_expired(stored, event):
                 # The offsets outlive the expired session, so a replay cannot revive it; its
                 # interactions stay for as long as a replay needs them (``replay_floor``).
                 session = stored.restarted()
@@ -481,16 +384,12 @@ class SessionStore:
             True,
         )
 
-    def _has_expired(self, stored: Session, event: Event) -> bool:
-        return event.ts - stored.last_seen_ms > self.ttl_ms
-
     def get(self, user_id: str, now_ms: int | None = None) -> Session | None:
         """``user_id``'s session, or None if there is none or it expired by ``now_ms``."""
         session = self._stored(session_key(user_id), user_id)
         if session is None:
             return None
-        now = self._clock_ms if now_ms is None else now_ms
-        return None if session.is_expired(now, self.ttl_ms) else session
+        return None if self._expiry.is_expired(session, now_ms) else session
 
     def forget(
         self,
@@ -514,25 +413,19 @@ class SessionStore:
         """
         self.commit()  # the user's staged events come before the erasure
         key = session_key(user_id)
-        consumed = _consumed_key_of(key)
-        quarantined = QUARANTINE_PREFIX + key[_PREFIX_LEN:]
-        stored = self._read_raw(key)
+        stored = read_as_stored(self._db, key)
         if partition is not None and offset is not None:
-            if offset <= self._applied.get(partition, -1) or _holds_later(
+            if offset <= self._applied.get(partition, -1) or holds_later(
                 key, stored, partition, offset
             ):
                 self.counters.duplicates += 1
                 return Erasure.ALREADY_APPLIED
             self._applied[partition] = offset
-        self._cache.pop(key, None)
-        self._consumed_cache.pop(consumed, None)
-        self._voters.pop(crc32(key), None)
-        found = [k for k in (consumed, quarantined) if self._read_raw(k) is not None]
-        if stored is not None:
-            found.append(key)
+        self._uncache(key)
+        self._expiry.unvote(key)
+        found = records_of(self._db, key, stored)
         batch = WriteBatch(raw_mode=True)
-        for removed in (key, consumed, quarantined):
-            batch.delete(removed)
+        erase(batch, key)
         self._write_marks(batch)
         try:
             self._db.write(batch, self._write_options)
@@ -542,68 +435,30 @@ class SessionStore:
             return Erasure.NOTHING
         self._removed([key])
         if purge:
-            self._purge(found)
+            scrub(self._db, found)
         return Erasure.ERASED
-
-    def _read_raw(self, key: bytes) -> bytes | None:
-        """A record as stored, undecoded (a corrupt one can be erased too)."""
-        try:
-            raw: bytes | None = self._db.get(key)
-        except Exception:  # noqa: BLE001 - a record RocksDB cannot read is gone either way
-            return b""
-        return raw
 
     def sweep_expired(self, now_ms: int | None = None, max_keys: int = SWEEP_BATCH_DEFAULT) -> int:
         """Look at up to ``max_keys`` sessions after the last sweep's; remove the expired ones."""
         self.commit()  # the sweep reads the DB: it must see this batch's sessions
-        now = self._clock_ms if now_ms is None else now_ms
-        bounds = session_bounds()
-        cursor = self._db.iter(bounds)
-        cursor.seek(self._sweep_from)
         batch = WriteBatch(raw_mode=True)
         expired: list[bytes] = []
-        examined = 0
+        sweep = self._expiry.expired_sessions(self._db, now_ms, max_keys, self.replay_floor)
         try:
-            while examined < max_keys and cursor.valid():
-                key = cursor.key()
-                # Resume after this key next time, even if its record turns out corrupt.
-                self._sweep_from = key + b"\x00"
-                try:
-                    value = cursor.value()
-                    idle = now - last_seen_of(key[_PREFIX_LEN:], value) > self.ttl_ms
-                    if idle and self._replay_needs(key, value):
-                        idle = False  # a later sweep takes it, once reading has moved on
-                except CorruptSessionError:
-                    batch.put(QUARANTINE_PREFIX + key[_PREFIX_LEN:], cursor.value())
+            for key, unreadable in sweep:
+                if unreadable is None:
+                    delete_session(batch, key)
+                else:
+                    quarantine(batch, key, unreadable)
                     self.counters.quarantined.append(user_of(key))
-                    idle = True
-                if idle:
-                    batch.delete(key)
-                    batch.delete(_consumed_key_of(key))
-                    expired.append(key)
-                examined += 1
-                cursor.next()
-            if not cursor.valid():
-                self._sweep_from = SESSION_PREFIX  # the end: start over next time
+                expired.append(key)
         finally:
+            # What was found before a failure goes too: the sweep has moved past it.
             removed = len(expired)
             if len(batch):
-                self._write_marks(batch)
-                self._db.write(batch, self._write_options)
-                self._removed(expired)
+                self._write_removal(batch, expired)
                 self.counters.swept += removed
-                for key in expired:
-                    self._cache.pop(key, None)
-                    self._consumed_cache.pop(_consumed_key_of(key), None)
         return removed
-
-    def _replay_needs(self, key: bytes, raw: bytes) -> bool:
-        """Whether a crash could make this shard read an event of this session again."""
-        floor = self.replay_floor
-        if floor == NO_REPLAY:
-            return False
-        applied = applied_offset_of(key[_PREFIX_LEN:], raw, self.shard_index)
-        return applied is not None and applied >= floor
 
     def applied_offset(self, partition: int) -> int | None:
         """The offset of the last event this shard applied from ``partition`` (its watermark)."""
@@ -642,7 +497,7 @@ class SessionStore:
     @property
     def clock_ms(self) -> int | None:
         """The latest event time applied, in whole seconds, if any: the "now" of expiry."""
-        return None if self._clock_ms == NO_CLOCK else self._clock_ms
+        return self._expiry.clock_ms
 
     def stats(self) -> ShardStats:
         """Sessions, expired sessions and bytes of this shard's DB (a full scan)."""
@@ -663,7 +518,7 @@ class SessionStore:
             finally:
                 self._closed = True
                 self._cache.clear()
-                self._consumed_cache.clear()
+                self._consumed.clear_cache()
                 self._db.close()
 
     def __enter__(self) -> SessionStore:
@@ -686,7 +541,7 @@ class SessionStore:
             return session
         self.counters.cache_misses += 1
         try:
-            raw = self._read(key, user_id)
+            raw = read_record(self._db, key, user_id)
             return None if raw is None else decode_session(user_id, raw)
         except CorruptSessionError:
             self._quarantine(key, user_id)
@@ -698,15 +553,6 @@ class SessionStore:
         cache.move_to_end(key)
         if len(cache) > self._cache_size:
             cache.popitem(last=False)  # the least recently written
-
-    def _read(self, key: bytes, user_id: str) -> bytes | None:
-        try:
-            raw: bytes | None = self._db.get(key)
-        except Exception as err:  # rocksdict raises RocksDB's failures as plain Exception
-            if is_corruption(err):
-                raise CorruptSessionError(user_id, f"RocksDB: {err}") from err
-            raise
-        return raw
 
     def _removed(self, keys: list[bytes]) -> None:
         if self.changes is not None:
@@ -757,7 +603,7 @@ class SessionStore:
         self._write_marks(batch)
         self._db.write(batch, self._write_options)
         self._cache.clear()
-        self._consumed_cache.clear()
+        self._consumed.clear_cache()
         return written
 
     def _write_marks(self, batch: WriteBatch) -> None:
@@ -771,55 +617,34 @@ class SessionStore:
             if self._applied_written.get(partition) != offset:
                 batch.put(applied_key(partition), _OFFSET_VALUE.pack(offset))
         self._applied_written = dict(self._applied)
-        batch.put(VOTERS_KEY, _pack_voters(self._voters))
+        self._expiry.put_voters(batch)
         if self.stamp is not None:
             batch.put(VERSION_KEY, _pack_stamp(self.stamp))
 
     def _quarantine(self, key: bytes, user_id: str) -> None:
-        # Kept for inspection under q:, out of every session scan; the user starts afresh and
-        # the shard's watermark still keeps replays of their old events from being applied.
+        # The user starts afresh; the shard's watermark, written with the move, still keeps
+        # replays of their old events from being applied.
         batch = WriteBatch(raw_mode=True)
-        batch.put(QUARANTINE_PREFIX + key[_PREFIX_LEN:], self._read_raw(key) or b"")
-        batch.delete(key)
-        batch.delete(_consumed_key_of(key))
-        self._write_marks(batch)
-        self._db.write(batch, self._write_options)
-        self._removed([key])
-        self._cache.pop(key, None)
-        self._consumed_cache.pop(_consumed_key_of(key), None)
+        quarantine(batch, key, read_as_stored(self._db, key) or b"")
+        self._write_removal(batch, [key])
         self.counters.quarantined.append(user_id)
 
-    def _purge(self, keys: list[bytes]) -> None:
-        # A delete only hides older versions: flush the memtable (retiring the WAL that holds
-        # them) and compact each key's range down to the last level, where they are dropped.
-        self._db.flush()
-        options = CompactOptions()
-        options.set_bottommost_level_compaction(BottommostLevelCompaction.force_optimized())
+    def _write_removal(self, batch: WriteBatch, keys: list[bytes]) -> None:
+        """Write ``batch``, which removes the sessions at ``keys``, with the marks; tell of it."""
+        self._write_marks(batch)
+        self._db.write(batch, self._write_options)
+        self._removed(keys)
         for key in keys:
-            self._db.compact_range(key, key + b"\x00", options)
+            self._uncache(key)
 
-
-def _holds_later(key: bytes, raw: bytes | None, partition: int, offset: int) -> bool:
-    """Whether a stored session applied an event read after ``offset`` of ``partition``.
-
-    A user's events and forgets share one partition, in order: a session holding a
-    later event began after the forget at ``offset`` was applied.
-    """
-    if not raw:
-        return False
-    try:
-        applied = applied_offset_of(key[_PREFIX_LEN:], raw, partition)
-    except CorruptSessionError:
-        return False
-    return applied is not None and applied > offset
+    def _uncache(self, key: bytes) -> None:
+        """Drop the session at ``key``, and its consumed items, from memory (removed)."""
+        self._cache.pop(key, None)
+        self._consumed.uncache(key)
 
 
 def _pack_stamp(stamp: Stamp) -> bytes:
     return _OFFSET_VALUE.pack(stamp.version) + stamp.writer.encode()
-
-
-def _consumed_key_of(session_key: bytes) -> bytes:
-    return CONSUMED_PREFIX + session_key[_PREFIX_LEN:]
 
 
 def _read_applied(db: Rdict) -> dict[int, int]:
@@ -830,14 +655,3 @@ def _read_applied(db: Rdict) -> dict[int, int]:
             break
         applied[int(key[len(APPLIED_PREFIX) :])] = int(_OFFSET_VALUE.unpack(value)[0])
     return applied
-
-
-_VOTER: Final = struct.Struct("<Iq")
-
-
-def _pack_voters(voters: OrderedDict[int, int]) -> bytes:
-    return b"".join([_VOTER.pack(voter, ts) for voter, ts in voters.items()])
-
-
-def _read_voters(db: Rdict) -> OrderedDict[int, int]:
-    return OrderedDict(_VOTER.iter_unpack(db.get(VOTERS_KEY) or b""))

@@ -284,7 +284,7 @@ def test_the_clock_never_runs_ahead_of_the_wall_clock_by_more_than_the_skew(
 ) -> None:
     settings = SETTINGS.replace(event_time_skew_s=60.0)
     store = SessionStore.open(state_dir, 0, 1, settings)
-    store._wall_ms = lambda: float(T0)  # every user's clock is a day ahead of this machine's
+    store._expiry.wall_ms = lambda: float(T0)  # every user's clock is a day ahead of this machine's
     with store:
         for offset, user in enumerate(("u1", "u2", "u3")):
             store.apply(event(user, "a", T0 + 24 * 3600 * 1000), 0, offset)
