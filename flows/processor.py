@@ -82,7 +82,7 @@ class EventProcessor:
         self._rocksdb_reads = metrics.SESSION_READS.labels("rocksdb")
 
     def process(self, records: list[Message]) -> list[SinkItem]:
-        """All outputs for one micro-batch, in input order per partition."""
+        """All outputs for one micro-batch: its dead letters, then its recommendations, in order."""
         began = self._pacer.now()
         out = self._process(records)
         self._pacer.worked(began, self._pacer.now())
