@@ -169,7 +169,8 @@ class LazyGroup(click.Group):
     metavar="KEY=VALUE|FILE",
     help="A librdkafka setting for every Kafka client (repeatable), or a properties file of "
     "them, e.g. --kafka-config security.protocol=SASL_SSL. Same as STREAMREC_KAFKA_OPTIONS / "
-    "STREAMREC_KAFKA_CONFIG; secrets are never printed.",
+    "STREAMREC_KAFKA_CONFIG. Secrets (sasl.password, ...) go in the file only, readable by "
+    "you alone; they are never printed.",
 )
 def cli(kafka_config: tuple[str, ...]) -> None:
     """Real-time recommendations from a Kafka stream of user events.
@@ -191,6 +192,13 @@ def cli(kafka_config: tuple[str, ...]) -> None:
     # so do the processes they start (a flow, a benchmark's services).
     if len(files) > 1:
         raise click.UsageError("--kafka-config takes at most one properties file")
+    if options:
+        from streamrec.kafka_clients import is_secret_value, secret_inline_message
+
+        names = {option.split("=", 1)[0].strip() for option in options}
+        secrets = sorted(name for name in names if is_secret_value(name))
+        if secrets:  # refused before anything reads it; the value is never shown
+            raise click.UsageError(secret_inline_message(secrets))
     if files:
         os.environ[ENV_PREFIX + "KAFKA_CONFIG"] = files[0]
     if options:

@@ -13,17 +13,25 @@ ours, so they win.  Values are strings: that is what librdkafka takes.
 'all'
 >>> consumer_config(Settings(brokers="k:9092"), group="flow")["group.id"]
 'flow'
->>> extra = Settings(kafka_options="security.protocol=SASL_SSL\\nsasl.password=s3")
+>>> extra = Settings(kafka_options="security.protocol=SASL_SSL\\nssl.ca.location=ca.pem")
 >>> consumer_config(extra, group="flow")["security.protocol"]
 'SASL_SSL'
->>> redact("login failed for s3", extra)
-'login failed for ***'
+>>> is_secret("sasl.password"), is_secret_value("ssl.key.location"), is_secret_value("ssl.key.pem")
+(True, False, True)
+
+Secrets come from the properties file only, which should be readable by its
+owner alone: inline options travel in the environment of every process a
+command starts, and ``--kafka-config KEY=VALUE`` shows in ``ps`` to every user
+of the machine.
 """
 
 from __future__ import annotations
 
+import logging
+import stat
 import time
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +39,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ClusterMetadata
 
 from streamrec.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # How long a caller waits for Kafka metadata before saying the broker is not there.
 METADATA_TIMEOUT_S = 5.0
@@ -129,8 +139,14 @@ def extra_client_settings(settings: Settings) -> dict[str, str]:
                 f"cannot read the Kafka client settings file {path}: {err.strerror}"
             ) from None
         found.update(parse_properties(text, str(path)))
+        if any(is_secret_value(name) for name in found):
+            _warn_if_shared(path)
     if settings.kafka_options:
-        found.update(parse_properties(settings.kafka_options, "kafka options"))
+        inline = parse_properties(settings.kafka_options, "kafka options")
+        secrets = sorted(name for name in inline if is_secret_value(name))
+        if secrets:
+            raise KafkaConfigError(secret_inline_message(secrets))
+        found.update(inline)
     if "bootstrap.servers" in found:
         # One place for the brokers, the one every message names.
         raise KafkaConfigError(
@@ -160,6 +176,37 @@ def parse_properties(text: str, origin: str) -> dict[str, str]:
 def is_secret(name: str) -> bool:
     """Whether the value of librdkafka setting ``name`` must never be printed."""
     return any(marker in name.lower() for marker in _SECRET_MARKERS)
+
+
+def is_secret_value(name: str) -> bool:
+    """Whether setting ``name`` holds a secret itself (not a ``*.location`` file, an ``*.url``)."""
+    return is_secret(name) and not name.lower().endswith((".location", ".url"))
+
+
+def secret_inline_message(names: list[str]) -> str:
+    """Why ``names`` may not be given inline, and where they go instead."""
+    return (
+        f"{', '.join(names)}: secrets are not taken as inline Kafka options (STREAMREC_KAFKA_"
+        "OPTIONS, --kafka-config KEY=VALUE): a command line shows in `ps` to every user, and "
+        "the options go into the environment of every process a command starts. Put them in a "
+        "properties file readable by you alone (chmod 600) and name it with --kafka-config "
+        "FILE or STREAMREC_KAFKA_CONFIG"
+    )
+
+
+@cache  # said once per file, not for every client made from it
+def _warn_if_shared(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning(
+            "WARNING: %s holds Kafka secrets and is open to other users (mode %s): chmod 600 %s",
+            path,
+            oct(stat.S_IMODE(mode)),
+            path,
+        )
 
 
 def redact(text: str, settings: Settings) -> str:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from streamrec.flows.cli import EXIT_CONFIGURATION
+from streamrec.kafka_clients import KafkaConfigError, extra_client_settings
 from streamrec.settings import Settings
 from streamrec.tools.kafka_local import LocalKafka, SecuredListener
 from tests.conftest import free_port, own_topics_and_state
@@ -129,6 +130,7 @@ def client_properties(tls: tuple[Path, Path], tmp_path: Path) -> Path:
         f"sasl.password={PASSWORD}\n"
         f"ssl.ca.location={tls[1]}\n"
     )
+    path.chmod(0o600)  # it holds a password: readable by its owner alone
     return path
 
 
@@ -157,6 +159,16 @@ def streamrec(
         # A guard against a hang, not a measurement.
         timeout=300,
     )
+
+
+def with_login(settings: Settings, tmp_path: Path, **login: str) -> Settings:
+    """``settings`` whose properties file gives this ``sasl.username``/``sasl.password``."""
+    path = tmp_path / f"client-{uuid.uuid4().hex}.properties"
+    lines = Path(settings.kafka_config).read_text().splitlines()
+    lines += [f"{name.replace('_', '.')}={value}" for name, value in login.items()]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return settings.replace(kafka_config=str(path))
 
 
 def assert_no_secret(*outputs: str) -> None:
@@ -230,14 +242,9 @@ def test_topics_flow_replay_and_latency_work_through_the_sasl_ssl_listener(
 def test_a_wrong_password_fails_at_once_saying_authentication_failed(
     secured_settings: Settings, command: Sequence[str], exit_code: int, tmp_path: Path
 ) -> None:
-    # Inline options come after the properties file, so this password wins.
-    done = streamrec(
-        secured_settings,
-        "--kafka-config",
-        f"sasl.password={WRONG_PASSWORD}",
-        *command,
-        cwd=tmp_path,
-    )
+    # A later line of the properties file wins, so this password is the one tried.
+    wrong = with_login(secured_settings, tmp_path, sasl_password=WRONG_PASSWORD)
+    done = streamrec(wrong, *command, cwd=tmp_path)
     output = done.stdout + done.stderr
     assert done.returncode == exit_code, output
     # Said as what it is, after the broker refused the login: not a broker that is not there.
@@ -255,14 +262,12 @@ def test_a_wrong_password_fails_at_once_saying_authentication_failed(
     ],
 )
 def test_a_user_without_rights_is_told_so_not_that_a_topic_is_missing(
-    secured_settings: Settings, command: Sequence[str], said: str
+    secured_settings: Settings, command: Sequence[str], said: str, tmp_path: Path
 ) -> None:
-    done = streamrec(
-        secured_settings,
-        *("--kafka-config", f"sasl.username={OUTSIDER}"),
-        *("--kafka-config", f"sasl.password={OUTSIDER_PASSWORD}"),
-        *command,
+    outsider = with_login(
+        secured_settings, tmp_path, sasl_username=OUTSIDER, sasl_password=OUTSIDER_PASSWORD
     )
+    done = streamrec(outsider, *command)
     output = done.stdout + done.stderr
     assert done.returncode != 0 and said in output, output
     assert "does not exist" not in output
@@ -287,10 +292,44 @@ def test_a_broker_certificate_from_another_ca_is_refused_naming_ssl_ca_location(
     [["config"], ["--help"], ["run", "--help"], ["topics", "create", "--help"]],
 )
 def test_settings_and_help_never_show_the_password(
-    secured_settings: Settings, command: Sequence[str]
+    secured_settings: Settings, command: Sequence[str], tmp_path: Path
 ) -> None:
-    done = streamrec(
-        secured_settings, "--kafka-config", f"sasl.password={WRONG_PASSWORD}", *command
-    )
+    wrong = with_login(secured_settings, tmp_path, sasl_password=WRONG_PASSWORD)
+    done = streamrec(wrong, *command)
     assert done.returncode == 0, done.stderr
     assert_no_secret(done.stdout + done.stderr)
+
+
+@pytest.mark.parametrize("setting", ["sasl.password", "ssl.key.password", "sasl.jaas.config"])
+def test_a_secret_on_the_command_line_is_refused_pointing_to_the_file(setting: str) -> None:
+    # Anyone on the machine reads a command line (ps, /proc/*/cmdline); it is refused
+    # before any client is made, and the value is not repeated.
+    done = streamrec(Settings(), "--kafka-config", f"{setting}={WRONG_PASSWORD}", "config")
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert setting in output and "properties file readable by you alone" in output
+    assert_no_secret(output)
+
+
+def test_a_secret_in_the_inline_options_is_refused_as_the_command_line_is() -> None:
+    # They go into the environment of every process a command starts (a flow, a benchmark).
+    settings = Settings(kafka_options=f"security.protocol=SASL_SSL\nsasl.password={PASSWORD}")
+    with pytest.raises(KafkaConfigError, match="sasl.password: secrets are not taken") as err:
+        extra_client_settings(settings)
+    assert PASSWORD not in str(err.value)
+
+
+def test_a_file_path_and_a_url_inline_are_no_secrets() -> None:
+    inline = "ssl.key.location=/etc/k.pem\nsasl.oauthbearer.token.endpoint.url=https://idp/t"
+    assert extra_client_settings(Settings(kafka_options=inline))["ssl.key.location"] == "/etc/k.pem"
+
+
+def test_a_properties_file_with_secrets_open_to_others_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "client.properties"
+    path.write_text(f"sasl.password={PASSWORD}\n")
+    path.chmod(0o644)
+    extra_client_settings(Settings(kafka_config=str(path)))
+    assert "open to other users (mode 0o644): chmod 600" in caplog.text
+    assert PASSWORD not in caplog.text
