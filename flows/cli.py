@@ -324,7 +324,8 @@ def _serve(
 
 
 def _events_topic(settings: Settings) -> tuple[int, str]:
-    """The events topic's partition count and incarnation id; stops if Kafka cannot say."""
+    """The events topic's partition count and incarnation id; stops if Kafka cannot say, or
+    if a topic the flow writes to is missing (69: a supervisor retries once it is made)."""
     from streamrec.kafka_clients import (
         KafkaAuthenticationFailed,
         KafkaConfigError,
@@ -336,6 +337,9 @@ def _events_topic(settings: Settings) -> tuple[int, str]:
     try:
         partitions = len(topic_partitions(settings, settings.events_topic))
         incarnation = topic_id(settings, settings.events_topic)
+        # The outputs' topics too: missing, every answer would wait as "output blocked".
+        for output in (settings.recommendations_topic, settings.dlq_topic):
+            topic_partitions(settings, output)
         if settings.changelog:
             changelog_partitions = len(topic_partitions(settings, settings.sessions_changelog))
             if changelog_partitions != partitions:

@@ -15,7 +15,12 @@ from confluent_kafka import Producer
 from rocksdict import Rdict
 
 from streamrec.contracts import Event
-from streamrec.flows.cli import EXIT_CONFIGURATION, EXIT_STATE_UNUSABLE, EXIT_STATE_UNWRITABLE
+from streamrec.flows.cli import (
+    EXIT_CONFIGURATION,
+    EXIT_KAFKA_UNAVAILABLE,
+    EXIT_STATE_UNUSABLE,
+    EXIT_STATE_UNWRITABLE,
+)
 from streamrec.kafka_clients import producer_config, topic_partitions
 from streamrec.settings import Settings
 from streamrec.state.keys import session_key
@@ -158,6 +163,24 @@ def test_a_model_that_cannot_be_served_stops_the_flow_with_one_line_and_its_exit
     assert flow.process.wait(120) == EXIT_CONFIGURATION
     lines = [line for line in flow.output().splitlines() if "cannot go on" in line]
     assert len(lines) == 1 and "has no ONNX file" in lines[0], flow.output()
+
+
+@pytest.mark.parametrize("missing", ["recommendations", "dead letters"])
+def test_a_missing_output_topic_stops_the_flow_at_start_with_exit_69(
+    kafka_settings: Settings, missing: str
+) -> None:
+    # Found by review: the flow started, and every answer waited as "output blocked".
+    topic = (
+        kafka_settings.recommendations_topic
+        if missing == "recommendations"
+        else kafka_settings.dlq_topic
+    )
+    delete_topics(kafka_settings, [topic])
+    flow = FlowProcess(kafka_settings).start()
+    assert flow.process is not None
+    assert flow.process.wait(120) == EXIT_KAFKA_UNAVAILABLE
+    lines = [line for line in flow.output().splitlines() if "cannot go on" in line]
+    assert len(lines) == 1 and f"topic {topic!r} does not exist" in lines[0], flow.output()
 
 
 @pytest.fixture
