@@ -110,6 +110,16 @@ TRANSACTIONS_ABORTED = Counter(
     "Exactly-once mode: transactions Kafka aborted (an outage, a refused record); each is "
     "made again.",
 )
+MODELS_SERVING = Gauge(
+    "streamrec_model_serving",
+    "1 for each model variant and version this process serves now (version: the ONNX file's "
+    "sha256 prefix, as in each recommendation's 'model' field).",
+    ["variant", "version"],
+)
+MODEL_WATCH_FAILURES = Counter(
+    "streamrec_model_watch_failures_total",
+    "Looks at the model directory that failed unexpectedly; the watcher looks again later.",
+)
 GC_PAUSE_SECONDS = Histogram(
     "streamrec_gc_pause_seconds",
     "Pauses of Python's cyclic garbage collector in the flow process, by generation: a full "

@@ -21,6 +21,7 @@ served are refused with one log line, and the old version goes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Final
 from zlib import crc32
 
+from streamrec.flows import metrics
 from streamrec.model.serving import Recommender
 from streamrec.settings import Settings
 
@@ -149,6 +151,8 @@ class ModelWatcher:
         self._shares = shares
         self._workers = workers
         self._versions = serving.versions
+        _say_serving([], self._versions)
+        self._failure: str | None = None  # the last unexpected failure, said once
         self._ready: list[ModelSet] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -194,12 +198,26 @@ class ModelWatcher:
             f"model roll-out: {', '.join(self._versions)} -> {', '.join(versions)}, "
             "taken by each worker at its next micro-batch"
         )
+        _say_serving(self._versions, versions)
         self._versions = versions
         return True
 
     def _watch(self) -> None:
         while not self._stop.wait(self._settings.model_check_s):
+            self._look()
+
+    def _look(self) -> None:
+        """``check``, surviving whatever goes wrong: a watcher that died would roll out nothing."""
+        try:
             self.check()
+            self._failure = None
+        except Exception as err:  # noqa: BLE001 - logged, counted, and looked at again
+            metrics.MODEL_WATCH_FAILURES.inc()
+            self._seen = None  # what failed is looked at afresh next time
+            said = _first_line(err)
+            if said != self._failure:
+                self._failure = said
+                log.exception("looking at the model directory failed (%s); trying again", said)
 
     def _fingerprint(self) -> Fingerprint | None:
         try:
@@ -209,6 +227,17 @@ class ModelWatcher:
 
     def _say(self, line: str) -> None:
         log.info(line)
+
+
+def _say_serving(before: list[str], now: list[str]) -> None:
+    """``/metrics``: the variants and versions served now (``name@digest`` each)."""
+    for version in before:
+        name, _, digest = version.partition("@")
+        with contextlib.suppress(KeyError):
+            metrics.MODELS_SERVING.remove(name, digest)
+    for version in now:
+        name, _, digest = version.partition("@")
+        metrics.MODELS_SERVING.labels(name, digest).set(1)
 
 
 def _first_line(err: BaseException) -> str:

@@ -12,9 +12,17 @@ from pathlib import Path
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from streamrec.contracts import Event
-from streamrec.flows.models import ModelWatcher, VariantSpecError, load_model_set, parse_variants
+from streamrec.flows import models as models_module
+from streamrec.flows.models import (
+    Fingerprint,
+    ModelWatcher,
+    VariantSpecError,
+    load_model_set,
+    parse_variants,
+)
 from streamrec.model.serving import read_card
 from streamrec.settings import Settings
 from tests.flow_harness import FlowProcess, RecommendationCollector, produce
@@ -119,6 +127,60 @@ def test_the_watcher_takes_new_artifacts_and_refuses_broken_ones_with_one_line(
     assert len(refusals) == 3, refusals  # a link to nothing is a swap under way: no model yet
     assert all("still serving teacher@" in line for line in refusals)
     assert watcher.generation == 1
+
+
+def served_on_metrics() -> set[tuple[str, str]]:
+    """The (variant, version) pairs /metrics says this process serves."""
+    (family,) = [m for m in REGISTRY.collect() if m.name == "streamrec_model_serving"]
+    return {(s.labels["variant"], s.labels["version"]) for s in family.samples if s.value == 1}
+
+
+def test_metrics_name_the_served_version_before_and_after_a_roll_out(tmp_path: Path) -> None:
+    link = tmp_path / "current"
+    link.symlink_to(artifacts_copy(tmp_path, "v1"))
+    settings = Settings(model_dir=link)
+    shares = parse_variants(None)
+    serving = load_model_set(link, shares, settings)
+    watcher = ModelWatcher(settings, shares, serving, workers=1)
+    (before,) = serving.versions
+    assert tuple(before.split("@")) in served_on_metrics()
+
+    repoint(link, artifacts_copy(tmp_path, "v2", chosen="teacher"))
+    assert watcher.check()
+    (after,) = watcher.take()[1].versions  # type: ignore[union-attr]
+    assert tuple(after.split("@")) in served_on_metrics()
+    assert tuple(before.split("@")) not in served_on_metrics()
+
+
+def test_the_watcher_survives_its_own_failure_and_rolls_out_on_its_next_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by review: an unexpected error ended the watcher's thread, silently, for good.
+    link = tmp_path / "current"
+    link.symlink_to(artifacts_copy(tmp_path, "v1"))
+    settings = Settings(model_dir=link, model_check_s=0.05)
+    shares = parse_variants(None)
+    watcher = ModelWatcher(settings, shares, load_model_set(link, shares, settings), workers=1)
+    real_fingerprint = models_module.fingerprint
+    failures = [RuntimeError("the disk hiccuped")] * 3
+
+    def fingerprint_failing_at_first(model_dir: Path) -> Fingerprint:
+        if failures:
+            raise failures.pop()
+        return real_fingerprint(model_dir)
+
+    monkeypatch.setattr(models_module, "fingerprint", fingerprint_failing_at_first)
+    repoint(link, artifacts_copy(tmp_path, "v2", chosen="teacher"))
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 30
+        while watcher.generation == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        watcher.stop()
+    assert watcher.generation == 1
+    said = [r.getMessage() for r in caplog.records if "model directory failed" in r.getMessage()]
+    assert len(said) == 1, said  # the same failure, said once
 
 
 def _produce_steadily(settings: Settings, events: list[Event], stop: threading.Event) -> None:
