@@ -18,6 +18,7 @@ from streamrec.contracts import Event
 from streamrec.flows import models as models_module
 from streamrec.flows.models import (
     Fingerprint,
+    ModelSet,
     ModelWatcher,
     VariantSpecError,
     load_model_set,
@@ -61,6 +62,18 @@ def artifacts_copy(
     return copy
 
 
+def watching(
+    tmp_path: Path, workers: int = 1, check_s: float = 5.0
+) -> tuple[Path, ModelSet, ModelWatcher]:
+    """A model directory link to a copy of the artifacts, what it serves, and its watcher."""
+    link = tmp_path / "current"
+    link.symlink_to(artifacts_copy(tmp_path, "v1"))
+    settings = Settings(model_dir=link, model_check_s=check_s)
+    shares = parse_variants(None)
+    serving = load_model_set(link, shares, settings)
+    return link, serving, ModelWatcher(settings, shares, serving, workers=workers)
+
+
 def repoint(link: Path, target: Path) -> None:
     """Switch a symlink atomically, as `ln -sfn` does: a reader sees the old or the new one."""
     staged = link.with_name(link.name + ".new")
@@ -98,12 +111,7 @@ def test_the_watcher_takes_new_artifacts_and_refuses_broken_ones_with_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="streamrec.flows.models")
-    link = tmp_path / "current"
-    link.symlink_to(artifacts_copy(tmp_path, "v1"))
-    settings = Settings(model_dir=link)
-    shares = parse_variants(None)
-    serving = load_model_set(link, shares, settings)
-    watcher = ModelWatcher(settings, shares, serving, workers=2)
+    link, _, watcher = watching(tmp_path, workers=2)
     assert not watcher.check()  # nothing changed
 
     repoint(link, artifacts_copy(tmp_path, "v2", chosen="teacher"))
@@ -136,12 +144,7 @@ def served_on_metrics() -> set[tuple[str, str]]:
 
 
 def test_metrics_name_the_served_version_before_and_after_a_roll_out(tmp_path: Path) -> None:
-    link = tmp_path / "current"
-    link.symlink_to(artifacts_copy(tmp_path, "v1"))
-    settings = Settings(model_dir=link)
-    shares = parse_variants(None)
-    serving = load_model_set(link, shares, settings)
-    watcher = ModelWatcher(settings, shares, serving, workers=1)
+    link, serving, watcher = watching(tmp_path)
     (before,) = serving.versions
     assert tuple(before.split("@")) in served_on_metrics()
 
@@ -156,11 +159,7 @@ def test_the_watcher_survives_its_own_failure_and_rolls_out_on_its_next_look(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Found by review: an unexpected error ended the watcher's thread, silently, for good.
-    link = tmp_path / "current"
-    link.symlink_to(artifacts_copy(tmp_path, "v1"))
-    settings = Settings(model_dir=link, model_check_s=0.05)
-    shares = parse_variants(None)
-    watcher = ModelWatcher(settings, shares, load_model_set(link, shares, settings), workers=1)
+    link, _, watcher = watching(tmp_path, check_s=0.05)
     real_fingerprint = models_module.fingerprint
     failures = [RuntimeError("the disk hiccuped")] * 3
 
