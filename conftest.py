@@ -99,13 +99,14 @@ def pytest_collect_file(
 ) -> Generator[None, list[pytest.Collector], list[pytest.Collector]]:
     collectors = yield
     name = installed_name(file_path)
-    if name is None:
+    if name is None or not collectors:  # not a module (model/artifacts/*.onnx, data files)
         return collectors
+    source = file_path.read_text()
     swapped: list[pytest.Collector] = []
     for collector in collectors:
         if type(collector) is DoctestModule:
             # Modules without examples are not imported (bench/peers/quix_peer.py needs its venv).
-            if ">>>" not in file_path.read_text():
+            if ">>>" not in source:
                 continue
             doctests = InstalledDoctestModule.from_parent(parent, path=file_path)
             doctests.module_name = name
@@ -114,7 +115,7 @@ def pytest_collect_file(
             module = InstalledModule.from_parent(parent, path=file_path)
             module.module_name = name
             collector = module
-        if NEEDS_TORCH.search(file_path.read_text()):
+        if NEEDS_TORCH.search(source):
             collector.add_marker(pytest.mark.train)
         swapped.append(collector)
     return swapped

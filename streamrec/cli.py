@@ -193,12 +193,16 @@ def cli(kafka_config: tuple[str, ...]) -> None:
     if len(files) > 1:
         raise click.UsageError("--kafka-config takes at most one properties file")
     if options:
-        from streamrec.kafka_clients import is_secret_value, secret_inline_message
+        from streamrec.kafka_clients import (
+            KafkaConfigError,
+            parse_properties,
+            refuse_inline_secrets,
+        )
 
-        names = {option.split("=", 1)[0].strip() for option in options}
-        secrets = sorted(name for name in names if is_secret_value(name))
-        if secrets:  # refused before anything reads it; the value is never shown
-            raise click.UsageError(secret_inline_message(secrets))
+        try:  # refused before anything reads it; the value is never shown
+            refuse_inline_secrets(parse_properties("\n".join(options), "--kafka-config"))
+        except KafkaConfigError as err:
+            raise click.UsageError(str(err)) from None
     if files:
         os.environ[ENV_PREFIX + "KAFKA_CONFIG"] = files[0]
     if options:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -143,9 +143,7 @@ def extra_client_settings(settings: Settings) -> dict[str, str]:
             _warn_if_shared(path)
     if settings.kafka_options:
         inline = parse_properties(settings.kafka_options, "kafka options")
-        secrets = sorted(name for name in inline if is_secret_value(name))
-        if secrets:
-            raise KafkaConfigError(secret_inline_message(secrets))
+        refuse_inline_secrets(inline)
         found.update(inline)
     if "bootstrap.servers" in found:
         # One place for the brokers, the one every message names.
@@ -183,9 +181,16 @@ def is_secret_value(name: str) -> bool:
     return is_secret(name) and not name.lower().endswith((".location", ".url"))
 
 
-def secret_inline_message(names: list[str]) -> str:
-    """Why ``names`` may not be given inline, and where they go instead."""
-    return (
+def refuse_inline_secrets(inline: Mapping[str, str]) -> None:
+    """``KafkaConfigError`` naming the secret settings among ``inline`` options, if any.
+
+    The error says why they may not be given inline and where they go instead;
+    it names the settings, never their values.
+    """
+    names = sorted(name for name in inline if is_secret_value(name))
+    if not names:
+        return
+    raise KafkaConfigError(
         f"{', '.join(names)}: secrets are not taken as inline Kafka options (STREAMREC_KAFKA_"
         "OPTIONS, --kafka-config KEY=VALUE): a command line shows in `ps` to every user, and "
         "the options go into the environment of every process a command starts. Put them in a "
