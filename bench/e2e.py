@@ -21,12 +21,14 @@ latency-vs-throughput PNG and the "End to end" section of BENCHMARKS.md
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -50,6 +52,7 @@ from streamrec.bench.services import (
     SETTING_VARIANTS,
     STUDENT_EXACTLY_ONCE,
     STUDENT_NO_CHANGELOG,
+    STUDENT_SCRAPED,
     VARIANTS,
     BenchError,
     Broker,
@@ -72,6 +75,7 @@ from streamrec.tools.services import (
     Readiness,
     Service,
     core_list,
+    free_port,
     latency_collector,
     service_environment,
     wait_until_serving,
@@ -94,6 +98,7 @@ KEPT_UP_SHARE = 0.9
 RATE_JUDGED_AFTER_S = 10.0
 WARMUP_RATE = 200.0
 PAUSE_BETWEEN_POINTS_S = 1.0
+SCRAPE_EVERY_S = 0.1
 BROKER_WARMUP = "broker warm-up"
 
 
@@ -195,8 +200,50 @@ def variant_settings(settings: Settings, variant: str, work_dir: Path) -> Settin
         **flow_settings,
         state_dir=work_dir / token / "state",
         recovery_dir=work_dir / token / "recovery",
-        metrics_port=0,
+        metrics_port=free_port() if variant == STUDENT_SCRAPED else 0,
     )
+
+
+class Scraper:
+    """Fetches the flow's /metrics every ``SCRAPE_EVERY_S``, as an eager Prometheus would.
+
+    Each page is rendered on the flow's process, under the interpreter lock that
+    scoring needs too: the scraped variant's latency beside the student's is its cost.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+        self.took_s: list[float] = []
+        self.failed = 0
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                with urllib.request.urlopen(self._url, timeout=5.0) as page:
+                    page.read()
+                self.took_s.append(time.monotonic() - began)
+            except OSError:
+                self.failed += 1
+            self._stop.wait(max(0.0, SCRAPE_EVERY_S - (time.monotonic() - began)))
+
+    def describe(self) -> dict[str, Any]:
+        took = sorted(self.took_s)
+        return {
+            "scrapes": len(took),
+            "scrapes_failed": self.failed,
+            "scrape_p50_ms": round(1000 * took[len(took) // 2], 2) if took else None,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,11 +299,13 @@ def measure_point(
 
     thread = threading.Thread(target=collector.run, args=(until,), name="latency", daemon=True)
     thread.start()
+    scraper = Scraper(settings) if settings.metrics_port else None
     before = _snapshot(service, broker, generator)
     try:
-        replayed = generator.run(point)
-        expected.append(int(replayed["sent"]))
-        thread.join(plan.drain_s)
+        with scraper or contextlib.nullcontext():
+            replayed = generator.run(point)
+            expected.append(int(replayed["sent"]))
+            thread.join(plan.drain_s)
     finally:
         stop.set()
         thread.join()
@@ -264,7 +313,10 @@ def measure_point(
     after = _snapshot(service, broker, generator)
     if service.exited():
         raise service.failure(f"exited during the {point.rate:,.0f} ev/s point")
-    return describe_run(service.variant, point, plan, replayed, collector.matcher, before, after)
+    run = describe_run(service.variant, point, plan, replayed, collector.matcher, before, after)
+    if scraper is not None:
+        run.update(scraper.describe())
+    return run
 
 
 def describe_run(
@@ -690,7 +742,8 @@ def _parse_list(text: str, what: str) -> list[str]:
     help="What to measure, comma separated: floor (Kafka alone), teacher (fp32 flow), "
     "student (the model card's choice), student-2proc (the student on two processes), "
     "student-exactly-once (--guarantee exactly-once, measured read_committed), "
-    "student-no-changelog (no changelog topic, RocksDB with its log); "
+    "student-no-changelog (no changelog topic, RocksDB with its log), "
+    "student-scraped (the student with /metrics fetched every 100 ms); "
     "peers doing the same job: quix-streams (Quix Streams 3.28 in run/peers/quix-venv, "
     "made from PyPI on first use), bytewax-stock (stock Bytewax operators).",
 )

@@ -34,7 +34,13 @@ P99_AT_REFERENCE_MS = 20.0
 P99_CAPACITY_MS = 50.0
 CAPACITY_TARGET = 3000.0
 TEACHER_FACTOR = 5.0
-SERVED_VARIANTS = ("student", "student-2proc", "student-exactly-once", "student-no-changelog")
+SERVED_VARIANTS = (
+    "student",
+    "student-2proc",
+    "student-exactly-once",
+    "student-no-changelog",
+    "student-scraped",
+)
 PEER_VARIANTS = ("quix-streams", "bytewax-stock")
 ALL_VARIANTS = ("floor", "teacher", *SERVED_VARIANTS, *PEER_VARIANTS)
 # The served flow against the better peer: its highest rate at p99 ≤ 50 ms, this many times.

@@ -50,8 +50,10 @@ BYTEWAX_STOCK = "bytewax-stock"
 # The student with another delivery or durability setting (see ``variant_settings``).
 STUDENT_EXACTLY_ONCE = "student-exactly-once"
 STUDENT_NO_CHANGELOG = "student-no-changelog"
+# The student with /metrics on, scraped every 100 ms through the point (what a scrape costs).
+STUDENT_SCRAPED = "student-scraped"
 VARIANTS = (FLOOR, TEACHER, STUDENT, STUDENT_2PROC)
-SETTING_VARIANTS = (STUDENT_EXACTLY_ONCE, STUDENT_NO_CHANGELOG)
+SETTING_VARIANTS = (STUDENT_EXACTLY_ONCE, STUDENT_NO_CHANGELOG, STUDENT_SCRAPED)
 PEERS = (QUIX, BYTEWAX_STOCK)
 # The version the issue compared against; the venv is updated when its pins differ.
 QUIX_REQUIREMENT = "quixstreams==3.28.1"

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # the flow's heavy imports wait until the command runs
     from bytewax.recovery import RecoveryConfig
 
 EXIT_STATE_UNUSABLE: Final = 65
-EXIT_KAFKA_UNAVAILABLE: Final = 69
+EXIT_UNAVAILABLE: Final = 69
 EXIT_STATE_UNWRITABLE: Final = 74
 EXIT_CONFIGURATION: Final = 78
 EXIT_ABORTED: Final = 130
@@ -181,7 +181,8 @@ def _is_interrupt(err: BaseException) -> bool:
     "--metrics-port",
     type=click.IntRange(min=0),
     default=None,
-    help="Prometheus /metrics port, plus the process id [default: 9464; 0: off].",
+    help="Prometheus /metrics port, plus the process id, on STREAMREC_METRICS_HOST "
+    "[default: 9464 on 127.0.0.1; 0: off].",
 )
 def run_command(
     brokers: str | None,
@@ -296,7 +297,7 @@ def _serve(
     processes = max(len(cluster), 1)
     guarantee = for_settings(settings, incarnation, recovery_store=not no_recovery)
     recovery = _recovery_config(settings, processes) if guarantee.recovery_store else None
-    metrics_note = _metrics_api(settings, process_id)
+    metrics_note = _metrics_endpoint(settings, process_id)
     stores = PartitionStores(partitions, guarantee)
     watcher = ModelWatcher(settings, shares, model, settings.workers).start()
     metrics.observe_gc_pauses()
@@ -327,8 +328,8 @@ def _events_topic(settings: Settings) -> tuple[int, str]:
     """The events topic's partition count and incarnation id; stops if Kafka cannot say, or
     if a topic the flow writes to is missing (69: a supervisor retries once it is made)."""
     from streamrec.kafka_clients import (
-        KafkaAuthenticationFailed,
         KafkaConfigError,
+        KafkaRefused,
         KafkaUnavailable,
         topic_id,
         topic_partitions,
@@ -349,10 +350,10 @@ def _events_topic(settings: Settings) -> tuple[int, str]:
                     f"partitions, the events topic {partitions}: shard p writes to changelog "
                     "partition p, so they must match (recreate the changelog topic)",
                 )
-    except KafkaAuthenticationFailed as err:  # retrying cannot help: the settings are wrong
+    except KafkaRefused as err:  # retrying cannot help: the settings are wrong
         stop_with(EXIT_CONFIGURATION, str(err))
     except KafkaUnavailable as err:
-        stop_with(EXIT_KAFKA_UNAVAILABLE, str(err))
+        stop_with(EXIT_UNAVAILABLE, str(err))
     except KafkaConfigError as err:
         stop_with(EXIT_CONFIGURATION, str(err))
     return partitions, incarnation
@@ -381,14 +382,24 @@ def _recovery_config(settings: Settings, processes: int) -> RecoveryConfig:
     return RecoveryConfig(str(settings.recovery_dir))
 
 
-def _metrics_api(settings: Settings, process_id: int | None) -> str:
-    """Turn on Bytewax's API server for /metrics, if asked; what the start line says of it."""
+def _metrics_endpoint(settings: Settings, process_id: int | None) -> str:
+    """Serve /metrics, if asked; what the start line says of it."""
+    from streamrec.flows.metrics import MetricsEndpointError, serve
+
+    if os.environ.get("BYTEWAX_DATAFLOW_API_ENABLED"):
+        logging.getLogger(__name__).warning(
+            "BYTEWAX_DATAFLOW_API_ENABLED is set: Bytewax's API server listens on every "
+            "interface (0.0.0.0), whatever STREAMREC_METRICS_HOST says; unset it unless that "
+            "port is firewalled"
+        )
     if not settings.metrics_port:
         return ""
     port = settings.metrics_port + (process_id or 0)
-    os.environ["BYTEWAX_DATAFLOW_API_ENABLED"] = "true"
-    os.environ["BYTEWAX_DATAFLOW_API_PORT"] = str(port)
-    return f", metrics on :{port}/metrics"
+    try:
+        serve(settings.metrics_host, port)
+    except MetricsEndpointError as err:
+        stop_with(EXIT_UNAVAILABLE if err.retryable else EXIT_CONFIGURATION, str(err))
+    return f", metrics on {settings.metrics_host}:{port}/metrics"
 
 
 def _run_until_stopped(
@@ -401,10 +412,6 @@ def _run_until_stopped(
     """Run ``flow``; the exit code and the line to stop with (None: nothing to say)."""
     from bytewax.errors import BytewaxRuntimeError
     from bytewax.run import cli_main
-
-    from streamrec.flows.source import ResumeOffsetError
-    from streamrec.kafka_clients import KafkaUnavailable
-    from streamrec.state.errors import StateError, StateWriteError
 
     # A stop during start-up needs no case of its own: the readers end at once.
     try:
@@ -424,31 +431,31 @@ def _run_until_stopped(
         if _is_interrupt(err):
             click.echo("flow: aborted", err=True)
             return EXIT_ABORTED, None
-        exit_code, message = _classify(
-            err, StateWriteError, ResumeOffsetError, StateError, KafkaUnavailable
-        )
+        exit_code, message = exit_code_of(err)
         if message is None:
             raise
         return exit_code, message
     return 0, None
 
 
-def _classify(
-    err: BaseException,
-    unwritable: type[BaseException],
-    bad_resume: type[BaseException],
-    unusable: type[BaseException],
-    unavailable: type[BaseException] | None = None,
-) -> tuple[int, str | None]:
-    """The exit code and line for a failure the flow cannot go on from; None: a bug."""
-    if unavailable is not None:
-        cause = _cause_of(err, (unavailable,))
+def exit_code_of(err: BaseException) -> tuple[int, str | None]:
+    """The exit code and line for a failure the flow cannot go on from; (1, None): a bug.
+
+    The kinds are tried in this order, each against the whole chain of causes
+    (Bytewax wraps a step's exception in its own), a kind before its base.
+    """
+    from streamrec.flows.source import ResumeOffsetError
+    from streamrec.kafka_clients import KafkaRefused, KafkaUnavailable
+    from streamrec.state.errors import StateError, StateWriteError
+
+    kinds: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
+        ((KafkaRefused,), EXIT_CONFIGURATION),  # a login, a certificate or rights: a person
+        ((KafkaUnavailable,), EXIT_UNAVAILABLE),  # Kafka away or too slow: retry later
+        ((StateWriteError,), EXIT_STATE_UNWRITABLE),  # the disk
+        ((ResumeOffsetError, StateError), EXIT_STATE_UNUSABLE),  # a person decides
+    )
+    for kind, code in kinds:
+        cause = _cause_of(err, kind)
         if cause is not None:
-            return EXIT_KAFKA_UNAVAILABLE, str(cause)
-    cause = _cause_of(err, (unwritable,))
-    if cause is not None:
-        return EXIT_STATE_UNWRITABLE, str(cause)
-    cause = _cause_of(err, (bad_resume, unusable))
-    if cause is not None:
-        return EXIT_STATE_UNUSABLE, str(cause)
+            return code, str(cause)
     return 1, None

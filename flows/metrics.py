@@ -1,16 +1,20 @@
-"""The flow's own Prometheus metrics, served beside Bytewax's on its dataflow API endpoint.
+"""The flow's own Prometheus metrics, and the endpoint that serves them.
 
-Bytewax's API server (``BYTEWAX_DATAFLOW_API_ENABLED``) exports the Python
-default registry together with its per-step timings and Kafka consumer lag,
-so registering here is enough for one ``/metrics`` page to show everything.
+``serve`` runs the Prometheus client's own HTTP server on the address the
+settings name (127.0.0.1 unless configured).  Bytewax's API server is not
+used: Bytewax 0.21 binds it to every interface with no way to choose, and it
+serves nothing of ours that the Python registry does not (its per-step
+timings are the only loss; the flow's stage histograms below cover them).
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import time
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 # Stage durations are sub-millisecond to tens of milliseconds.
 _STAGE_BUCKETS = (
@@ -142,3 +146,31 @@ def observe_gc_pauses() -> None:
             by_generation[info["generation"]].observe(time.perf_counter() - started[0])
 
     gc.callbacks.append(on_gc)
+
+
+class MetricsEndpointError(OSError):
+    """The metrics endpoint could not listen; ``retryable`` when the port is only taken."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def serve(host: str, port: int) -> WSGIServer:
+    """Serve the default registry on ``http://host:port/metrics``, from a daemon thread.
+
+    A port in use may free itself (an old process still stopping): retryable.
+    An address this machine does not have, or a host name that does not
+    resolve, will not fix itself: a configuration error.
+    """
+    try:
+        server, _ = start_http_server(port, addr=host)
+    except OSError as err:
+        taken = err.errno == errno.EADDRINUSE
+        reason = "is taken by another process" if taken else f"cannot be listened on ({err})"
+        raise MetricsEndpointError(
+            f"the metrics endpoint {host}:{port} {reason}; choose another with "
+            "STREAMREC_METRICS_HOST / --metrics-port (0: off)",
+            retryable=taken,
+        ) from err
+    return server

@@ -50,7 +50,14 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from streamrec.kafka_clients import consumer_config, producer_config, watermark_offsets
+from streamrec.kafka_clients import (
+    NOT_ALLOWED,
+    KafkaRefused,
+    KafkaUnavailable,
+    consumer_config,
+    producer_config,
+    watermark_offsets,
+)
 from streamrec.settings import Settings
 from streamrec.state.errors import StateError
 from streamrec.state.layout import shard_dir
@@ -166,7 +173,7 @@ class ChangelogWriter:
         # other writers' records made since (first offset, end), until ``resolve``.
         self._next_offset: dict[int, int] = {}
         self.intrusions: dict[int, list[tuple[int, int]]] = {}
-        self.refused: str | None = None
+        self.refused: KafkaError | None = None
         self._producer = Producer(
             {
                 **producer_config(settings),
@@ -242,7 +249,7 @@ class ChangelogWriter:
 
     def _on_delivery(self, err: KafkaError | None, message: Message) -> None:
         if err is not None:  # with no timeout, only a refusal of the record itself lands here
-            self.refused = self.refused or err.str()
+            self.refused = self.refused or err
             log.error("a changelog record was refused: %s", err.str())
             return
         partition, offset = message.partition(), message.offset()
@@ -261,9 +268,14 @@ class ChangelogWriter:
         """Judge the other writers' records found in ``partition``; ``resend``: write this
         process's own records of the keys they wrote again (it is the rightful writer)."""
         if self.refused is not None:
+            if self.refused.code() in NOT_ALLOWED:
+                raise KafkaRefused(
+                    f"not allowed to write changelog {self.topic!r} ({self.refused.name()}): "
+                    "the cluster's ACLs must let this client write it"
+                )
             raise ChangelogError(
-                f"changelog {self.topic!r} refused a record ({self.refused}): a shard rebuilt "
-                "from it would be wrong; check the topic's max.message.bytes and the ACLs"
+                f"changelog {self.topic!r} refused a record ({self.refused.str()}): a shard "
+                "rebuilt from it would be wrong; check the topic's max.message.bytes"
             )
         holes = self.intrusions.pop(partition, [])
         if not holes:
@@ -349,9 +361,11 @@ def _read(
     while True:
         records = consumer.consume(1000, 0.5)
         if not records and time.monotonic() > deadline:
-            raise ChangelogError(
+            # The broker stalled (or left) in the middle: a later start may well finish.
+            raise KafkaUnavailable(
                 f"changelog {topic!r} partition {partition}: no record arrived for "
-                f"{READ_TIMEOUT_S:g} s before its end ({end})"
+                f"{READ_TIMEOUT_S:g} s before its end ({end}); the shard is rebuilt again "
+                "on the next start"
             )
         for record in records:
             error = record.error()
@@ -360,7 +374,7 @@ def _read(
                     # The end of what is committed: transaction markers, never
                     # delivered, may fill the offsets up to ``end``.
                     return
-                raise ChangelogError(f"reading changelog {topic!r}: {error.str()}")
+                raise _read_failure(topic, error)
             offset = record.offset()
             key = record.key()
             if offset is None or key is None:
@@ -372,6 +386,16 @@ def _read(
                 return
         if records:
             deadline = time.monotonic() + READ_TIMEOUT_S
+
+
+def _read_failure(topic: str, error: KafkaError) -> Exception:
+    """What a changelog read that failed is: refused (78), passing (69), or the data (65)."""
+    what = f"reading changelog {topic!r}: {error.str()}"
+    if error.code() in NOT_ALLOWED:
+        return KafkaRefused(f"{what}: the cluster's ACLs must let this client read it")
+    if error.retriable() or error.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
+        return KafkaUnavailable(what)
+    return ChangelogError(what)
 
 
 class OpenedShard(NamedTuple):

@@ -427,15 +427,17 @@ class SessionStore:
         batch = WriteBatch(raw_mode=True)
         erase(batch, key)
         self._write_marks(batch)
-        try:
-            self._db.write(batch, self._write_options)
-        except Exception as err:  # rocksdict raises RocksDB's failures as plain Exception
-            raise StateWriteError(f"cannot write to shard DB {self.path}: {err}") from err
+        self._write(batch)
         if not found:
             return Erasure.NOTHING
         self._removed([key])
         if purge:
-            scrub(self._db, found)
+            try:
+                scrub(self._db, found)
+            except Exception as err:  # a flush or compaction that cannot write
+                raise StateWriteError(
+                    f"cannot scrub the erased user's records from shard DB {self.path}: {err}"
+                ) from err
         return Erasure.ERASED
 
     def sweep_expired(self, now_ms: int | None = None, max_keys: int = SWEEP_BATCH_DEFAULT) -> int:
@@ -483,10 +485,10 @@ class SessionStore:
             self._cache.pop(key, None)
             written += 1
             if len(batch) >= batch_size:
-                self._db.write(batch, self._write_options)
+                self._write(batch)
                 batch = WriteBatch(raw_mode=True)
         if len(batch):
-            self._db.write(batch, self._write_options)
+            self._write(batch)
         return written
 
     def user_ids(self) -> Iterator[str]:
@@ -596,12 +598,12 @@ class SessionStore:
                 batch.put(key, record)
                 written += is_session
             if len(batch) >= SWEEP_BATCH_DEFAULT:
-                self._db.write(batch, self._write_options)
+                self._write(batch)
                 batch = WriteBatch(raw_mode=True)
         if applied is not None:
             self._applied[self.shard_index] = applied
         self._write_marks(batch)
-        self._db.write(batch, self._write_options)
+        self._write(batch)
         self._cache.clear()
         self._consumed.clear_cache()
         return written
@@ -632,10 +634,17 @@ class SessionStore:
     def _write_removal(self, batch: WriteBatch, keys: list[bytes]) -> None:
         """Write ``batch``, which removes the sessions at ``keys``, with the marks; tell of it."""
         self._write_marks(batch)
-        self._db.write(batch, self._write_options)
+        self._write(batch)
         self._removed(keys)
         for key in keys:
             self._uncache(key)
+
+    def _write(self, batch: WriteBatch) -> None:
+        """Write ``batch`` at once, all or nothing; RocksDB's failures as ``StateWriteError``."""
+        try:
+            self._db.write(batch, self._write_options)
+        except Exception as err:  # rocksdict raises RocksDB's failures as plain Exception
+            raise StateWriteError(f"cannot write to shard DB {self.path}: {err}") from err
 
     def _uncache(self, key: bytes) -> None:
         """Drop the session at ``key``, and its consumed items, from memory (removed)."""

@@ -226,11 +226,12 @@ def topic_partitions(settings: Settings, topic: str) -> list[int]:
     """The partition ids of ``topic``; a clear error when it or the broker is missing."""
     metadata = cluster_metadata(settings, topic)
     found = metadata.topics.get(topic)
-    if found is not None and found.error is not None and found.error.code() in _NOT_ALLOWED:
-        raise KafkaUnavailable(
-            f"not allowed to describe topic {topic!r} at {settings.brokers} "
-            f"({found.error.name()}): the cluster's ACLs must let {_principal(settings)} "
-            "describe, read and write streamrec's topics"
+    if found is not None and found.error is not None and found.error.code() in NOT_ALLOWED:
+        raise not_allowed(
+            settings,
+            found.error,
+            f"describe topic {topic!r}",
+            "describe, read and write streamrec's topics",
         )
     if found is None or found.error is not None or not found.partitions:
         raise KafkaUnavailable(
@@ -378,14 +379,34 @@ _REFUSED = {
     KafkaError.SASL_AUTHENTICATION_FAILED,
     KafkaError._SSL,
 }
-_NOT_ALLOWED = {
-    KafkaError.TOPIC_AUTHORIZATION_FAILED,
-    KafkaError.CLUSTER_AUTHORIZATION_FAILED,
-}
+# What the cluster's ACLs do not let this client do: waiting cannot help either.
+NOT_ALLOWED = frozenset(
+    {
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+    }
+)
 
 
-class KafkaAuthenticationFailed(KafkaUnavailable):
-    """The cluster refused the client's credentials or its TLS handshake; the message says which."""
+class KafkaRefused(KafkaUnavailable):
+    """The cluster refused this client: its login, its TLS handshake or its rights (ACLs).
+
+    Retrying cannot help, so a flow stops for a person (exit 78); the message
+    says which, and what to check.
+    """
+
+
+def not_allowed(settings: Settings, error: KafkaError, what: str, needs: str) -> KafkaRefused:
+    """The error for an ACL that does not let this client do ``what``; ``needs``: the rights."""
+    return KafkaRefused(
+        redact(
+            f"not allowed to {what} at {settings.brokers} ({error.name()}): the cluster's ACLs "
+            f"must let {_principal(settings)} {needs}",
+            settings,
+        )
+    )
 
 
 def cluster_metadata(settings: Settings, topic: str | None = None) -> ClusterMetadata:
@@ -414,7 +435,7 @@ def cluster_metadata(settings: Settings, topic: str | None = None) -> ClusterMet
             spent_s = tried.failed(began)
             failure: KafkaUnavailable
             if refused:
-                failure = KafkaAuthenticationFailed(_refusal(settings, refused[0]))
+                failure = KafkaRefused(_refusal(settings, refused[0]))
             elif spent_s >= METADATA_TIMEOUT_S:
                 failure = KafkaUnavailable(
                     redact(

@@ -201,6 +201,11 @@ class Settings:
         "A worker that is not busy hands every record over at once.",
     )
     metrics_port: int = _setting(9464, "Port of the flow's Prometheus metrics endpoint (0: off).")
+    metrics_host: str = _setting(
+        "127.0.0.1",
+        "Address the metrics endpoint listens on: this machine only unless set (0.0.0.0: every "
+        "interface, e.g. inside a container whose port is published).",
+    )
 
     @property
     def sessions_changelog(self) -> str:

@@ -69,7 +69,7 @@ def create_topics(
 ) -> list[TopicReport]:
     """Create the missing topics; existing ones are left as they are and reported.
 
-    Raises ``KafkaUnavailable`` (``KafkaAuthenticationFailed`` for a refused
+    Raises ``KafkaUnavailable`` (``KafkaRefused`` for a refused
     login) when the cluster cannot be reached, ``TopicError`` when it refuses
     a topic.
     """

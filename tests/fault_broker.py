@@ -42,7 +42,7 @@ import numpy as np
 import orjson
 
 from streamrec.contracts import DeadLetter, Event, ForgetRequest, Recommendation
-from streamrec.flows.cli import EXIT_KAFKA_UNAVAILABLE, EXIT_STATE_UNUSABLE
+from streamrec.flows.cli import EXIT_STATE_UNUSABLE, EXIT_UNAVAILABLE
 from streamrec.item_hashes import item_hash
 from streamrec.kafka_clients import topic_partitions
 from streamrec.settings import Settings
@@ -557,7 +557,7 @@ class Machines:
 def _kafka_away_at_start(flow: FlowProcess) -> bool:
     """Whether ``flow`` stopped with exit 69: Kafka did not answer while it started."""
     assert flow.process is not None
-    return flow.process.returncode == EXIT_KAFKA_UNAVAILABLE
+    return flow.process.returncode == EXIT_UNAVAILABLE
 
 
 def _stopped_as_superseded(flow: FlowProcess) -> bool:

@@ -65,6 +65,15 @@ def test_the_flow_services_use_only_known_settings() -> None:
         assert set(environment) <= known, set(environment) - known
 
 
+def test_every_published_port_listens_on_the_hosts_loopback_only() -> None:
+    published = {name: service.get("ports", []) for name, service in compose()["services"].items()}
+    assert published["kafka"] and published["flow"]  # the broker's clients, /metrics
+    for name, ports in published.items():
+        for port in ports:
+            # "HOST_IP:HOST_PORT:CONTAINER_PORT"; without HOST_IP Docker binds 0.0.0.0.
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+
+
 def test_docker_compose_accepts_the_file() -> None:
     import os
     import shutil

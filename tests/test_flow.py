@@ -7,6 +7,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from streamrec.contracts import Event, ForgetRequest
@@ -85,6 +86,13 @@ def metric(text: str, name: str) -> float:
     raise KeyError(f"{name} not in the metrics")
 
 
+def listening_addresses(flow: FlowProcess) -> set[tuple[str, int]]:
+    """The (address, port) pairs the flow's process accepts connections on."""
+    assert flow.process is not None
+    connections = psutil.Process(flow.process.pid).net_connections(kind="inet")
+    return {(c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN}
+
+
 def test_the_flow_serves_prometheus_metrics_of_its_work(
     kafka_settings: Settings, movielens: list[Event]
 ) -> None:
@@ -97,9 +105,12 @@ def test_the_flow_serves_prometheus_metrics_of_its_work(
     try:
         collector.wait_for({e.event_id for e in events}, flow)
         text = urllib.request.urlopen(url, timeout=5).read().decode()
+        listening = listening_addresses(flow)
     finally:
         collector.close()
         flow.stop()
+    # Nothing of the flow's listens beyond this machine unless STREAMREC_METRICS_HOST says so.
+    assert listening == {("127.0.0.1", settings.metrics_port)}
     assert metric(text, "streamrec_events_total") == len(events)
     assert metric(text, "streamrec_recommendations_total") == len(events)
     users = len({e.user_id for e in events})

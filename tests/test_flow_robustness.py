@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,9 @@ from rocksdict import Rdict
 from streamrec.contracts import Event
 from streamrec.flows.cli import (
     EXIT_CONFIGURATION,
-    EXIT_KAFKA_UNAVAILABLE,
     EXIT_STATE_UNUSABLE,
     EXIT_STATE_UNWRITABLE,
+    EXIT_UNAVAILABLE,
 )
 from streamrec.kafka_clients import producer_config, topic_partitions
 from streamrec.settings import Settings
@@ -28,6 +27,7 @@ from streamrec.state.layout import shard_dir
 from streamrec.state.rocks import db_options
 from streamrec.state.store import SessionStore
 from streamrec.topics import create_topics, delete_topics
+from tests.conftest import fill
 from tests.flow_harness import (
     FlowProcess,
     RecommendationCollector,
@@ -178,34 +178,9 @@ def test_a_missing_output_topic_stops_the_flow_at_start_with_exit_69(
     delete_topics(kafka_settings, [topic])
     flow = FlowProcess(kafka_settings).start()
     assert flow.process is not None
-    assert flow.process.wait(120) == EXIT_KAFKA_UNAVAILABLE
+    assert flow.process.wait(120) == EXIT_UNAVAILABLE
     lines = [line for line in flow.output().splitlines() if "cannot go on" in line]
     assert len(lines) == 1 and f"topic {topic!r} does not exist" in lines[0], flow.output()
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB filesystem of its own (tmpfs, mounted as root) that a test can fill."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small filesystem needs root (CI runs as root)")
-    mount_point = tmp_path / "small-disk"
-    mount_point.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], check=True
-    )
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def fill(directory: Path) -> None:
-    with (directory / "filler").open("wb") as filler:
-        try:
-            while True:
-                filler.write(b"\0" * 65536)
-        except OSError:
-            pass
 
 
 def test_a_full_disk_stops_the_flow_with_one_line_and_exit_74(

@@ -19,6 +19,7 @@ from streamrec.flows.guarantee.transactions import (
     ProducerFenced,
     TransactionGaveUp,
 )
+from streamrec.kafka_clients import KafkaRefused, KafkaUnavailable
 from streamrec.settings import Settings
 from streamrec.state.store import SessionStore
 
@@ -101,3 +102,44 @@ def test_an_abort_kafka_refuses_stops_the_flow_saying_why_every_time(
         partition.commit()
     with pytest.raises(stop):  # and every later commit says the same
         partition.commit()
+
+
+class StartlessProducer(RefusingProducer):
+    """Its transactions cannot start: ``init_transactions`` raises what the test says."""
+
+    init_error: KafkaError | None = None
+    tries = 0
+
+    def init_transactions(self, _timeout: float) -> None:
+        StartlessProducer.tries += 1
+        if self.init_error is not None:
+            raise KafkaException(self.init_error)
+
+
+def start_transactions(monkeypatch: pytest.MonkeyPatch, error: KafkaError) -> None:
+    monkeypatch.setattr(transactions_module, "Producer", StartlessProducer)
+    monkeypatch.setattr(StartlessProducer, "init_error", error)
+    monkeypatch.setattr(StartlessProducer, "tries", 0)
+    settings = Settings()
+    PartitionTransactions(settings, 0, {settings.recommendations_topic: 1_000_000})
+
+
+def test_a_transactional_id_the_acls_refuse_stops_at_once_for_a_person(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    refused = KafkaError(KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, fatal=True)
+    with pytest.raises(KafkaRefused, match="not allowed to use transactional id"):
+        start_transactions(monkeypatch, refused)
+    assert StartlessProducer.tries == 1
+
+
+def test_a_cluster_without_a_transaction_coordinator_stops_the_flow_for_a_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A single broker under the default transaction.state.log.replication.factor of 3.
+    monkeypatch.setattr(transactions_module, "START_PATIENCE_S", 1.0)
+    missing = KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE, retriable=True)
+    with pytest.raises(KafkaUnavailable, match="transaction coordinator") as gave_up:
+        start_transactions(monkeypatch, missing)
+    assert not isinstance(gave_up.value, KafkaRefused)
+    assert StartlessProducer.tries >= 2  # it did wait for one first

@@ -19,14 +19,21 @@ from pathlib import Path
 
 import orjson
 import pytest
+from confluent_kafka.admin import (
+    AclBinding,
+    AclOperation,
+    AclPermissionType,
+    ResourcePatternType,
+    ResourceType,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from streamrec.flows.cli import EXIT_CONFIGURATION
-from streamrec.kafka_clients import KafkaConfigError, extra_client_settings
-from streamrec.settings import Settings
+from streamrec.kafka_clients import KafkaConfigError, admin_client, extra_client_settings
+from streamrec.settings import EXACTLY_ONCE, Settings
 from streamrec.tools.kafka_local import LocalKafka, SecuredListener
 from tests.conftest import free_port, own_topics_and_state
 from tests.flow_harness import FlowProcess
@@ -39,6 +46,9 @@ OUTSIDER = "outsider"
 # Distinctive, so that finding one in any output means it leaked.
 PASSWORD = f"pw-{uuid.uuid4().hex}"
 OUTSIDER_PASSWORD = f"pw-{uuid.uuid4().hex}"
+# A user the ACLs let use the topics and groups, but no transactional id.
+PARTNER = "partner"
+PARTNER_PASSWORD = f"pw-{uuid.uuid4().hex}"
 WRONG_PASSWORD = f"wrong-{uuid.uuid4().hex}"
 EVENTS = 120
 
@@ -110,7 +120,7 @@ def secured_kafka(
         kafka_dir=tmp_path_factory.mktemp("secured-kafka"),
         kafka_heap="-Xms128m -Xmx512m",
     )
-    users = {USER: PASSWORD, OUTSIDER: OUTSIDER_PASSWORD}
+    users = {USER: PASSWORD, OUTSIDER: OUTSIDER_PASSWORD, PARTNER: PARTNER_PASSWORD}
     secured = SecuredListener(free_port(), keystore, users, super_users=frozenset({USER}))
     broker = LocalKafka(settings, log=lambda _: None, secured=secured)
     broker.up()
@@ -173,7 +183,7 @@ def with_login(settings: Settings, tmp_path: Path, **login: str) -> Settings:
 
 def assert_no_secret(*outputs: str) -> None:
     for output in outputs:
-        for secret in (PASSWORD, OUTSIDER_PASSWORD, WRONG_PASSWORD):
+        for secret in (PASSWORD, OUTSIDER_PASSWORD, PARTNER_PASSWORD, WRONG_PASSWORD):
             assert secret not in output
 
 
@@ -270,7 +280,44 @@ def test_a_user_without_rights_is_told_so_not_that_a_topic_is_missing(
     done = streamrec(outsider, *command)
     output = done.stdout + done.stderr
     assert done.returncode != 0 and said in output, output
+    if command == ["run"]:
+        assert done.returncode == EXIT_CONFIGURATION  # a person must grant the rights
     assert "does not exist" not in output
+    assert_no_secret(output)
+
+
+def grant_topics_and_groups(settings: Settings, user: str) -> None:
+    """ACLs that let ``user`` do anything with every topic and consumer group, nothing more."""
+    admin = admin_client(settings)
+    bindings = [
+        AclBinding(
+            kind,
+            "*",
+            ResourcePatternType.LITERAL,
+            f"User:{user}",
+            "*",
+            AclOperation.ALL,
+            AclPermissionType.ALLOW,
+        )
+        for kind in (ResourceType.TOPIC, ResourceType.GROUP)
+    ]
+    for future in admin.create_acls(bindings).values():
+        future.result()
+
+
+def test_exactly_once_without_rights_to_its_transactional_ids_stops_for_a_person(
+    secured_settings: Settings, tmp_path: Path
+) -> None:
+    assert streamrec(secured_settings, "topics", "create").returncode == 0
+    grant_topics_and_groups(secured_settings, PARTNER)
+    partner = with_login(
+        secured_settings, tmp_path, sasl_username=PARTNER, sasl_password=PARTNER_PASSWORD
+    ).replace(guarantee=EXACTLY_ONCE)
+    done = streamrec(partner, "run")
+    output = done.stdout + done.stderr
+    # Not exit 1 and a restart for ever: the ACLs must change first.
+    assert done.returncode == EXIT_CONFIGURATION, output[-3000:]
+    assert "not allowed to use transactional id" in output, output[-3000:]
     assert_no_secret(output)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,13 +13,14 @@ from rocksdict import Rdict
 
 from streamrec.contracts import Event
 from streamrec.settings import Settings
-from streamrec.state.errors import StateError, UnknownSessionFormatError
+from streamrec.state.errors import StateError, StateWriteError, UnknownSessionFormatError
 from streamrec.state.keys import QUARANTINE_PREFIX, session_key
 from streamrec.state.layout import shard_dir
 from streamrec.state.rocks import db_options
 from streamrec.state.session import SESSION_FORMAT_VERSION
 from streamrec.state.store import Erasure, SessionStore
 from streamrec.state.view import open_state_view
+from tests.conftest import fill
 
 T0 = 1_700_000_000_000
 TTL_S = 60.0
@@ -549,3 +551,50 @@ def test_a_lagging_users_session_is_the_same_whether_or_not_a_sweep_ran_first(
             return session.item_ids
 
     assert session_after(True, state_dir / "swept") == session_after(False, state_dir / "not")
+
+
+@pytest.fixture
+def broken_store(small_disk: Path) -> Iterator[SessionStore]:
+    """A store whose disk filled up: RocksDB has refused a write and refuses every later one.
+
+    A corrupt record of user "damaged" and an expired session of user "idle" wait in it.
+    """
+    state_dir = small_disk / "state"
+    settings = SETTINGS.replace(state_wal=True)
+    with SessionStore.open(state_dir, 0, 1, settings) as store:
+        store.apply(event("damaged", "a"), 0, 1)
+        store.apply(event("idle", "a"), 0, 2)
+    raw = Rdict(str(shard_dir(state_dir, 0)), db_options())
+    raw[session_key("damaged")] = bytes([SESSION_FORMAT_VERSION]) + b"garbage"
+    raw.close()
+    store = SessionStore.open(state_dir, 0, 1, settings)
+    fill(small_disk)
+    with pytest.raises(StateWriteError):
+        for n in range(100_000):  # a write the preallocated log still had room for succeeds
+            store.apply(event(f"u{n}", "b" * 200, T0 + TTL_MS * 2), 0, 3 + n)
+    try:
+        yield store
+    finally:
+        with contextlib.suppress(Exception):  # its last write fails too
+            store.close()
+
+
+def test_a_forget_that_cannot_be_written_stops_as_a_disk_failure(
+    broken_store: SessionStore,
+) -> None:
+    with pytest.raises(StateWriteError, match="cannot write to shard DB"):
+        broken_store.forget("idle", purge=True)
+
+
+def test_a_sweep_that_cannot_be_written_stops_as_a_disk_failure(
+    broken_store: SessionStore,
+) -> None:
+    with pytest.raises(StateWriteError, match="cannot write to shard DB"):
+        broken_store.sweep_expired(now_ms=T0 + TTL_MS * 2, max_keys=100)
+
+
+def test_a_quarantine_that_cannot_be_written_stops_as_a_disk_failure(
+    broken_store: SessionStore,
+) -> None:
+    with pytest.raises(StateWriteError, match="cannot write to shard DB"):
+        broken_store.get("damaged")

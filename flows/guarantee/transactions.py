@@ -49,7 +49,13 @@ from streamrec.flows.output import (
     set_aside,
     size_limits,
 )
-from streamrec.kafka_clients import producer_config
+from streamrec.kafka_clients import (
+    NOT_ALLOWED,
+    KafkaUnavailable,
+    TimeTried,
+    not_allowed,
+    producer_config,
+)
 from streamrec.settings import Settings
 from streamrec.state.changelog import MARKS_KEY, Marks, encode_marks
 from streamrec.state.errors import StateError
@@ -59,6 +65,10 @@ log = logging.getLogger(__name__)
 
 # A transaction open longer is aborted by Kafka; one micro-batch's takes milliseconds.
 TRANSACTION_TIMEOUT_MS: Final = 30_000
+# How long a new producer tries to start its transactions before the flow stops (exit 69): a
+# cluster without a transaction coordinator (fewer brokers than the transaction log's
+# replication factor) would otherwise keep the flow waiting, silently, forever.
+START_PATIENCE_S: Final = 60.0
 
 Changes = list[tuple[bytes, bytes | None]]
 
@@ -122,7 +132,38 @@ class PartitionTransactions:
         self._outputs: list[OutputRecord] = []
         self._opened_at: float | None = None
         self._interval_s = settings.transaction_interval_ms / 1000.0
-        self._retry(lambda: self._producer.init_transactions(POLL_S * 10), "start its transactions")
+        self._start()
+
+    def _start(self) -> None:
+        """Register the transactional id with its coordinator, fencing any earlier owner."""
+        tried = TimeTried(least_s=POLL_S, most_s=POLL_S * 10)
+        while True:
+            began = time.monotonic()
+            try:
+                self._producer.init_transactions(POLL_S * 10)
+                return
+            except KafkaException as err:
+                error: KafkaError = err.args[0]
+                self._refuse_if_not_allowed(error)
+                if not error.retriable() or error.fatal():
+                    raise
+                if tried.failed(began) >= START_PATIENCE_S:
+                    raise KafkaUnavailable(
+                        f"partition {self.partition}: could not start its transactions in "
+                        f"{START_PATIENCE_S:g} s ({error.str()}). Has the cluster a transaction "
+                        "coordinator? It needs as many brokers as transaction.state.log."
+                        "replication.factor (default 3) and transaction.state.log.min.isr"
+                    ) from None
+
+    def _refuse_if_not_allowed(self, error: KafkaError) -> None:
+        if error.code() in NOT_ALLOWED:
+            raise not_allowed(
+                self._settings,
+                error,
+                f"use transactional id {transactional_id(self._settings, self.partition)!r}",
+                "write and describe the transactional ids streamrec.<changelog>.* (exactly "
+                "once), and write the changelog, recommendations and dead-letter topics",
+            )
 
     def attach(self, store: SessionStore, marks: Marks | None, events_topic_id: str) -> None:
         """Continue from the changelog's ``marks``: ``store`` was opened (or rebuilt) to them."""
@@ -295,6 +336,7 @@ class PartitionTransactions:
         return again
 
     def _fail(self, error: KafkaError) -> None:
+        self._refuse_if_not_allowed(error)
         if error.fatal() or error.code() in (
             KafkaError._FENCED,
             KafkaError.PRODUCER_FENCED,
@@ -318,6 +360,7 @@ class PartitionTransactions:
                 return
             except KafkaException as err:
                 error: KafkaError = err.args[0]
+                self._refuse_if_not_allowed(error)
                 if not error.retriable() or error.fatal():
                     raise
                 self._last_error = f"{what}: {error.str()}"
