@@ -1,12 +1,13 @@
 # Two entry points: `make demo` (the system end to end) and `make test` (the whole suite).
-# Both create the virtual environment at .venv (reused when present) and install what they need.
+# Both create the virtual environment at .venv (reused when present) and install what they need,
+# from the lock files: every package pinned with its sha256 digests, checked by pip.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STREAMREC := $(VENV)/bin/streamrec
 
-.PHONY: demo test soak compose-client lint typecheck check train bench-state bench-e2e kafka-up kafka-down clean
+.PHONY: demo test soak compose-client lint typecheck check train bench-state bench-e2e kafka-up kafka-down lock clean
 
 demo: $(VENV)/.runtime
 	$(STREAMREC) demo
@@ -63,20 +64,41 @@ kafka-up: $(VENV)/.runtime
 kafka-down: $(VENV)/.runtime
 	$(STREAMREC) kafka down
 
+# The tested set: pyproject.toml's ranges stay the library's contract, the locks pin what is
+# installed here and in the image (Linux x86_64, Python 3.11), each package with its digests.
+# requirements-dev.lock is the whole set `make test` runs with; requirements.lock, the runtime's
+# share of it (resolved within the dev lock, so the tests test those very versions). Both hold
+# pyproject's build backend: streamrec itself installs without build isolation, so that no
+# package comes unchecked. tests/test_locks.py fails when pyproject and the locks disagree.
+LOCK := requirements.lock
+DEV_LOCK := requirements-dev.lock
+# The image's and the machines' platform: Debian 12 (glibc 2.36), x86_64, CPython 3.11.
+LOCK_PLATFORM := --python-version 3.11 --python-platform x86_64-manylinux_2_36
+BUILD_REQUIRES := $(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")'
+UV_COMPILE := $(VENV)/bin/uv pip compile --quiet --generate-hashes $(LOCK_PLATFORM) \
+  --custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade)
+
 $(VENV)/bin/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "streamrec needs Python 3.11+"'
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 
 # The runtime alone (no torch): what the flow and the tools need.
-$(VENV)/.runtime: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e .
+$(VENV)/.runtime: pyproject.toml $(LOCK) | $(VENV)/bin/python
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 # Tests also train a tiny model end to end, so they need the train extra (torch).
-$(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[dev,train]'
+$(VENV)/.dev: pyproject.toml $(DEV_LOCK) | $(VENV)/bin/python
+	$(PY) -m pip install --quiet --require-hashes -r $(DEV_LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@ $(VENV)/.runtime
+
+# Regenerate both locks after a change to pyproject's dependencies. Pins that pyproject still
+# allows are kept; `make lock UPGRADE=1` moves every pin to the newest release allowed.
+lock: $(VENV)/.dev
+	$(BUILD_REQUIRES) | $(UV_COMPILE) --extra dev --extra train pyproject.toml - -o $(DEV_LOCK)
+	$(BUILD_REQUIRES) | $(UV_COMPILE) -c $(DEV_LOCK) pyproject.toml - -o $(LOCK)
 
 clean:
 	-$(STREAMREC) kafka down

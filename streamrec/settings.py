@@ -80,7 +80,13 @@ class Settings:
     )
     kafka_jars_dir: Path = _setting(
         Path.home() / ".cache" / "streamrec" / "kafka-jars",
-        "Cache of the broker's jars, shared by every checkout (reused, never re-downloaded).",
+        "Cache of the broker's jars, shared by every checkout (reused, never re-downloaded; "
+        "checked against tools/kafka_jars.sha256 before every start).",
+    )
+    kafka_jars_unverified: bool = _setting(
+        False,
+        "Run a kafka_version whose jars have no recorded digests in tools/kafka_jars.sha256 "
+        "(checked by Maven's download checksums alone); off, such a version is refused.",
     )
     kafka_heap: str = _setting(
         "-Xms256m -Xmx1g", "JVM heap flags of the local broker (sized for a 2-core/24 GiB host)."

@@ -173,6 +173,9 @@ def test_a_missing_maven_is_reported_clearly(
 
 
 def test_an_unknown_kafka_version_fails_with_mavens_reason(tmp_path: Path) -> None:
-    settings = Settings.from_env(kafka_jars_dir=tmp_path / "cache", kafka_version="0.0.0-nope")
+    # Unverified jars are allowed here, or the version would be refused before Maven runs.
+    settings = Settings.from_env(
+        kafka_jars_dir=tmp_path / "cache", kafka_version="0.0.0-nope", kafka_jars_unverified=True
+    )
     with pytest.raises(KafkaLauncherError, match="could not resolve"):
         ensure_jars(settings, log=lambda _: None)

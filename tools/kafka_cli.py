@@ -8,7 +8,8 @@ import click
 
 from streamrec.kafka_clients import KafkaConfigError, KafkaUnavailable
 from streamrec.settings import Settings
-from streamrec.tools.kafka_local import KafkaLauncherError, LocalKafka
+from streamrec.tools.kafka_jars import DIGESTS_FILE
+from streamrec.tools.kafka_local import KafkaLauncherError, LocalKafka, record_jar_digests
 from streamrec.topics import TopicError, create_topics
 
 
@@ -43,8 +44,9 @@ def kafka_group() -> None:
     """A real single-node Apache Kafka broker on 127.0.0.1 (no Docker needed).
 
     The broker's jars are resolved from Maven Central on first use and cached
-    in ~/.cache/streamrec/kafka-jars; the broker runs with this machine's Java
-    17 in KRaft mode (combined broker and controller).
+    in ~/.cache/streamrec/kafka-jars; before every start each is checked against
+    the sha256 recorded in tools/kafka_jars.sha256. The broker runs with this
+    machine's Java 17 in KRaft mode (combined broker and controller).
     """
 
 
@@ -79,6 +81,28 @@ def kafka_status(port: int | None, controller_port: int | None, kafka_dir: Path 
         topics = AdminClient({"bootstrap.servers": status.bootstrap}).list_topics(timeout=5).topics
         names = sorted(t for t in topics if not t.startswith("__"))
         click.echo(f"  topics:     {', '.join(names) or '(none)'}")
+
+
+@kafka_group.command("digests")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DIGESTS_FILE,
+    help="The digests file to update [default: tools/kafka_jars.sha256 of this install].",
+)
+def kafka_digests(output: Path) -> None:
+    """Record the sha256 of the broker's jars (of STREAMREC_KAFKA_VERSION), for a new version.
+
+    Maven downloads every jar afresh from Maven Central into an empty local repository,
+    checking each against Central's published checksum; their sha256 replace that
+    version's lines in the file, which then belongs in a commit. Needs Maven Central.
+    """
+    settings = Settings.from_env()
+    try:
+        count = record_jar_digests(settings, output, log=click.echo)
+    except KafkaLauncherError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"kafka: recorded {count} jars of Apache Kafka {settings.kafka_version} in {output}")
 
 
 @click.group("topics")

@@ -1,7 +1,8 @@
 """A real single-node Apache Kafka broker on this machine, without Docker.
 
 ``LocalKafka`` resolves the broker's jars from Maven Central once (cached
-outside the checkout), formats KRaft storage, and runs one combined
+outside the checkout, each jar checked against the sha256 digests recorded in
+tools/kafka_jars.sha256 before every start), formats KRaft storage, and runs one combined
 broker+controller on 127.0.0.1 with the machine's Java 17.  It owns the
 broker's process: ``up`` is idempotent, ``down`` leaves nothing behind.
 Clients use its PLAINTEXT listener; with a ``SecuredListener`` it also
@@ -33,6 +34,13 @@ from pathlib import Path
 import psutil
 
 from streamrec.settings import Settings
+from streamrec.tools.kafka_jars import (
+    DIGESTS_FILE,
+    expected_digests,
+    jar_digests,
+    mismatches,
+    record_digests,
+)
 
 MAIN_CLASS = "kafka.Kafka"
 STORAGE_TOOL = "kafka.tools.StorageTool"
@@ -433,49 +441,124 @@ def find_java() -> str:
 
 
 def ensure_jars(settings: Settings, log: Callable[[str], None] = print) -> Path:
-    """The folder of the broker's jars, resolved with Maven on first use and cached after."""
+    """The folder of the broker's jars, each checked against its recorded sha256.
+
+    Resolved with Maven on first use and cached after; the cache is checked again before
+    every use (hashing its ~45 MB costs a small part of the broker's start), and a folder
+    that fails the check is not used.  A Kafka version whose digests were not recorded is
+    refused unless ``settings.kafka_jars_unverified`` accepts it unchecked.
+    """
     target = settings.kafka_jars_dir / f"kafka-{settings.kafka_version}"
-    marker = target / ".complete"
-    if marker.exists():
+    expected = expected_digests(target.name)
+    if not expected:
+        _accept_unverified(settings, log)
+    if (target / ".complete").exists():
+        _check_jars(
+            target,
+            expected,
+            f"If nobody changed them on purpose, remove {target}: the jars are resolved again "
+            "from Maven Central at the next start",
+        )
         return target
+    log(f"kafka: resolving Apache Kafka {settings.kafka_version} jars with Maven (once) ...")
+    settings.kafka_jars_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.kafka_jars_dir) as work:
+        staging = resolve_jars(settings, Path(work))
+        _check_jars(
+            staging,
+            expected,
+            "Nothing was cached. Maven copied them from its local repository (~/.m2), which "
+            "may hold altered copies: check or remove the jars named there",
+        )
+        (staging / ".complete").write_text(settings.kafka_version)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target
+
+
+def resolve_jars(settings: Settings, work: Path, maven_repo: Path | None = None) -> Path:
+    """Resolve the broker's jars with Maven into ``work``/jars and return that folder.
+
+    ``--strict-checksums`` fails the resolution when a download does not match the checksum
+    Maven Central publishes beside it (Maven only warns by default).  ``maven_repo`` is a
+    local repository to resolve into instead of ~/.m2 (a fresh one downloads every jar).
+    """
     mvn = shutil.which("mvn")
     if mvn is None:
         raise KafkaLauncherError(
             "Maven (`mvn`) was not found; it resolves the Kafka broker's jars from Maven Central. "
             "Install it (e.g. `apt-get install maven`)"
         )
-    log(f"kafka: resolving Apache Kafka {settings.kafka_version} jars with Maven (once) ...")
-    settings.kafka_jars_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=settings.kafka_jars_dir) as work:
-        pom = Path(work) / "pom.xml"
-        pom.write_text(_broker_pom(settings.kafka_version, settings.log4j_version))
-        staging = Path(work) / "jars"
-        result = subprocess.run(
-            [
-                mvn,
-                "-B",
-                "-q",
-                "-f",
-                str(pom),
-                "dependency:copy-dependencies",
-                f"-DoutputDirectory={staging}",
-                "-DincludeScope=runtime",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
+    pom = work / "pom.xml"
+    pom.write_text(_broker_pom(settings.kafka_version, settings.log4j_version))
+    staging = work / "jars"
+    repository = [f"-Dmaven.repo.local={maven_repo}"] if maven_repo is not None else []
+    result = subprocess.run(
+        [
+            mvn,
+            "-B",
+            "-q",
+            "--strict-checksums",
+            *repository,
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={staging}",
+            "-DincludeScope=runtime",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
+        raise KafkaLauncherError(
+            f"Maven could not resolve org.apache.kafka:kafka_2.13:{settings.kafka_version} "
+            f"(is Maven Central reachable? is the version right?)\n{tail}"
         )
-        if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
-            tail = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
-            raise KafkaLauncherError(
-                f"Maven could not resolve org.apache.kafka:kafka_2.13:{settings.kafka_version} "
-                f"(is Maven Central reachable? is the version right?)\n{tail}"
-            )
-        (staging / ".complete").write_text(settings.kafka_version)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    return target
+    return staging
+
+
+def record_jar_digests(
+    settings: Settings, digests_file: Path = DIGESTS_FILE, log: Callable[[str], None] = print
+) -> int:
+    """Record the sha256 of ``settings.kafka_version``'s jars, downloaded afresh; the count.
+
+    Maven resolves into an empty local repository, so every jar comes from Maven Central
+    and is checked against Central's published checksum (``--strict-checksums``); neither
+    ~/.m2 nor the jars cache is trusted.
+    """
+    log(f"kafka: downloading Apache Kafka {settings.kafka_version} jars afresh from Maven ...")
+    with tempfile.TemporaryDirectory() as work:
+        jars = resolve_jars(settings, Path(work), maven_repo=Path(work) / "repository")
+        folder = jars.rename(Path(work) / f"kafka-{settings.kafka_version}")
+        return record_digests(folder, digests_file)
+
+
+def _accept_unverified(settings: Settings, log: Callable[[str], None]) -> None:
+    # The broker runs whatever the jars hold, with this user's rights: without recorded
+    # digests only Maven's download checks stand behind them, so that takes a decision.
+    where = f"{DIGESTS_FILE.name} has no digests for Apache Kafka {settings.kafka_version}"
+    if not settings.kafka_jars_unverified:
+        raise KafkaLauncherError(
+            f"{where}: its jars cannot be verified, so they are not used. Record them from a "
+            "checkout with `streamrec kafka digests` (and commit the file), or set "
+            "STREAMREC_KAFKA_JARS_UNVERIFIED=1 to run them unverified"
+        )
+    log(f"kafka: WARNING: {where}; running its jars UNVERIFIED (kafka_jars_unverified is set)")
+
+
+def _check_jars(folder: Path, expected: dict[str, str], remedy: str) -> None:
+    if not expected:
+        return
+    problems = mismatches(jar_digests(folder), expected)
+    if problems:
+        listed = "\n".join(f"  {line}" for line in problems)
+        raise KafkaLauncherError(
+            f"the broker jars in {folder} do not match {DIGESTS_FILE.name}; they are not "
+            f"used:\n{listed}\n{remedy}"
+        )
 
 
 def _broker_pom(kafka_version: str, log4j_version: str) -> str:
