@@ -124,6 +124,13 @@ MODEL_WATCH_FAILURES = Counter(
     "streamrec_model_watch_failures_total",
     "Looks at the model directory that failed unexpectedly; the watcher looks again later.",
 )
+MODELS_REFUSED = Counter(
+    "streamrec_model_refused_total",
+    "New model versions a running flow refused, still serving the old one, by reason: "
+    "digest, missing, unlisted, outside, not_sealed, malformed (checked against the "
+    "directory's manifest.json), unservable (anything else that stops it loading).",
+    ["reason"],
+)
 GC_PAUSE_SECONDS = Histogram(
     "streamrec_gc_pause_seconds",
     "Pauses of Python's cyclic garbage collector in the flow process, by generation: a full "

@@ -11,7 +11,9 @@ Roll-out: a ``ModelWatcher`` looks at the model directory every few seconds
 symlink repointed at a newly trained directory, or files replaced), it loads
 and checks the new artifacts in the background while the old ones serve;
 each worker takes them between two micro-batches.  Artifacts that cannot be
-served are refused with one log line, and the old version goes on.
+served, or do not match their manifest (``streamrec.model.manifest``), are
+refused with one log line and counted by reason
+(``streamrec_model_refused_total``), and the old version goes on.
 
 >>> parse_variants("student_pruned_int8_dynamic=90,teacher=10")
 [('student_pruned_int8_dynamic', 90), ('teacher', 10)]
@@ -32,6 +34,7 @@ from typing import Final
 from zlib import crc32
 
 from streamrec.flows import metrics
+from streamrec.model.manifest import ManifestError
 from streamrec.model.serving import Recommender
 from streamrec.settings import Settings
 
@@ -185,6 +188,7 @@ class ModelWatcher:
                 for _ in range(self._workers)
             ]
         except Exception as err:  # noqa: BLE001 - whatever makes it unservable is refused
+            metrics.MODELS_REFUSED.labels(refusal_reason(err)).inc()
             self._say(
                 f"refused the model in {model_dir} ({_first_line(err)}); still serving "
                 f"{', '.join(self._versions)}"
@@ -238,6 +242,12 @@ def _say_serving(before: list[str], now: list[str]) -> None:
     for version in now:
         name, _, digest = version.partition("@")
         metrics.MODELS_SERVING.labels(name, digest).set(1)
+
+
+def refusal_reason(err: BaseException) -> str:
+    """The ``reason`` label of a refused version: the manifest's kind of mismatch, or
+    ``unservable``."""
+    return err.reason if isinstance(err, ManifestError) else "unservable"
 
 
 def _first_line(err: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 Run time (numpy + onnxruntime only, what the flow imports):
   serving.py     ``Recommender``: sessions in, top-K items out; ``OnnxScorer``
+  manifest.py    the sha256 of every served file: sealed by training, checked at load
   candidates.py  ``CandidateIndex``: co-visitation, embedding neighbours, popular; online counts
 
 Training (torch, ``streamrec train``):

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -471,8 +472,9 @@ class CandidateIndex:
         )
 
     @classmethod
-    def load(cls, path: Path) -> CandidateIndex:
-        with np.load(path) as f:
+    def load(cls, source: Path | BinaryIO) -> CandidateIndex:
+        """The index ``save`` wrote, from its file or its bytes (``io.BytesIO``)."""
+        with np.load(source) as f:
             return cls(
                 f["neighbours"].astype(np.int64),
                 f["neighbour_weights"].astype(np.float32),

@@ -1,7 +1,8 @@
-"""`streamrec train`: the command-line front door of ``streamrec.model.pipeline``.
+"""`streamrec train` and `streamrec model`: the front doors of ``streamrec.model.pipeline``
+and of the artifacts' manifest (``streamrec.model.manifest``).
 
-torch is imported only when the command runs: the runtime install (the flow)
-has no torch, and ``streamrec --help`` must work there too.
+torch is imported only when training runs: the runtime install (the flow)
+has no torch, and ``streamrec --help`` and ``streamrec model seal`` must work there too.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from streamrec.settings import Settings
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Where the artifacts go: ONNX models, vocab.json, candidates.npz, card.json, card.md, "
-    "frontier.png. [default: STREAMREC_MODEL_DIR, model/artifacts]",
+    "frontier.png, and manifest.json (their sha256 digests, which the flow checks). "
+    "[default: STREAMREC_MODEL_DIR, model/artifacts]",
 )
 @click.option(
     "--quick",
@@ -122,6 +124,60 @@ def train_command(
     for target in card.targets:
         click.echo(f"  {'met   ' if target.met else 'MISSED'} {target.target}: {target.detail}")
     click.echo(f"card: {out / 'card.md'}")
+
+
+@click.group("model")
+def model_group() -> None:
+    """Seal or verify a model directory: the sha256 digests the flow checks at load.
+
+    `streamrec train` seals what it writes (manifest.json).  The flow serves a
+    model directory only if every file it reads (card.json, vocab.json,
+    candidates.npz, each ONNX file the card names) is listed there, matches its
+    digest, and stays inside the directory; otherwise it stops at start (exit 78)
+    or, at a roll-out, refuses the new version and keeps serving the old one.
+    """
+
+
+@model_group.command("seal")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def seal_command(directory: Path) -> None:
+    """Write DIRECTORY/manifest.json from the files as they are now.
+
+    Needed only after changing artifacts by hand (an edited card.json, a
+    replaced ONNX file or vocabulary): check them first, since sealing
+    vouches for them.  A card naming a file outside DIRECTORY (an absolute
+    path, '..', a symlink pointing out) is refused: copy the file in.
+
+    \b
+    Example:
+      streamrec model seal model/v2 && ln -sfn v2 model/current
+    """
+    from streamrec.model.manifest import ManifestError, seal
+
+    try:
+        manifest = seal(directory)
+    except (ManifestError, OSError) as err:
+        raise click.ClickException(f"cannot seal {directory}: {err}") from None
+    for name, digest in sorted(manifest.digests.items()):
+        click.echo(f"  {digest[:16]}  {name}")
+    click.echo(f"sealed {len(manifest.digests)} files in {directory}/manifest.json")
+
+
+@model_group.command("verify")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def verify_command(directory: Path) -> None:
+    """Check DIRECTORY against its manifest, as the flow will.
+
+    Exits 1 naming the first file that differs, is not listed, or leads outside
+    DIRECTORY; use it before repointing a served symlink at a copied model.
+    """
+    from streamrec.model.manifest import ManifestError, verify
+
+    try:
+        manifest = verify(directory)
+    except (ManifestError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{directory}: {len(manifest.digests)} files match their manifest")
 
 
 def machine_threads() -> int:

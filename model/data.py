@@ -60,7 +60,12 @@ class Vocab:
 
     @classmethod
     def load(cls, path: Path) -> Vocab:
-        return cls(tuple(orjson.loads(path.read_bytes())["items"]))
+        return cls.from_json(path.read_bytes())
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Vocab:
+        """The vocabulary ``save`` wrote, from its bytes."""
+        return cls(tuple(orjson.loads(data)["items"]))
 
 
 @dataclass(frozen=True, slots=True)

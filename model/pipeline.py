@@ -16,7 +16,8 @@ Stages, in order (one progress bar over them):
    students, and the candidate index;
 8. evaluation of every variant through onnxruntime, as served: both protocols,
    intervals, agreement of int8 with fp32, candidate recall, latency;
-9. the card, the choice by ``f``, and the artifacts the flow and benchmark need.
+9. the card, the choice by ``f``, and the artifacts the flow and benchmark need, sealed
+   with their sha256 digests (``streamrec.model.manifest``).
 
 With a time budget (``streamrec.model.budget``) each stage gets a share of the time left;
 training stages stop at their deadline, the others are not cut.  The loss follows
@@ -87,6 +88,7 @@ from streamrec.model.export import (
     quantize_static_int8,
 )
 from streamrec.model.hybrid import CovisitTable
+from streamrec.model.manifest import seal
 from streamrec.model.metrics import ndcg_at
 from streamrec.model.prune import PruneConfig, describe, importance, prune
 from streamrec.model.sasrec import SASRec, SASRecConfig
@@ -451,6 +453,8 @@ def run(
     candidates = Candidates(recall, *index_ms, end_metric=end)
     card = assemble_card(asked, t, trained, choice, candidates, progress.close())
     model_card.write(out, card)
+    # Last: a flow watching ``out`` refuses it until every file is written and sealed.
+    seal(out)
     return card
 
 

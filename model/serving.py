@@ -31,7 +31,7 @@ candidate sources fill their places with the next items they would propose.
 
 from __future__ import annotations
 
-import hashlib
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +45,8 @@ from streamrec.item_hashes import EMPTY, HASH_DTYPE, isin_sorted, item_hashes
 from streamrec.model.candidates import CandidateIndex, Excluded, Reads
 from streamrec.model.data import PAD, Vocab
 from streamrec.model.exclusions import ExclusionCodes
+from streamrec.model.manifest import CARD_FILE, INDEX_FILE, VOCAB_FILE, Manifest
 
-CARD_FILE = "card.json"
-VOCAB_FILE = "vocab.json"
-INDEX_FILE = "candidates.npz"
 # Sessions per call; larger batches are split.  Candidate generation takes a few arrays of
 # batch × catalogue: past 32 sessions they outgrow the caches and cost more per event.
 MAX_BATCH = 32
@@ -91,10 +89,19 @@ class OnnxScorer:
     scorer computes them from ``covisit``, the candidate index, unless they are given.
     """
 
-    def __init__(self, path: Path, threads: int = 1, covisit: CandidateIndex | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        threads: int = 1,
+        covisit: CandidateIndex | None = None,
+        content: bytes | None = None,
+    ) -> None:
         self.path = Path(path)
+        # ``content``: the file's bytes, already read and checked (``Recommender.load``).
         self.session = ort.InferenceSession(
-            str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
+            content if content is not None else str(self.path),
+            session_options(threads),
+            providers=["CPUExecutionProvider"],
         )
         meta = self.session.get_modelmeta().custom_metadata_map
         self.max_len = int(meta.get("max_len", "50"))
@@ -152,33 +159,38 @@ class Recommender:
         threads: int = 1,
         candidates: int = 200,
     ) -> Recommender:
-        """The card's chosen variant (or ``variant``), its vocabulary and candidate index."""
+        """The card's chosen variant (or ``variant``), its vocabulary and candidate index.
+
+        The directory is checked against its manifest (``streamrec.model.manifest``) and
+        each file used is read through it: what is served is what was sealed, or the
+        load raises a ``ManifestError`` naming the file.
+        """
         artifact_dir = Path(artifact_dir)
-        card_path = artifact_dir / CARD_FILE
-        if not card_path.exists():
+        if not (artifact_dir / CARD_FILE).exists():
             raise ArtifactError(
                 f"no {CARD_FILE} in {artifact_dir}: train first (`streamrec train --out "
                 f"{artifact_dir}`) or point STREAMREC_MODEL_DIR at trained artifacts"
             )
-        card = orjson.loads(card_path.read_bytes())
+        manifest = Manifest.load(artifact_dir)
+        card = orjson.loads(manifest.read(CARD_FILE))
         name = variant or card["chosen"]
         files = {v["name"]: v.get("onnx") for v in card["variants"]}
         onnx_file = files.get(name)
-        if onnx_file is None or not (artifact_dir / onnx_file).exists():
-            servable = sorted(n for n, f in files.items() if f and (artifact_dir / f).exists())
+        if onnx_file is None or not manifest.exists(onnx_file):
+            servable = sorted(n for n, f in files.items() if f and manifest.exists(f))
             raise ArtifactError(
                 f"variant {name!r} has no ONNX file in {artifact_dir} "
                 f"(servable here: {', '.join(servable) or 'none'})"
             )
-        path = artifact_dir / onnx_file
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+        manifest.check(card)
+        content = manifest.read(onnx_file)
         # One index: a hybrid scores with the co-visitation that ``observe`` keeps current.
-        index = CandidateIndex.load(artifact_dir / INDEX_FILE)
+        index = CandidateIndex.load(io.BytesIO(manifest.read(INDEX_FILE)))
         return cls(
-            OnnxScorer(path, threads, covisit=index),
-            Vocab.load(artifact_dir / VOCAB_FILE),
+            OnnxScorer(manifest.path(onnx_file), threads, covisit=index, content=content),
+            Vocab.from_json(manifest.read(VOCAB_FILE)),
             index,
-            version=f"{name}@{digest}",
+            version=f"{name}@{manifest.digests[onnx_file][:8]}",
             candidates=candidates,
         )
 

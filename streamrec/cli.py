@@ -45,6 +45,12 @@ def _train() -> click.Command:
     return train_command
 
 
+def _model() -> click.Command:
+    from streamrec.model.cli import model_group
+
+    return model_group
+
+
 def _run() -> click.Command:
     from streamrec.flows.cli import run_command
 
@@ -114,6 +120,7 @@ COMMANDS: dict[str, tuple[Loader, str]] = {
     "config": (_config, "List every setting and its variable."),
     "state": (_state, "Inspect the RocksDB session stores."),
     "train": (_train, "Train, distill, prune, quantize; write the card."),
+    "model": (_model, "Seal or verify a model directory's sha256 digests."),
     "run": (_run, "Run the dataflow: events -> recommendations."),
     "replay": (_replay, "Replay recorded traffic into the events topic."),
     "record": (_record, "Capture a topic to a file for later replay."),

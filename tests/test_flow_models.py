@@ -12,10 +12,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+from click.testing import CliRunner
 from prometheus_client import REGISTRY
 
+from streamrec.cli import cli
 from streamrec.contracts import Event
 from streamrec.flows import models as models_module
+from streamrec.flows.cli import EXIT_CONFIGURATION
 from streamrec.flows.models import (
     Fingerprint,
     ModelSet,
@@ -24,6 +27,7 @@ from streamrec.flows.models import (
     load_model_set,
     parse_variants,
 )
+from streamrec.model.manifest import seal
 from streamrec.model.serving import read_card
 from streamrec.settings import Settings
 from tests.flow_harness import FlowProcess, RecommendationCollector, produce
@@ -42,7 +46,8 @@ def artifacts_copy(
 ) -> Path:
     """The trained artifacts, hard-linked (no copy of their bytes), the card's choice changed
     to ``chosen``, the file ``broken`` cut short, or ``extra_items`` the model never learned
-    added to the vocabulary."""
+    added to the vocabulary; sealed again after any change, as `streamrec model seal` does,
+    so that what refuses them is the loader's own checks, not the manifest."""
     copy = where / name
     shutil.copytree(ARTIFACTS, copy, copy_function=os.link)
     if extra_items:
@@ -59,6 +64,19 @@ def artifacts_copy(
         data = (copy / broken).read_bytes()
         (copy / broken).unlink()
         (copy / broken).write_bytes(data[: len(data) // 3])
+    if extra_items or chosen is not None or broken is not None:
+        seal(copy)  # replaces manifest.json: the committed one, hard-linked, stays as it was
+    return copy
+
+
+def tampered_copy(where: Path, name: str, file: str) -> Path:
+    """The trained artifacts with one byte of ``file`` flipped in its middle, not sealed."""
+    copy = where / name
+    shutil.copytree(ARTIFACTS, copy, copy_function=os.link)
+    data = bytearray((copy / file).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / file).unlink()
+    (copy / file).write_bytes(bytes(data))
     return copy
 
 
@@ -137,6 +155,65 @@ def test_the_watcher_takes_new_artifacts_and_refuses_broken_ones_with_one_line(
     assert watcher.generation == 1
 
 
+def refused_on_metrics(reason: str) -> float:
+    return REGISTRY.get_sample_value("streamrec_model_refused_total", {"reason": reason}) or 0.0
+
+
+def test_a_version_tampered_after_sealing_is_refused_at_roll_out_and_the_old_one_serves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="streamrec.flows.models")
+    link, serving, watcher = watching(tmp_path)
+    before = refused_on_metrics("digest")
+
+    repoint(link, tampered_copy(tmp_path, "v2", f"{SERVED}.onnx"))
+    assert not watcher.check()
+    assert watcher.generation == 0 and watcher.take() == (0, None)
+    refusals = [r.getMessage() for r in caplog.records if "refused the model" in r.getMessage()]
+    assert len(refusals) == 1, refusals
+    assert f"DigestMismatch: {SERVED}.onnx" in refusals[0]
+    assert f"still serving {serving.versions[0]}" in refusals[0]
+    assert refused_on_metrics("digest") == before + 1
+    assert tuple(serving.versions[0].split("@")) in served_on_metrics()
+
+
+def test_a_hand_edited_version_rolls_out_once_sealed_with_streamrec_model_seal(
+    tmp_path: Path,
+) -> None:
+    link, _, watcher = watching(tmp_path)
+    edited = tampered_copy(tmp_path, "v2", "card.json")
+    card = orjson.loads((ARTIFACTS / "card.json").read_bytes())
+    card["chosen"] = "teacher"
+    (edited / "card.json").write_bytes(orjson.dumps(card))  # a new file since tampered_copy
+    repoint(link, edited)
+    assert not watcher.check()  # its card.json is not the one sealed
+
+    sealed = CliRunner().invoke(cli, ["model", "seal", str(edited)])
+    assert sealed.exit_code == 0, sealed.output
+    assert watcher.check()
+    (version,) = watcher.take()[1].versions  # type: ignore[union-attr]
+    assert version.startswith("teacher@")
+
+
+def test_a_tampered_model_stops_the_flow_at_start_with_one_line_and_exit_78(
+    tmp_path: Path,
+) -> None:
+    # The model is checked before Kafka is asked anything: no broker needed.
+    settings = Settings(
+        brokers="127.0.0.1:9",
+        model_dir=tampered_copy(tmp_path, "v1", f"{SERVED}.onnx"),
+        state_dir=tmp_path / "state",
+        recovery_dir=tmp_path / "recovery",
+        metrics_port=0,
+    )
+    flow = FlowProcess(settings).start()
+    assert flow.process is not None
+    assert flow.process.wait(120) == EXIT_CONFIGURATION, flow.output()[-2000:]
+    lines = [line for line in flow.output().splitlines() if "cannot go on" in line]
+    assert len(lines) == 1, flow.output()
+    assert f"{SERVED}.onnx" in lines[0] and "is not the file that was sealed" in lines[0]
+
+
 def served_on_metrics() -> set[tuple[str, str]]:
     """The (variant, version) pairs /metrics says this process serves."""
     (family,) = [m for m in REGISTRY.collect() if m.name == "streamrec_model_serving"]
@@ -213,6 +290,7 @@ def test_a_running_flow_switches_model_under_load_and_loses_no_event(
             artifacts_copy(tmp_path, "v3", chosen=SERVED, broken="teacher.onnx"),
         )
         repoint(link, artifacts_copy(tmp_path, "v4", broken=f"{SERVED}.onnx"))
+        repoint(link, tampered_copy(tmp_path, "v5", f"{SERVED}.onnx"))
         producing.join()
         collector.wait_for({e.event_id for e in events}, flow)
         assert flow.stop() == 0, flow.output()[-2000:]
@@ -228,6 +306,7 @@ def test_a_running_flow_switches_model_under_load_and_loses_no_event(
     assert order.count("teacher") < len(order)  # the switch happened under load, not before
     assert f"model roll-out: {SERVED}@" in flow.output()
     assert flow.output().count("refused the model") >= 1
+    assert f"DigestMismatch: {SERVED}.onnx" in flow.output()  # v5, the last one, stays
 
 
 @pytest.mark.kafka

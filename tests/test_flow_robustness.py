@@ -157,7 +157,8 @@ def test_a_model_that_cannot_be_served_stops_the_flow_with_one_line_and_its_exit
 ) -> None:
     broken = tmp_path / "model"
     broken.mkdir()
-    shutil.copy(kafka_settings.model_dir / "card.json", broken / "card.json")
+    for name in ("card.json", "manifest.json"):  # sealed, but with no model file
+        shutil.copy(kafka_settings.model_dir / name, broken / name)
     flow = FlowProcess(kafka_settings.replace(model_dir=broken)).start()
     assert flow.process is not None
     assert flow.process.wait(120) == EXIT_CONFIGURATION

@@ -261,6 +261,7 @@ def test_the_recommender_serves_a_hybrid_with_the_covisitation_it_observes(
     import orjson
 
     from streamrec.model.data import Vocab
+    from streamrec.model.manifest import seal
     from streamrec.model.serving import Recommender
 
     _, path = exported
@@ -270,6 +271,7 @@ def test_the_recommender_serves_a_hybrid_with_the_covisitation_it_observes(
     )
     Vocab([str(i) for i in range(1, N_ITEMS)]).save(tmp_path / "vocab.json")
     index().save(tmp_path / "candidates.npz")
+    seal(tmp_path)  # artifacts made by hand, sealed as `streamrec model seal` would
     rec = Recommender.load(tmp_path, candidates=N_ITEMS - 1)
     session = ["1", "2", "3"]
     [before] = rec.recommend([session], k=N_ITEMS)

@@ -65,6 +65,17 @@ def test_quick_artifacts_serve(quick_artifacts: Path) -> None:
     check_recommender(quick_artifacts)
 
 
+def test_training_seals_every_file_serving_reads(quick_artifacts: Path) -> None:
+    from streamrec.model.manifest import MANIFEST_FILE, served_files, verify
+
+    card = json.loads((quick_artifacts / "card.json").read_text())
+    manifest = verify(quick_artifacts)
+    assert sorted(manifest.digests) == sorted(served_files(card))
+    assert f"{card['chosen']}.onnx" in manifest.digests
+    listed = json.loads((quick_artifacts / MANIFEST_FILE).read_text())["files"]
+    assert all(not Path(name).is_absolute() and ".." not in name for name in listed)
+
+
 def test_training_is_reproducible() -> None:
     import numpy as np
 
