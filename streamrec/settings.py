@@ -142,15 +142,16 @@ class Settings:
     # Memory, bounded in bytes.  One flow process of a 2 GB worker, 4 events partitions and two
     # variants, at the defaults: sessions 4 x 64 MB + consumed items 4 x 16 MB + exclusions
     # 2 x 32 MB + RocksDB block caches 4 x 64 MB and memtables 4 x 2 x 64 MB (RocksDB's own
-    # bound) = 1,152 MB; the model and its candidate index ~60 MB (the shipped 8,559 items;
-    # online counts are fixed arrays); Python, numpy, onnxruntime, Bytewax and librdkafka at
-    # rest ~350 MB (RSS of a started flow); librdkafka's fetch queue 64 MB: about 1.65 GB.
+    # bound) = 1,152 MB; Python, numpy, onnxruntime, Bytewax, librdkafka and the shipped model
+    # (8,559 items; the online counts are fixed arrays) at rest ~140 MB (RSS of a started flow,
+    # `streamrec bench memory`); librdkafka's fetch queues 4 x 64 MB: about 1.55 GB.  Not
+    # bounded here: librdkafka's producer queue (1 GB by default) while the broker is slow.
     session_cache_mb: float = _setting(
         64.0,
         "Megabytes of decoded sessions per events partition kept in memory in front of "
         "RocksDB, most recently written first (a session counts its record, its item id "
-        "strings as its own and ~1.4 kB: ~10 kB at full length with short ids, up to ~0.5 MB "
-        "with hostile ones); 0 reads every session from RocksDB.",
+        "strings as its own and ~1 kB: ~8 kB at full length with short ids, which take 3 kB, "
+        "up to ~0.45 MB with hostile ones); 0 reads every session from RocksDB.",
     )
     consumed_cache_mb: float = _setting(
         16.0,
@@ -284,7 +285,7 @@ class Settings:
 RETIRED_SESSION_CACHE: Final = ENV_PREFIX + "SESSION_CACHE"
 # What `STREAMREC_SESSION_CACHE` sessions were taken to be: a full session of short ids, as
 # the byte bound counts it (streamrec.state.memory).
-SESSION_CACHE_ENTRY_MB: Final = 10_000 / 2**20
+SESSION_CACHE_ENTRY_MB: Final = 8_000 / 2**20
 
 
 def _retired(env: Mapping[str, str]) -> dict[str, Any]:
@@ -306,7 +307,7 @@ def _retired(env: Mapping[str, str]) -> dict[str, Any]:
     mb = round(max(sessions, 0) * SESSION_CACHE_ENTRY_MB, 1)
     log.warning(
         "%s=%s (a count of sessions) is retired: the cache is bounded in bytes now. Taken as "
-        "%s=%g (sessions of about 10 kB as counted); set %s instead",
+        "%s=%g (sessions of about 8 kB as counted); set %s instead",
         RETIRED_SESSION_CACHE,
         raw,
         new_name,

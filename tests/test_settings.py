@@ -14,7 +14,7 @@ def test_the_retired_session_count_is_taken_in_megabytes_with_a_warning(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="streamrec.settings"):
         settings = Settings.from_env({"STREAMREC_SESSION_CACHE": "100000"})
-    assert settings.session_cache_mb == pytest.approx(953.7, abs=0.1)  # 100,000 x 10 kB
+    assert settings.session_cache_mb == pytest.approx(762.9, abs=0.1)  # 100,000 x 8 kB
     assert "STREAMREC_SESSION_CACHE_MB" in caplog.text and "retired" in caplog.text
 
 
