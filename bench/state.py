@@ -63,7 +63,7 @@ class StateBenchResult:
     apply_us_mean: float
     cpu_us_per_event: float
     item_ids_us_p50: float
-    cache_sessions: int
+    cache_mb: float
     cache_hit_ratio: float
     batch_size: int
     apply_many_us_per_event_p50: float
@@ -149,7 +149,7 @@ def _bench(
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with SessionStore.open(state_dir, 0, 1, settings) as store:
         consumed_records, consumed_bytes, consumed_items = _consumed_sizes(store)
-    with SessionStore.open(state_dir, 0, 1, settings.replace(session_cache=0)) as store:
+    with SessionStore.open(state_dir, 0, 1, settings.replace(session_cache_mb=0)) as store:
         uncached = _events(users, applies, clock, rng, first_offset=1 << 43)
         uncached_ns = sorted(_time_applies(store, uncached)[0])
         _check_all_new(store)
@@ -166,7 +166,7 @@ def _bench(
         # machine, the part of the wall time that is work rather than waiting for a core.
         cpu_us_per_event=_us(cpu_ns / applies),
         item_ids_us_p50=_us(statistics.median(item_ids_ns)),
-        cache_sessions=settings.session_cache,
+        cache_mb=settings.session_cache_mb,
         cache_hit_ratio=round(hits / max(hits + misses, 1), 3),
         batch_size=batch_size,
         apply_many_us_per_event_p50=_us(statistics.median(per_event_ns)),
@@ -336,7 +336,7 @@ def bench_state(users: int, applies: int, json_path: Path | None) -> None:
         f"{result.applies:,} events"
     )
     click.echo(
-        f"session cache of {result.cache_sessions:,} sessions: {result.cache_hit_ratio:.1%} of "
+        f"session cache of {result.cache_mb:g} MB: {result.cache_hit_ratio:.1%} of "
         f"the reads above served from memory; peak RSS {result.rss_mb} MB"
     )
     click.echo(

@@ -34,6 +34,7 @@ from typing import Final
 from zlib import crc32
 
 from streamrec.flows import metrics
+from streamrec.lru import MB
 from streamrec.model.manifest import ManifestError
 from streamrec.model.serving import Recommender
 from streamrec.settings import Settings
@@ -106,6 +107,9 @@ def load_model_set(model_dir: Path, shares: list[Share], settings: Settings) -> 
             variant=name,
             threads=settings.scoring_threads,
             candidates=settings.candidates,
+            half_life=settings.online_half_life_events,
+            user_cap=settings.online_user_cap,
+            exclusion_cache_bytes=round(settings.exclusion_cache_mb * MB),
         )
         _smoke_test(recommender)
         recommenders.append(recommender)

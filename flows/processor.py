@@ -155,9 +155,8 @@ class EventProcessor:
                 # batch makes a new one, so no copy is needed.
                 history = session.item_ids
                 if self._learn_online:
-                    previous = history[-2] if len(history) > 1 else None
                     for recommender in recommenders:
-                        recommender.observe(previous, parsed.item_id)
+                        recommender.learn(history, parsed.user_id)
             else:
                 # Read again after a restart: answered as it was first, from the session as
                 # of this event, never from a newer one (which may have moved past it).

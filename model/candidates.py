@@ -13,8 +13,14 @@ session has already seen:
 Co-visitation keeps, per item, its ``width`` strongest neighbours in a
 Space-Saving table: an update either bumps a known neighbour or replaces the
 weakest one, so memory stays bounded and ``observe`` is O(width) numpy work.
-Popularity is one counter per item.  Both are updated online as events arrive.
-The nearest-item table is fixed: item embeddings do not change between trainings.
+Popularity is one counter per item.  Both are updated online as events arrive
+and, with a ``half_life``, decay: every count halves over that many observed
+events, so that a burst fades and a new item can overtake old favourites.
+Decay is lazy: the arrays hold counts times a unit that grows with every
+event, and a new event adds the current unit, so ``observe`` stays O(width);
+reads divide by the unit, and the arrays are brought back to a unit of 1 once
+it grows large.  The nearest-item table is fixed: item embeddings do not
+change between trainings.
 
 >>> seqs = [np.array([1, 2, 3]), np.array([1, 2, 4])]
 >>> index = CandidateIndex.build(seqs, n_items=6, item_vectors=np.eye(6, 3), width=4)
@@ -36,6 +42,9 @@ SIMILAR_WIDTH = 100  # nearest items kept per item: enough to match a full scan'
 NEIGHBOUR_WIDTH = 50  # co-visitation neighbours kept per item
 MAX_MOVES = 64  # popularity changes the top list follows one by one before it is re-sorted
 RECENCY = 0.7  # the k-th newest item of a session weighs RECENCY**k in co-visitation sums
+# The decay's unit is folded back into the counts past this (every 32 half-lives): float32
+# weights keep their precision, and the scan of every count is rare.
+RENORMALISE_AT = 2.0**32
 
 
 def covisit_pairs(
@@ -161,10 +170,15 @@ class CandidateIndex:
         covisit_share: float = 0.5,
         nn_share: float = 0.3,
         similar: np.ndarray | None = None,
+        half_life: int = 0,
     ) -> None:
         self.neighbours = neighbours  # [n_items, width] int64, PAD where empty (all of row PAD)
-        self.neighbour_weights = neighbour_weights  # [n_items, width] float32, 0 where empty
-        self.popularity = popularity  # [n_items] float64 interaction counts
+        # [n_items, width] float32, 0 where empty, and [n_items] float64 interaction counts:
+        # both in units of ``unit`` (1 without decay).
+        self.neighbour_weights = neighbour_weights
+        self.popularity = popularity
+        self.unit = 1.0
+        self._growth = 2.0 ** (1.0 / half_life) if half_life > 0 else 1.0
         vectors = np.array(item_vectors, dtype=np.float32)
         vectors[PAD] = 0.0  # padding in a short session adds nothing to its representation
         self.item_vectors = vectors  # [n_items, d] float32, unit norm (row 0 zero)
@@ -202,10 +216,18 @@ class CandidateIndex:
         return cls(neighbours, weights, popularity, vectors)
 
     def observe(self, prev_item: int, item: int) -> None:
-        """Count one interaction with ``item``, right after ``prev_item`` (PAD if none)."""
+        """Count one interaction with ``item``, right after ``prev_item`` (PAD if none).
+
+        Every call ages the counts by one event (with a half-life), a PAD item's too.
+        """
+        if self._growth != 1.0:
+            self.unit *= self._growth
+            if self.unit > RENORMALISE_AT:
+                self._renormalise()
         if item == PAD:
             return
-        self.popularity[item] += 1.0
+        unit = self.unit
+        self.popularity[item] += unit
         if self._popular is not None:
             # The top list catches up when next used: moves (a memmove of the list each) are
             # much cheaper than a re-sort, up to a micro-batch of many events.
@@ -214,18 +236,30 @@ class CandidateIndex:
             else:
                 self._popular, self._moved = None, []
         if prev_item != PAD and prev_item != item:
-            self._bump(prev_item, item)
-            self._bump(item, prev_item)
+            self._bump(prev_item, item, unit)
+            self._bump(item, prev_item, unit)
 
-    def _bump(self, item: int, neighbour: int) -> None:
+    def _bump(self, item: int, neighbour: int, unit: float) -> None:
         row, weights = self.neighbours[item], self.neighbour_weights[item]
         hit = np.flatnonzero(row == neighbour)
         if len(hit):
-            weights[hit[0]] += 1.0
+            weights[hit[0]] += unit
             return
         weakest = int(np.argmin(weights))  # an empty slot has weight 0 and goes first
         # Space-Saving: the newcomer inherits the evicted count, bounding its error.
-        row[weakest], weights[weakest] = neighbour, weights[weakest] + 1.0
+        row[weakest], weights[weakest] = neighbour, weights[weakest] + unit
+
+    def _renormalise(self) -> None:
+        """Fold the unit into the counts (their order is unchanged): the unit is 1 again."""
+        scale = 1.0 / self.unit
+        self.popularity *= scale
+        self.neighbour_weights *= np.float32(scale)
+        self.unit = 1.0
+        self._popular, self._moved = None, []  # its cached counts are in the old unit
+
+    def counts(self, items: np.ndarray) -> np.ndarray:
+        """The (decayed) interaction counts of ``items``."""
+        return self.popularity[items] / self.unit
 
     def popular(self, n: int) -> np.ndarray:
         """The ``n`` most popular items, most popular first."""
@@ -283,9 +317,12 @@ class CandidateIndex:
         n = min(n, self.n_items - 1)
         longest = max(self.recent, len(history))
         pool = n + longest + min(excluded, n + longest)
+        weights = self.neighbour_weights.take(newest, axis=0)
+        if self.unit != 1.0:
+            weights *= np.float32(1.0 / self.unit)  # a copy: read as counts, whatever comes
         return Reads(
             self.neighbours.take(newest, axis=0),
-            self.neighbour_weights.take(newest, axis=0),
+            weights,
             self.popular(min(4 * pool, self.n_items - 1)),
         )
 
@@ -348,11 +385,13 @@ class CandidateIndex:
         if reads is None:
             rows = self.neighbours.take(recent, axis=0)
             row_weights = self.neighbour_weights.take(recent, axis=0)
+            scale = 1.0 / self.unit
         else:
             r = self.recent
             rows = np.stack([taken.neighbours[:r] for taken in reads])
             row_weights = np.stack([taken.weights[:r] for taken in reads])
-        keys, sums = self._sums_of(rows, row_weights, offsets)
+            scale = 1.0  # read as counts already
+        keys, sums = self._sums_of(rows, row_weights, offsets, scale)
         covisit_keys = _first_copies(_by_score(keys, sums[keys]))
         # n + len(history) popular items always fill a row (at most len(history) of them
         # are seen, the others are picked), so a pool sized for the longest history is
@@ -415,19 +454,22 @@ class CandidateIndex:
         [B, r * width], and every key's sum [B * n_items + 1], the k-th newest item's weights
         counting ``RECENCY**k`` (the last key, the dump's, sums to 0)."""
         rows = self.neighbours.take(newest, axis=0)
-        return self._sums_of(rows, self.neighbour_weights.take(newest, axis=0), offsets)
+        weights = self.neighbour_weights.take(newest, axis=0)
+        return self._sums_of(rows, weights, offsets, 1.0 / self.unit)
 
     def _sums_of(
-        self, rows: np.ndarray, weights: np.ndarray, offsets: np.ndarray
+        self, rows: np.ndarray, weights: np.ndarray, offsets: np.ndarray, scale: float = 1.0
     ) -> tuple[np.ndarray, np.ndarray]:
         """``_neighbour_sums`` of the table rows [B, r, width] of the newest items, and their
-        weights, as read (now or earlier)."""
+        weights, as read (now or earlier), times ``scale`` (to counts from the arrays' unit)."""
         b, r = rows.shape[:2]
         # Row PAD of the table is empty (weight 0): the padding of a short session adds nothing.
         keys = rows.reshape(b, -1) + offsets
         recency = (
             self._recency[:r] if r <= self.recent else RECENCY ** np.arange(r, dtype=np.float32)
         )
+        if scale != 1.0:
+            recency = recency * np.float32(scale)
         weighted = weights * recency[:, None]
         # Every copy of a key reads back the same sum.
         sums = np.bincount(keys.ravel(), weighted.ravel(), minlength=b * self.n_items + 1)
@@ -465,15 +507,16 @@ class CandidateIndex:
         np.savez_compressed(
             path,
             neighbours=self.neighbours.astype(np.int32),
-            neighbour_weights=self.neighbour_weights,
-            popularity=self.popularity,
+            neighbour_weights=self.neighbour_weights / np.float32(self.unit),
+            popularity=self.popularity / self.unit,
             item_vectors=self.item_vectors.astype(np.float16),
             similar=self.similar.astype(np.int32),
         )
 
     @classmethod
-    def load(cls, source: Path | BinaryIO) -> CandidateIndex:
-        """The index ``save`` wrote, from its file or its bytes (``io.BytesIO``)."""
+    def load(cls, source: Path | BinaryIO, half_life: int = 0) -> CandidateIndex:
+        """The index ``save`` wrote, from its file or its bytes (``io.BytesIO``); its online
+        counts decay with ``half_life`` (events)."""
         with np.load(source) as f:
             return cls(
                 f["neighbours"].astype(np.int64),
@@ -481,6 +524,7 @@ class CandidateIndex:
                 f["popularity"].astype(np.float64),
                 f["item_vectors"].astype(np.float32),
                 similar=f.get("similar"),  # absent before the table was saved
+                half_life=half_life,
             )
 
 

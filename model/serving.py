@@ -9,6 +9,7 @@ calls, so it is not shared between threads) and calls it once per micro-batch:
 >>> len(top), all(item not in {"1", "50", "260"} for item, _ in top)
 (3, True)
 >>> rec.observe("260", "1196")  # online co-visitation and popularity update
+>>> rec.learn(["1", "50", "260", "1196"], user="u1")  # the same, as the flow does it (quota.py)
 >>> from streamrec.item_hashes import item_hashes
 >>> consumed = item_hashes([item for item, _ in top])  # e.g. rated long ago
 >>> [again] = rec.recommend([["1", "50", "260"]], k=3, exclude=[consumed])
@@ -44,8 +45,9 @@ import orjson
 from streamrec.item_hashes import EMPTY, HASH_DTYPE, isin_sorted, item_hashes
 from streamrec.model.candidates import CandidateIndex, Excluded, Reads
 from streamrec.model.data import PAD, Vocab
-from streamrec.model.exclusions import ExclusionCodes
+from streamrec.model.exclusions import DEFAULT_MAX_BYTES, ExclusionCodes
 from streamrec.model.manifest import CARD_FILE, INDEX_FILE, VOCAB_FILE, Manifest
+from streamrec.model.quota import UserQuota, is_repeat
 
 # Sessions per call; larger batches are split.  Candidate generation takes a few arrays of
 # batch × catalogue: past 32 sessions they outgrow the caches and cost more per event.
@@ -139,7 +141,12 @@ class Recommender:
         index: CandidateIndex,
         version: str,
         candidates: int = 200,
+        user_cap: int = 0,
+        exclusion_cache_bytes: int = DEFAULT_MAX_BYTES,
+        quota_period: int = 0,
     ) -> None:
+        """``user_cap``: events of one user ``learn`` counts per ``quota_period`` (the index's
+        half-life; 0: no cap); ``exclusion_cache_bytes``: the bound of the consumed codes."""
         self.scorer, self.vocab, self.index, self.version = scorer, vocab, index, version
         self.n_candidates = min(candidates, vocab.size - 1)
         self.max_len = scorer.max_len
@@ -149,7 +156,8 @@ class Recommender:
         # The hash of every item by its code (PAD's is 0), to match exclusions without decoding.
         self._hashes = np.zeros(vocab.size, dtype=HASH_DTYPE)
         self._hashes[1:] = item_hashes(vocab.items)
-        self._exclusions = ExclusionCodes(self._hashes)
+        self._exclusions = ExclusionCodes(self._hashes, exclusion_cache_bytes)
+        self._quota = UserQuota(user_cap, quota_period)
 
     @classmethod
     def load(
@@ -158,12 +166,17 @@ class Recommender:
         variant: str | None = None,
         threads: int = 1,
         candidates: int = 200,
+        half_life: int = 0,
+        user_cap: int = 0,
+        exclusion_cache_bytes: int = DEFAULT_MAX_BYTES,
     ) -> Recommender:
         """The card's chosen variant (or ``variant``), its vocabulary and candidate index.
 
         The directory is checked against its manifest (``streamrec.model.manifest``) and
         each file used is read through it: what is served is what was sealed, or the
-        load raises a ``ManifestError`` naming the file.
+        load raises a ``ManifestError`` naming the file.  ``half_life``: events over which
+        the online counts halve (0: never); ``user_cap``: events of one user counted per
+        half-life (0: no cap).
         """
         artifact_dir = Path(artifact_dir)
         if not (artifact_dir / CARD_FILE).exists():
@@ -185,13 +198,16 @@ class Recommender:
         manifest.check(card)
         content = manifest.read(onnx_file)
         # One index: a hybrid scores with the co-visitation that ``observe`` keeps current.
-        index = CandidateIndex.load(io.BytesIO(manifest.read(INDEX_FILE)))
+        index = CandidateIndex.load(io.BytesIO(manifest.read(INDEX_FILE)), half_life)
         return cls(
             OnnxScorer(manifest.path(onnx_file), threads, covisit=index, content=content),
             Vocab.from_json(manifest.read(VOCAB_FILE)),
             index,
             version=f"{name}@{manifest.digests[onnx_file][:8]}",
             candidates=candidates,
+            user_cap=user_cap,
+            exclusion_cache_bytes=exclusion_cache_bytes,
+            quota_period=half_life,
         )
 
     def recommend(
@@ -255,6 +271,16 @@ class Recommender:
         prev = self.vocab.encode(prev_item) if prev_item is not None else PAD
         self.index.observe(prev, self.vocab.encode(item))
 
+    def learn(self, history: Sequence[str], user: str | None = None) -> None:
+        """Count the newest interaction of a session's window ``history`` (oldest first), as
+        ``observe`` does, unless its item is a repeat within the window or ``user`` has spent
+        their quota (``streamrec.model.quota``): what one key can add is bounded."""
+        if is_repeat(history):
+            return
+        if user is not None and not self._quota.admit(user):
+            return
+        self.observe(history[-2] if len(history) > 1 else None, history[-1])
+
     def _answer_batch(self, prepared: Sequence[Prepared], k: int) -> list[list[tuple[str, float]]]:
         out = [p.cold or [] for p in prepared]
         rows = [r for r, p in enumerate(prepared) if p.reads is not None]
@@ -305,7 +331,8 @@ class Recommender:
         """Cold start: the most popular unseen items, scored by their interaction counts."""
         top = self.index.popular(k + len(seen) + len(exclude))
         top = top[~np.isin(top, seen) & ~isin_sorted(self._hashes[top], np.sort(exclude))][:k]
-        return [(self.vocab.decode(int(i)), float(self.index.popularity[i])) for i in top]
+        counts = self.index.counts(top).tolist()
+        return [(self.vocab.decode(int(i)), c) for i, c in zip(top.tolist(), counts, strict=True)]
 
 
 def _excluded(codes: Sequence[np.ndarray | None]) -> Excluded | None:

@@ -24,7 +24,6 @@ Record layout, format version 1: B version, then one little-endian unsigned
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Final
 
@@ -33,8 +32,10 @@ from rocksdict import Rdict
 
 from streamrec.contracts import Event
 from streamrec.item_hashes import EMPTY, HASH_DTYPE, isin_sorted, item_hash, item_hashes
+from streamrec.lru import SizedLRU
 from streamrec.state.errors import CorruptSessionError
 from streamrec.state.keys import consumed_key_of
+from streamrec.state.memory import consumed_bytes
 from streamrec.state.rocks import read_record
 
 __all__ = ["EMPTY", "HASH_DTYPE", "item_hash", "item_hashes", "isin_sorted"]
@@ -82,13 +83,14 @@ class ConsumedItems:
 
     A record is staged with the session of the same event and written in the same
     batch (``take_staged``); it expires with the session (``stage`` with
-    ``restarted``).  The latest ``cache_size`` records read or written stay in
-    memory, EMPTY where a user has none, so that users who never consume cost no read.
+    ``restarted``).  The latest records read or written stay in memory, ``cache_bytes``
+    of them at most, EMPTY where a user has none, so that users who never consume
+    cost no read.
 
     >>> import tempfile
     >>> from streamrec.state.rocks import db_options
     >>> db = Rdict(tempfile.mkdtemp(), db_options())
-    >>> items = ConsumedItems(db, frozenset({"rating"}), cap=100, cache_size=10)
+    >>> items = ConsumedItems(db, frozenset({"rating"}), cap=100, cache_bytes=10_000)
     >>> items.stage(b"c:u1", Event("e1", "u1", "i9", "rating", 0), restarted=False)
     >>> bool((items.of(b"c:u1", "u1") == item_hashes(["i9"])).all())  # staged, not yet written
     True
@@ -97,15 +99,14 @@ class ConsumedItems:
     >>> db.close()
     """
 
-    def __init__(self, db: Rdict, types: frozenset[str], cap: int, cache_size: int) -> None:
+    def __init__(self, db: Rdict, types: frozenset[str], cap: int, cache_bytes: int) -> None:
         self._db = db
         # The event types whose items are kept: none without room for any.
         self.types = types if cap > 0 else frozenset()
         self._cap = cap
-        self._cache_size = cache_size
         # Staged since the last commit (None: delete), and the latest read or written.
         self._staged: dict[bytes, np.ndarray | None] = {}
-        self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._cache: SizedLRU[bytes, np.ndarray] = SizedLRU(cache_bytes)
 
     def of(self, key: bytes, user_id: str) -> np.ndarray:
         """The hashes in the record at ``key``, of ``user_id``, staged ones included.
@@ -124,7 +125,7 @@ class ConsumedItems:
         except CorruptSessionError:
             # Only the exclusion is lost: the next consumption writes a fresh record.
             consumed = EMPTY
-        if self._cache_size:
+        if self._cache.max_bytes:
             self._remember(key, consumed)
         return consumed
 
@@ -148,19 +149,16 @@ class ConsumedItems:
 
     def remember(self, written: dict[bytes, np.ndarray | None]) -> None:
         """Keep in memory the records just written (``take_staged``)."""
-        for key, consumed in written.items():
-            self._remember(key, EMPTY if consumed is None else consumed)
+        if self._cache.max_bytes:
+            for key, consumed in written.items():
+                self._remember(key, EMPTY if consumed is None else consumed)
 
     def uncache(self, session_key: bytes) -> None:
         """Drop from memory the record of the user whose session key is ``session_key``."""
-        self._cache.pop(consumed_key_of(session_key), None)
+        self._cache.pop(consumed_key_of(session_key))
 
     def clear_cache(self) -> None:
         self._cache.clear()
 
     def _remember(self, key: bytes, consumed: np.ndarray) -> None:
-        cache = self._cache
-        cache[key] = consumed
-        cache.move_to_end(key)
-        if len(cache) > self._cache_size:
-            cache.popitem(last=False)
+        self._cache.put(key, consumed, consumed_bytes(key, consumed))

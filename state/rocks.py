@@ -34,7 +34,8 @@ from streamrec.state.errors import (
 from streamrec.state.keys import CLOCK_KEY, SESSION_PREFIX, SESSIONS_END
 from streamrec.state.session import last_seen_of
 
-# Block cache of each shard DB: the warm set of sessions should be served from memory.
+# Block cache of each shard DB: the warm set of sessions should be served from memory
+# (the setting ``rocksdb_block_cache_mb``; this is its default).
 BLOCK_CACHE_BYTES: Final = 64 * 1024 * 1024
 BLOOM_BITS_PER_KEY: Final = 10
 LEVELS: Final = 7  # RocksDB's default number of levels
@@ -43,13 +44,16 @@ CLOCK: Final = struct.Struct("<q")
 _PREFIX_LEN: Final = len(SESSION_PREFIX)
 
 
-def db_options() -> Options:
+def db_options(block_cache_bytes: int = BLOCK_CACHE_BYTES) -> Options:
     """Options for a shard DB: raw bytes keys, bloom filters and a hash index for point reads."""
     options = Options(raw_mode=True)
     options.create_if_missing(True)
     table = BlockBasedOptions()
     table.set_bloom_filter(BLOOM_BITS_PER_KEY, False)
-    table.set_block_cache(Cache(BLOCK_CACHE_BYTES))
+    if block_cache_bytes > 0:
+        table.set_block_cache(Cache(block_cache_bytes))
+    else:
+        table.disable_cache()
     # A hash index inside each data block turns the in-block binary search into one probe.
     table.set_data_block_index_type(DataBlockIndexType.binary_and_hash())
     table.set_data_block_hash_ratio(0.75)
@@ -78,10 +82,10 @@ def write_options(wal: bool = True) -> WriteOptions:
     return options
 
 
-def open_read_write(path: Path) -> Rdict:
+def open_read_write(path: Path, block_cache_bytes: int = BLOCK_CACHE_BYTES) -> Rdict:
     """Open (creating) the shard DB at ``path`` for this process alone."""
     try:
-        return Rdict(str(path), db_options())
+        return Rdict(str(path), db_options(block_cache_bytes))
     except Exception as err:  # rocksdict raises plain Exception with RocksDB's status text
         if "lock" in str(err).lower():
             raise StateLockedError(

@@ -325,6 +325,11 @@ class Session:
         return self._all_item_ids()[start:upto]
 
     @property
+    def id_bytes(self) -> int:
+        """Bytes of the record's item ids (window and tail, as JSON): what their strings hold."""
+        return len(self.record) - self._rows_at - _ROW.size * (self._n + self._tail)
+
+    @property
     def tail_length(self) -> int:
         """Interactions kept beyond the window for replays."""
         return self._tail

@@ -21,7 +21,6 @@ False
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 from rocksdict import Rdict, WriteBatch
 
 from streamrec.contracts import Event
+from streamrec.lru import MB, SizedLRU
 from streamrec.settings import Settings
 from streamrec.state.consumed import ConsumedItems, encode_consumed, parse_types
 from streamrec.state.erasure import (
@@ -59,6 +59,7 @@ from streamrec.state.keys import (
     user_of,
 )
 from streamrec.state.layout import check_shard_record, ensure_layout, shard_dir, shard_record
+from streamrec.state.memory import session_bytes
 from streamrec.state.rocks import (
     CLOCK,
     ShardStats,
@@ -130,8 +131,9 @@ class SessionStore:
     ``apply`` writes at once; ``stage`` defers the write to the next ``commit``, so
     that a micro-batch costs one write-ahead log append (the flow commits before it
     emits anything, so an event whose write was lost to a crash has no output
-    either and is read again).  The latest ``cache_size`` sessions written stay
-    decoded in memory: the store is the DB's only writer, so they are never stale.
+    either and is read again).  The latest sessions written stay decoded in memory,
+    ``cache_bytes`` of them at most (``streamrec.state.memory`` says what each one
+    counts): the store is the DB's only writer, so they are never stale.
     While a crash may still replay events from ``replay_floor`` on (the flow sets
     it), sessions keep the interactions such a replay needs (see
     ``Session.with_event``).
@@ -160,12 +162,13 @@ class SessionStore:
         shard_index: int,
         session_length: int,
         ttl_ms: int,
-        cache_size: int = 0,
+        cache_bytes: int = 0,
         skew_ms: int = 24 * 3600 * 1000,
         wall_ms: Callable[[], float] = wall_clock_ms,
         consumed_types: frozenset[str] = frozenset(),
         consumed_cap: int = 0,
         wal: bool = True,
+        consumed_cache_bytes: int = 0,
     ) -> None:
         self.shard_index = shard_index
         self.path = path
@@ -191,12 +194,11 @@ class SessionStore:
         self._expiry = Expiry(
             ttl_ms, shard_index, skew_ms, wall_ms, read_clock(db), read_voters(db)
         )
-        self._consumed = ConsumedItems(db, consumed_types, consumed_cap, cache_size)
+        self._consumed = ConsumedItems(db, consumed_types, consumed_cap, consumed_cache_bytes)
         self._applied = _read_applied(db)
         self._applied_written = dict(self._applied)
         self._staged_applied: dict[int, int] = {}
-        self._cache: OrderedDict[bytes, Session] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache: SizedLRU[bytes, Session] = SizedLRU(cache_bytes)
         # Staged since the last commit: the sessions by key, their writes, the events.
         self._staged: dict[bytes, Session] = {}
         self._staged_events = 0
@@ -218,14 +220,12 @@ class SessionStore:
             )
         if settings.session_length < 1:
             raise ValueError(f"session_length must be at least 1, got {settings.session_length}")
-        if settings.session_cache < 0:
-            raise ValueError(f"session_cache must be 0 or more, got {settings.session_cache}")
         if settings.consumed_cap < 0:
             raise ValueError(f"consumed_cap must be 0 or more, got {settings.consumed_cap}")
         consumed_types = parse_types(settings.consumed_types, EVENT_TYPES)
         ensure_layout(state_dir, shard_count)
         path = shard_dir(state_dir, shard_index)
-        db = open_read_write(path)
+        db = open_read_write(path, round(settings.rocksdb_block_cache_mb * MB))
         try:
             record = db.get(SHAPE_KEY)
             if record is None:
@@ -245,12 +245,13 @@ class SessionStore:
             shard_index,
             settings.session_length,
             round(settings.session_ttl_s * 1000),
-            settings.session_cache,
+            round(settings.session_cache_mb * MB),
             round(settings.event_time_skew_s * 1000),
             consumed_types=consumed_types,
             consumed_cap=settings.consumed_cap,
             # With the changelog, RocksDB's own log is a second copy, as in Kafka Streams.
             wal=settings.state_wal or not settings.changelog,
+            consumed_cache_bytes=round(settings.consumed_cache_mb * MB),
         )
 
     def apply(self, event: Event, partition: int, offset: int) -> ApplyResult:
@@ -339,11 +340,12 @@ class SessionStore:
                 ]
             self.changes.send(self.shard_index, changes, self._applied.get(self.shard_index))
         self.counters.applied += applied
-        if self._cache_size:
+        cache = self._cache
+        if cache.max_bytes:
             for key, session in staged.items():
-                self._remember(key, session)
-            if consumed:
-                self._consumed.remember(consumed)
+                cache.put(key, session, session_bytes(key, session))
+        if consumed:
+            self._consumed.remember(consumed)
         return applied
 
     def apply_many(self, records: Iterable[tuple[Event, int, int]]) -> list[ApplyResult]:
@@ -482,7 +484,7 @@ class SessionStore:
         for session in sessions:
             key = session_key(session.user_id)
             batch.put(key, encode_session(session))
-            self._cache.pop(key, None)
+            self._cache.pop(key)
             written += 1
             if len(batch) >= batch_size:
                 self._write(batch)
@@ -537,7 +539,7 @@ class SessionStore:
     def _stored(self, key: bytes, user_id: str) -> Session | None:
         session = self._staged.get(key)
         if session is None:
-            session = self._cache.get(key)
+            session = self._cache.peek(key)  # evicted least recently written first
         if session is not None:
             self.counters.cache_hits += 1
             return session
@@ -548,13 +550,6 @@ class SessionStore:
         except CorruptSessionError:
             self._quarantine(key, user_id)
             return None
-
-    def _remember(self, key: bytes, session: Session) -> None:
-        cache = self._cache
-        cache[key] = session
-        cache.move_to_end(key)
-        if len(cache) > self._cache_size:
-            cache.popitem(last=False)  # the least recently written
 
     def _removed(self, keys: list[bytes]) -> None:
         if self.changes is not None:
@@ -648,7 +643,7 @@ class SessionStore:
 
     def _uncache(self, key: bytes) -> None:
         """Drop the session at ``key``, and its consumed items, from memory (removed)."""
-        self._cache.pop(key, None)
+        self._cache.pop(key)
         self._consumed.uncache(key)
 
 

@@ -105,6 +105,12 @@ def _bench_restore() -> click.Command:
     return bench_restore_command
 
 
+def _bench_memory() -> click.Command:
+    from streamrec.bench.memory import bench_memory_command
+
+    return bench_memory_command
+
+
 def _config() -> click.Command:
     return config_command
 
@@ -134,6 +140,7 @@ BENCH_COMMANDS: dict[str, tuple[Loader, str]] = {
     "e2e": (_bench_e2e, "Latency vs throughput: floor, teacher, student."),
     "stages": (_bench_stages, "Cost per event of each hot-path stage."),
     "restore": (_bench_restore, "Seconds to rebuild a shard."),
+    "memory": (_bench_memory, "Flow memory over a 30-minute soak."),
 }
 
 

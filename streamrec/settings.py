@@ -11,17 +11,29 @@ environment; command-line options override these values in turn.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+log = logging.getLogger(__name__)
+
 ENV_PREFIX = "STREAMREC_"
 # Output delivery guarantees of `streamrec run` (setting ``guarantee``).
 AT_LEAST_ONCE: Final = "at-least-once"
 EXACTLY_ONCE: Final = "exactly-once"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Sizes in megabytes (and counts) that only make sense at 0 or more.
+MEMORY_SETTINGS: Final = (
+    "session_cache_mb",
+    "consumed_cache_mb",
+    "rocksdb_block_cache_mb",
+    "exclusion_cache_mb",
+    "online_half_life_events",
+    "online_user_cap",
+)
 
 
 def _served_artifacts() -> Path:
@@ -133,10 +145,27 @@ class Settings:
         "How far ahead of this machine's clock an event's time may be; a later one is a dead "
         "letter (bad_timestamp). Replayed history, in the past, is fine.",
     )
-    session_cache: int = _setting(
-        100_000,
-        "Sessions per events partition kept in memory in front of RocksDB, most recently "
-        "used first (about 2.4 kB each at full length); 0 reads every session from RocksDB.",
+    # Memory, bounded in bytes.  One flow process of a 2 GB worker, 4 events partitions and two
+    # variants, at the defaults: sessions 4 x 64 MB + consumed items 4 x 16 MB + exclusions
+    # 2 x 32 MB + RocksDB block caches 4 x 64 MB and memtables 4 x 2 x 64 MB (RocksDB's own
+    # bound) = 1,152 MB; Python, numpy, onnxruntime, Bytewax, librdkafka and the shipped model
+    # (8,559 items; the online counts are fixed arrays) at rest ~140 MB (RSS of a started flow,
+    # `streamrec bench memory`); librdkafka's fetch queues 4 x 64 MB: about 1.55 GB.  Not
+    # bounded here: librdkafka's producer queue (1 GB by default) while the broker is slow.
+    session_cache_mb: float = _setting(
+        64.0,
+        "Megabytes of decoded sessions per events partition kept in memory in front of "
+        "RocksDB, most recently written first (a session counts its record, its item id "
+        "strings as its own and ~1 kB: ~8 kB at full length with short ids, which take 3 kB, "
+        "up to ~0.45 MB with hostile ones); 0 reads every session from RocksDB.",
+    )
+    consumed_cache_mb: float = _setting(
+        16.0,
+        "Megabytes of consumed-items records per events partition kept in memory (8 bytes an "
+        "item and ~0.4 kB a user); 0 reads them from RocksDB on every event.",
+    )
+    rocksdb_block_cache_mb: float = _setting(
+        64.0, "RocksDB block cache of each shard DB (one per events partition), in megabytes."
     )
 
     consumed_types: str = _setting(
@@ -164,6 +193,22 @@ class Settings:
     online_candidates: bool = _setting(
         True,
         "Update co-visitation and popularity counts from live events (per worker, in memory).",
+    )
+    online_half_life_events: int = _setting(
+        1_000_000,
+        "The online counts halve every this many events a worker observes (8 minutes at "
+        "2,000 ev/s), so that a burst fades and new items can rise; 0: counts never decay.",
+    )
+    online_user_cap: int = _setting(
+        500,
+        "Events of one user that count in the online counts per half-life; a repeat of an "
+        "item still in the user's window never counts, so one key adds at most ~10 to one "
+        "item's count per half-life. 0: no cap.",
+    )
+    exclusion_cache_mb: float = _setting(
+        32.0,
+        "Megabytes of per-user consumed-item codes each model of a worker keeps (16 bytes an "
+        "item and ~0.6 kB a user).",
     )
 
     # The dataflow.
@@ -213,6 +258,11 @@ class Settings:
         "interface, e.g. inside a container whose port is published).",
     )
 
+    def __post_init__(self) -> None:
+        for name in MEMORY_SETTINGS:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+
     @property
     def sessions_changelog(self) -> str:
         """The name of the sessions' changelog topic."""
@@ -222,7 +272,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, overridden by ``STREAMREC_*`` variables, overridden by ``overrides``."""
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = _retired(env)
         for f in dataclasses.fields(cls):
             raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is not None:
@@ -240,6 +290,42 @@ class Settings:
             ENV_PREFIX + f.name.upper(): str(getattr(self, f.name))
             for f in dataclasses.fields(self)
         }
+
+
+# Settings that were replaced: a deployment that still sets one keeps working, and is told.
+RETIRED_SESSION_CACHE: Final = ENV_PREFIX + "SESSION_CACHE"
+# What `STREAMREC_SESSION_CACHE` sessions were taken to be: a full session of short ids, as
+# the byte bound counts it (streamrec.state.memory).
+SESSION_CACHE_ENTRY_MB: Final = 8_000 / 2**20
+
+
+def _retired(env: Mapping[str, str]) -> dict[str, Any]:
+    """Values for the retired variables of ``env`` that nothing replaces yet, with a warning."""
+    raw = env.get(RETIRED_SESSION_CACHE)
+    if raw is None:
+        return {}
+    new_name = ENV_PREFIX + "SESSION_CACHE_MB"
+    if new_name in env:
+        log.warning("%s is retired and ignored: %s is set", RETIRED_SESSION_CACHE, new_name)
+        return {}
+    try:
+        sessions = int(raw)
+    except ValueError as err:
+        raise ValueError(
+            f"environment variable {RETIRED_SESSION_CACHE}={raw!r} is not a valid int "
+            f"(the setting is retired: set {new_name} instead): {err}"
+        ) from err
+    mb = round(max(sessions, 0) * SESSION_CACHE_ENTRY_MB, 1)
+    log.warning(
+        "%s=%s (a count of sessions) is retired: the cache is bounded in bytes now. Taken as "
+        "%s=%g (sessions of about 8 kB as counted); set %s instead",
+        RETIRED_SESSION_CACHE,
+        raw,
+        new_name,
+        mb,
+        new_name,
+    )
+    return {"session_cache_mb": mb}
 
 
 def _convert(name: str, default: Any, raw: str) -> Any:

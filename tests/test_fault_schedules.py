@@ -58,14 +58,14 @@ class Schedule:
 
     seed: int
     contract: Contract
-    session_cache: int
+    session_cache_mb: float
     partitions: int
     log: dict[int, list[Record]]
     steps: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         lines = [
-            f"seed {self.seed}: {self.contract}, cache {self.session_cache}, "
+            f"seed {self.seed}: {self.contract}, cache {self.session_cache_mb} MB, "
             f"{self.partitions} partition(s)"
         ]
         for partition, records in self.log.items():
@@ -111,7 +111,8 @@ def draw_schedule(seed: int, items: list[str]) -> Schedule:
             event = Event(f"e{n}", user, rng.choice(catalogue), kind, ts)
             value = event.to_json()
         log[partition].append(Record(TOPIC, partition, offset, user.encode(), value))
-    return Schedule(seed, contract, rng.choice([0, 3, 100]), partitions, log)
+    # No cache, about three of these short sessions, all of them.
+    return Schedule(seed, contract, rng.choice([0.0, 0.006, 1.0]), partitions, log)
 
 
 def oracle_of(schedule: Schedule) -> Oracle:
@@ -410,7 +411,7 @@ def play(
         session_ttl_s=contract.ttl_ms / 1000,
         consumed_types=",".join(sorted(contract.consumed_types)),
         consumed_cap=contract.consumed_cap,
-        session_cache=schedule.session_cache,
+        session_cache_mb=schedule.session_cache_mb,
     )
     schedule.steps = [name for name, _ in steps]
     run = Run(schedule, oracle, settings, models, recording)
@@ -448,7 +449,7 @@ def shrink(
                 smaller = Schedule(
                     schedule.seed,
                     schedule.contract,
-                    schedule.session_cache,
+                    schedule.session_cache_mb,
                     schedule.partitions,
                     log,
                 )

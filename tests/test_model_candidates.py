@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from streamrec.model.candidates import PAD, CandidateIndex, Excluded, nearest_items, recall_at
 
@@ -202,3 +203,93 @@ def test_co_visitation_sums_come_with_the_candidates_as_computed_apart() -> None
     assert np.allclose(batch.covisit, apart)
     assert batch.covisit.any()  # not trivially zero
     assert idx.candidate_batch(sessions, 40).covisit is None  # only when asked for
+
+
+def decaying_index(half_life: int, n_items: int = 120) -> CandidateIndex:
+    idx = random_index(n_items)
+    return CandidateIndex(
+        idx.neighbours,
+        idx.neighbour_weights,
+        idx.popularity,
+        idx.item_vectors,
+        similar=idx.similar,
+        half_life=half_life,
+    )
+
+
+def test_counts_halve_every_half_life() -> None:
+    idx = decaying_index(half_life=100)
+    before = idx.counts(np.arange(idx.n_items))
+    idx.observe(PAD, 7)  # ages the counts by one event, then counts 7
+    for _ in range(100):
+        idx.observe(PAD, PAD)  # every event ages the counts, one of no known item too
+    expected = before * 2.0 ** (-101 / 100)
+    expected[7] += 0.5  # counted a half-life ago
+    assert np.allclose(idx.counts(np.arange(idx.n_items)), expected)
+
+
+def test_decay_lets_a_burst_fade_and_steady_items_take_its_place() -> None:
+    idx = decaying_index(half_life=1000)
+    for _ in range(5000):
+        idx.observe(PAD, 7)  # a burst: item 7 is the most popular by far
+    assert idx.popular(1).tolist() == [7]
+    for step in range(20_000):  # then steady traffic: items 1 to 3, a little of 4, no 7
+        idx.observe(PAD, 4 if step % 10 == 0 else 1 + step % 3)
+    top = idx.popular(5).tolist()
+    assert set(top[:3]) == {1, 2, 3} and top[3:] == [4, 7]  # 7 only ahead of the unseen
+    assert idx.counts(np.array([7]))[0] < 5000 * 2.0**-19  # 20 half-lives later
+
+
+def test_without_a_half_life_counts_never_decay() -> None:
+    idx = decaying_index(half_life=0)
+    before = idx.counts(np.arange(idx.n_items)).copy()
+    for _ in range(1000):
+        idx.observe(PAD, 7)
+    before[7] += 1000
+    assert np.array_equal(idx.counts(np.arange(idx.n_items)), before)
+
+
+def test_folding_the_decay_unit_back_changes_no_count_and_no_candidate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folded, kept = decaying_index(half_life=50), decaying_index(half_life=50)
+    monkeypatch.setattr("streamrec.model.candidates.RENORMALISE_AT", 4.0)  # every 100 events
+    rng = np.random.default_rng(6)
+    for _ in range(1000):
+        prev, item = (int(i) for i in rng.integers(1, folded.n_items, 2))
+        folded.observe(prev, item)
+    monkeypatch.setattr("streamrec.model.candidates.RENORMALISE_AT", 2.0**300)
+    rng = np.random.default_rng(6)
+    for _ in range(1000):
+        prev, item = (int(i) for i in rng.integers(1, kept.n_items, 2))
+        kept.observe(prev, item)
+    assert folded.unit < 4.0 < kept.unit
+    everything = np.arange(folded.n_items)
+    assert np.allclose(folded.counts(everything), kept.counts(everything))
+    sessions = [s for s in random_sessions(folded.n_items, 10) if len(s)]
+    assert [c.tolist() for c in folded.candidates(sessions, 20)] == [
+        c.tolist() for c in kept.candidates(sessions, 20)
+    ]
+
+
+def test_co_visitation_sums_read_decayed_counts(tmp_path: Path) -> None:
+    # A hybrid model takes these sums as input: they must be counts, whatever the unit.
+    plain, decaying = random_index(), decaying_index(half_life=10)
+    sessions = [s for s in random_sessions(plain.n_items, 12) if len(s)]
+    longest = max(len(s) for s in sessions)
+    items = np.zeros((len(sessions), longest), dtype=np.int64)
+    for row, session in enumerate(sessions):
+        items[row, longest - len(session) :] = session
+    candidates = plain.candidate_batch(sessions, 40).items
+    for _ in range(30):
+        decaying.observe(PAD, PAD)  # three half-lives, nothing new counted
+    sums = decaying.covisit_sums(items, candidates, decaying.recent)
+    assert np.allclose(sums, plain.covisit_sums(items, candidates, plain.recent) / 8, rtol=1e-4)
+    batch = decaying.candidate_batch(sessions, 40, covisit_recent=decaying.recent)
+    read = [decaying.reads(s, 40, 0, decaying.recent) for s in sessions]
+    taken = decaying.candidate_batch(sessions, 40, covisit_recent=decaying.recent, reads=read)
+    assert batch.covisit is not None and taken.covisit is not None
+    assert np.allclose(batch.covisit, taken.covisit)
+    decaying.save(tmp_path / "saved.npz")  # counts, not units: a reload reads the same
+    reloaded = CandidateIndex.load(tmp_path / "saved.npz")
+    assert np.allclose(reloaded.covisit_sums(items, candidates, reloaded.recent), sums, rtol=1e-4)

@@ -21,6 +21,8 @@ T0 = 1_700_000_000_000
 TTL_S = 60.0
 TTL_MS = int(TTL_S * 1000)
 SETTINGS = Settings(session_length=3, session_ttl_s=TTL_S, consumed_cap=5)
+# Every read from RocksDB.
+UNCACHED = SETTINGS.replace(session_cache_mb=0, consumed_cache_mb=0)
 
 
 def event(user: str, item: str, ts: int = T0, kind: str = "rating") -> Event:
@@ -113,7 +115,7 @@ def test_a_new_session_keeps_only_what_was_consumed_in_it(store: SessionStore) -
 def test_the_consumed_items_survive_a_reopen(state_dir: Path) -> None:
     with SessionStore.open(state_dir, 0, 1, SETTINGS) as store:
         apply_all(store, [event("u1", "a"), event("u2", "b", kind="purchase")])
-    with SessionStore.open(state_dir, 0, 1, SETTINGS.replace(session_cache=0)) as store:
+    with SessionStore.open(state_dir, 0, 1, UNCACHED) as store:
         assert consumed(store, "u1") == hashes("a")
         assert consumed(store, "u2") == hashes("b")
 
@@ -124,7 +126,7 @@ def test_a_micro_batch_writes_sessions_and_consumed_items_together(state_dir: Pa
             store.stage(e, 0, offset)
         assert consumed(store, "u1") == hashes("a", "c")  # staged: seen at once
         assert store.commit() == 3
-    with SessionStore.open(state_dir, 0, 1, SETTINGS.replace(session_cache=0)) as store:
+    with SessionStore.open(state_dir, 0, 1, UNCACHED) as store:
         assert consumed(store, "u1") == hashes("a", "c")
 
 
@@ -134,7 +136,7 @@ def test_forgetting_a_user_erases_their_consumed_items(state_dir: Path) -> None:
         assert store.forget("u1") is Erasure.ERASED
         assert consumed(store, "u1") == set()
         assert consumed(store, "u2") == hashes("b")
-    with SessionStore.open(state_dir, 0, 1, SETTINGS.replace(session_cache=0)) as store:
+    with SessionStore.open(state_dir, 0, 1, UNCACHED) as store:
         assert consumed(store, "u1") == set()
 
 
@@ -144,7 +146,7 @@ def test_a_sweep_removes_the_consumed_items_of_expired_users(state_dir: Path) ->
         assert store.sweep_expired(now_ms=T0 + TTL_MS + 1) == 1
         assert consumed(store, "old") == set()
         assert consumed(store, "new") == hashes("b")
-    with SessionStore.open(state_dir, 0, 1, SETTINGS.replace(session_cache=0)) as store:
+    with SessionStore.open(state_dir, 0, 1, UNCACHED) as store:
         assert consumed(store, "old") == set()
         assert consumed(store, "new") == hashes("b")
 

@@ -68,17 +68,18 @@ def apply_all(store: SessionStore, records: list[Record]) -> None:
         store.apply(event, partition, offset)
 
 
-# Sessions cached in memory: none, one (evicted at every other user), all of them.
-CACHE_SIZES = (0, 1, 100)
+# Megabytes of sessions cached in memory: none, about one of these short sessions (evicted at
+# every other user), all of them.
+CACHE_SIZES = (0.0, 0.0025, 1.0)
 
 
 @pytest.mark.parametrize("cache_size", CACHE_SIZES)
 @settings(max_examples=30, deadline=None)
 @given(streams(), crashes)
 def test_replaying_any_prefix_any_number_of_times_gives_the_sessions_of_one_pass(
-    cache_size: int, records: list[Record], crash_points: list[tuple[int, int]]
+    cache_size: float, records: list[Record], crash_points: list[tuple[int, int]]
 ) -> None:
-    cached = SETTINGS.replace(session_cache=cache_size)
+    cached = SETTINGS.replace(session_cache_mb=cache_size)
     with tempfile.TemporaryDirectory() as once_dir, tempfile.TemporaryDirectory() as replay_dir:
         with SessionStore.open(Path(once_dir), 0, 1, SETTINGS) as once:
             apply_all(once, records)
@@ -112,7 +113,7 @@ def test_every_replayed_event_is_counted_as_a_duplicate(records: list[Record]) -
 @settings(max_examples=20, deadline=None)
 @given(streams(), st.lists(st.integers(1, 8), min_size=1, max_size=10))
 def test_applying_in_batches_gives_the_sessions_of_applying_one_by_one(
-    cache_size: int, records: list[Record], batch_sizes: list[int]
+    cache_size: float, records: list[Record], batch_sizes: list[int]
 ) -> None:
     # Every record twice, so that batches also hold duplicates of their own events.
     stream = [r for record in records for r in (record, record)]
@@ -121,7 +122,7 @@ def test_applying_in_batches_gives_the_sessions_of_applying_one_by_one(
         tempfile.TemporaryDirectory() as batch_dir,
         SessionStore.open(Path(one_dir), 0, 1, SETTINGS) as one_by_one,
         SessionStore.open(
-            Path(batch_dir), 0, 1, SETTINGS.replace(session_cache=cache_size)
+            Path(batch_dir), 0, 1, SETTINGS.replace(session_cache_mb=cache_size)
         ) as batched,
     ):
         singles = [one_by_one.apply(*record) for record in stream]

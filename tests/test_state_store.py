@@ -12,12 +12,14 @@ import pytest
 from rocksdict import Rdict
 
 from streamrec.contracts import Event
+from streamrec.lru import MB
 from streamrec.settings import Settings
 from streamrec.state.errors import StateError, StateWriteError, UnknownSessionFormatError
 from streamrec.state.keys import QUARANTINE_PREFIX, session_key
 from streamrec.state.layout import shard_dir
+from streamrec.state.memory import session_bytes
 from streamrec.state.rocks import db_options
-from streamrec.state.session import SESSION_FORMAT_VERSION
+from streamrec.state.session import SESSION_FORMAT_VERSION, Session
 from streamrec.state.store import Erasure, SessionStore
 from streamrec.state.view import open_state_view
 from tests.conftest import fill
@@ -206,10 +208,15 @@ def test_forget_writes_what_was_staged_before_it_and_erases_the_user(
     assert store.get("u2") is not None and store.counters.applied == 3
 
 
-def test_the_cache_holds_the_most_recently_written_sessions_up_to_its_size(
+def test_the_cache_holds_the_most_recently_written_sessions_up_to_its_bytes(
     state_dir: Path,
 ) -> None:
-    with SessionStore.open(state_dir, 0, 1, SETTINGS.replace(session_cache=2)) as store:
+    # Room for two of these sessions (one or two interactions each) and not three.
+    one = Session.empty("u1").with_event(event("u1", "i0"), 0, 0, SETTINGS.session_length)
+    two = one.with_event(event("u1", "i1"), 0, 1, SETTINGS.session_length)
+    room = 2 * session_bytes(b"s:u1", two)
+    assert room < 3 * session_bytes(b"s:u1", one)
+    with SessionStore.open(state_dir, 0, 1, SETTINGS.replace(session_cache_mb=room / MB)) as store:
         for n, user in enumerate(["u1", "u2", "u3", "u3", "u2"]):
             store.apply(event(user, f"i{n}"), 0, n)
         # u1 was evicted by u3; u2 and u3 were written last.
@@ -231,7 +238,7 @@ def test_an_erased_or_swept_session_is_never_served_from_the_cache(store: Sessio
 
 
 def test_the_cache_can_be_turned_off(state_dir: Path) -> None:
-    with SessionStore.open(state_dir, 0, 1, SETTINGS.replace(session_cache=0)) as store:
+    with SessionStore.open(state_dir, 0, 1, SETTINGS.replace(session_cache_mb=0)) as store:
         store.apply(event("u1", "a"), 0, 1)
         store.apply(event("u1", "b"), 0, 2)
         session = store.get("u1")
@@ -239,9 +246,9 @@ def test_the_cache_can_be_turned_off(state_dir: Path) -> None:
         assert store.counters.cache_hits == 0
 
 
-def test_a_negative_cache_size_is_refused(state_dir: Path) -> None:
-    with pytest.raises(ValueError, match="session_cache"):
-        SessionStore.open(state_dir, 0, 1, SETTINGS.replace(session_cache=-1))
+def test_a_negative_cache_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="session_cache_mb must be 0 or more"):
+        SETTINGS.replace(session_cache_mb=-1)
 
 
 def test_a_session_idle_longer_than_the_ttl_reads_as_absent(store: SessionStore) -> None:

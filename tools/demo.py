@@ -29,6 +29,7 @@ from streamrec.datasets import load_events
 from streamrec.kafka_clients import consumer_config, end_offsets, topic_partitions
 from streamrec.model.candidates import CandidateIndex
 from streamrec.model.data import Vocab
+from streamrec.model.quota import UserQuota
 from streamrec.model.serving import INDEX_FILE, VOCAB_FILE, read_card
 from streamrec.settings import REPO_ROOT, Settings
 from streamrec.tools.kafka_local import KafkaLauncherError, LocalKafka
@@ -121,10 +122,17 @@ def report_quality(
     (``events[:served]``, sessions and counts only) and then the measured ones.
     """
     replayed = events[window.start : window.start + window.count]
-    index = CandidateIndex.load(settings.model_dir / INDEX_FILE)
+    index = CandidateIndex.load(settings.model_dir / INDEX_FILE, settings.online_half_life_events)
     vocab = Vocab.load(settings.model_dir / VOCAB_FILE)
     baselines = baseline_hit_rates(
-        replayed, index, vocab, settings.top_k, events[:served], settings.online_candidates
+        replayed,
+        index,
+        vocab,
+        settings.top_k,
+        events[:served],
+        settings.online_candidates,
+        UserQuota(settings.online_user_cap, settings.online_half_life_events),
+        settings.session_length,
     )
     figures: dict[str, Interval] = {
         "served model": interval_of(list(matcher.stats.per_model.values()))

@@ -9,7 +9,8 @@ Three pieces, used by ``streamrec demo``:
   events, computed in process (no Kafka): "popular" (the most popular unseen
   items as of each event) and "co-visitation" (the candidate index's
   co-visitation neighbours of the session's newest items), both with the
-  flow's online updates of the index.  A hit is judged by
+  flow's online updates of the index (the same rules: a repeat within the
+  window never counts, and a ``UserQuota`` caps each user).  A hit is judged by
   ``streamrec.tools.latency.OnlineHitRate``, as for the served model;
 - ``user_bootstrap``: a 95% interval for a hit rate, resampling users (a
   user's events are not independent of each other).
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ import numpy as np
 from streamrec.contracts import Event, Recommendation, ScoredItem
 from streamrec.model.candidates import RECENCY, CandidateIndex
 from streamrec.model.data import PAD, Vocab
+from streamrec.model.quota import UserQuota, is_repeat
 from streamrec.tools.latency import ModelStats, OnlineHitRate
 
 POPULAR = "popular"
@@ -144,6 +146,7 @@ def held_out(events: Sequence[Event], protocol: StreamProtocol, count: int) -> H
 class _Session:
     known: list[int]  # item indices of the vocabulary, oldest first
     last_item: int = PAD  # the latest item, known or not: the ``prev_item`` of observe
+    window: list[str] = field(default_factory=list)  # the last L item ids, known or not
 
 
 Ranker = Callable[[CandidateIndex, np.ndarray, int], np.ndarray]
@@ -188,11 +191,15 @@ def baseline_hit_rates(
     k: int,
     warmup: Sequence[Event] = (),
     online: bool = True,
+    quota: UserQuota | None = None,
+    session_length: int = 50,
 ) -> dict[str, ModelStats]:
     """Each baseline's online hit rate@``k`` on ``events``, judged as ``streamrec.tools.latency``.
 
     Every event first updates its user's session (and, when ``online``, the
-    index, as the flow's ``observe`` does), then each baseline recommends ``k``
+    index, as the flow's ``Recommender.learn`` does: not for a repeat within the
+    last ``session_length`` items, nor past the user's ``quota``), then each
+    baseline recommends ``k``
     items for it; a user's next event is a hit when its item is among them.
     ``warmup`` events only build sessions and counts, as the flow's warm-up
     does before the measured replay.  ``index`` is changed in place.
@@ -204,7 +211,11 @@ def baseline_hit_rates(
     def apply(event: Event) -> np.ndarray:
         session = sessions.setdefault(event.user_id, _Session([]))
         code = vocab.encode(event.item_id)
-        if online:
+        window = session.window
+        window.append(event.item_id)
+        del window[:-session_length]
+        counted = online and not is_repeat(window)
+        if counted and (quota is None or quota.admit(event.user_id)):
             index.observe(session.last_item, code)
         session.last_item = code
         if code != PAD:

@@ -1,4 +1,4 @@
-"""The PNG plots of `streamrec latency` and `streamrec bench e2e`.
+"""The PNG plots of `streamrec latency`, `streamrec bench e2e` and `streamrec bench memory`.
 
 matplotlib is imported inside each function (with the file-only Agg backend)
 so that commands which do not plot start fast and work without a display.
@@ -6,7 +6,7 @@ so that commands which do not plot start fast and work without a display.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,4 +144,33 @@ def plot_latency_vs_throughput(
     ax.set_title("end-to-end latency vs throughput")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
+    return _save(figure, path)
+
+
+def plot_memory_over_time(
+    samples: Sequence[Mapping[str, float]],
+    path: Path,
+    summary: Mapping[str, float],
+    title: str = "",
+) -> Path:
+    """The flow's resident memory over a soak, the warm-up shaded, the fitted slope after it."""
+    figure = _figure(9.0, 4.5)
+    ax = figure.subplots()
+    minutes = np.array([s["t_s"] for s in samples]) / 60.0
+    rss = np.array([s["rss_mb"] for s in samples])
+    warmup = summary["warmup_s"] / 60.0
+    ax.axvspan(0, warmup, color="tab:gray", alpha=0.15, label="warm-up")
+    ax.plot(minutes, rss, color="tab:blue", linewidth=1.5, label="flow RSS")
+    after = minutes >= warmup
+    if after.sum() >= 2:
+        slope = summary["slope_mb_per_10min"] / 10.0  # MB per minute
+        t = minutes[after]
+        line = rss[after].mean() + slope * (t - t.mean())
+        ax.plot(t, line, "--", color="tab:red", label=f"fit: {slope * 10:+.1f} MB / 10 min")
+    ax.set_ylim(0, max(rss.max() * 1.15, 1.0))
+    ax.set_xlabel("minutes of load")
+    ax.set_ylabel("resident memory (MB)")
+    ax.set_title(title or "flow resident memory over the soak", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
     return _save(figure, path)

@@ -31,7 +31,12 @@ from streamrec.model.serving import Recommender
 from streamrec.settings import Settings
 
 settings = Settings.from_env()
-recommender = Recommender.load(settings.model_dir, candidates=settings.candidates)
+recommender = Recommender.load(
+    settings.model_dir,
+    candidates=settings.candidates,
+    half_life=settings.online_half_life_events,
+    user_cap=settings.online_user_cap,
+)
 
 Raw = KafkaSourceMessage[bytes | None, bytes | None]
 Out = KafkaSinkMessage[bytes | None, bytes | None]
@@ -68,10 +73,9 @@ def update_session(
     if is_replay(session, received.offset):
         assert session is not None
         return session, (received, session["items"])
-    previous = session["items"][-1] if session else None
     session = apply_event(session, received.event.item_id, received.offset, settings.session_length)
     if settings.online_candidates:
-        recommender.observe(previous, received.event.item_id)
+        recommender.learn(session["items"], received.event.user_id)
     return session, (received, session["items"])
 
 

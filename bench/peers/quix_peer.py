@@ -31,7 +31,12 @@ from streamrec.settings import Settings
 SESSION = "session"
 
 settings = Settings.from_env()
-recommender = Recommender.load(settings.model_dir, candidates=settings.candidates)
+recommender = Recommender.load(
+    settings.model_dir,
+    candidates=settings.candidates,
+    half_life=settings.online_half_life_events,
+    user_cap=settings.online_user_cap,
+)
 
 
 def validate(value: bytes, key: bytes, timestamp: int, headers: Any) -> tuple[Event, float]:
@@ -44,11 +49,10 @@ def update_session(received: tuple[Event, float], state: State) -> tuple[Event, 
     offset = message_context().offset
     session: Session | None = state.get(SESSION)
     if not is_replay(session, offset):
-        previous = session["items"][-1] if session else None
         session = apply_event(session, event.item_id, offset, settings.session_length)
         state.set(SESSION, session)
         if settings.online_candidates:
-            recommender.observe(previous, event.item_id)
+            recommender.learn(session["items"], event.user_id)
     assert session is not None
     return event, received_ms, session["items"]
 
