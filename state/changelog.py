@@ -27,6 +27,8 @@ read ``read_committed``, so an aborted transaction never reaches a store.
 
 >>> decode_marks(encode_marks(Marks(applied=41, events_topic_id="t-1")))
 Marks(applied=41, events_topic_id='t-1', next=None, version=None, writer='', generation=None)
+>>> record_kind(b"u1", b"..."), record_kind(MARKS_KEY, b"{}"), record_kind(b"u1", None)
+('session', 'marks', 'tombstone')
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import logging
 import secrets
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -50,9 +53,14 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from streamrec.kafka_clients import consumer_config, producer_config, watermark_offsets
+from streamrec.kafka_clients import (
+    changelog_producer_config,
+    consumer_config,
+    watermark_offsets,
+)
 from streamrec.settings import Settings
 from streamrec.state.errors import StateError
+from streamrec.state.keys import CHANGELOG_CONSUMED_TAG
 from streamrec.state.layout import shard_dir
 from streamrec.state.store import ChangeListener, SessionStore, Stamp
 
@@ -128,6 +136,16 @@ def decode_marks(raw: bytes) -> Marks:
     )
 
 
+def record_kind(key: bytes, value: bytes | None) -> str:
+    """What a changelog record is: ``marks`` (progress, claims), ``session``, ``consumed``
+    (a consumed-items record) or ``tombstone`` (a removal)."""
+    if key == MARKS_KEY:
+        return "marks"
+    if value is None:
+        return "tombstone"
+    return "consumed" if key.startswith(CHANGELOG_CONSUMED_TAG) else "session"
+
+
 def restore_consumer(settings: Settings) -> Consumer:
     """A consumer of the changelog that sees committed records only, and says where it ends."""
     return Consumer(
@@ -167,9 +185,12 @@ class ChangelogWriter:
         self._next_offset: dict[int, int] = {}
         self.intrusions: dict[int, list[tuple[int, int]]] = {}
         self.refused: str | None = None
+        # Key and value bytes handed to the producer, and records, by ``record_kind``.
+        self.produced_bytes: Counter[str] = Counter()
+        self.produced_records: Counter[str] = Counter()
         self._producer = Producer(
             {
-                **producer_config(settings),
+                **changelog_producer_config(settings),
                 # Never give up on a change: a gap would make a rebuilt shard wrong.
                 "message.timeout.ms": "0",
                 "error_cb": self._on_error,
@@ -227,6 +248,9 @@ class ChangelogWriter:
         value: bytes | None,
         on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
     ) -> None:
+        kind = record_kind(key, value)
+        self.produced_bytes[kind] += len(key) + (0 if value is None else len(value))
+        self.produced_records[kind] += 1
         while True:
             try:
                 self._producer.produce(

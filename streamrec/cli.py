@@ -99,6 +99,12 @@ def _bench_restore() -> click.Command:
     return bench_restore_command
 
 
+def _bench_changelog() -> click.Command:
+    from streamrec.bench.changelog import bench_changelog_command
+
+    return bench_changelog_command
+
+
 def _config() -> click.Command:
     return config_command
 
@@ -127,6 +133,7 @@ BENCH_COMMANDS: dict[str, tuple[Loader, str]] = {
     "e2e": (_bench_e2e, "Latency vs throughput: floor, teacher, student."),
     "stages": (_bench_stages, "Cost per event of each hot-path stage."),
     "restore": (_bench_restore, "Seconds to rebuild a shard."),
+    "changelog": (_bench_changelog, "Changelog bytes per event, by kind and codec."),
 }
 
 

@@ -53,7 +53,21 @@ REDACTED = "***"
 
 def producer_config(settings: Settings) -> dict[str, str]:
     """Producer settings tuned for latency: send at once, never reorder, no compression."""
-    ours = {
+    return _latency_producer(settings) | extra_client_settings(settings)
+
+
+def changelog_producer_config(settings: Settings) -> dict[str, str]:
+    """The changelog producer's settings: the latency settings, with compressed records.
+
+    A session record is sent again whole with every event of its user, and no
+    one waits for it: its bytes, not its latency, are what count.
+    """
+    compressed = {"compression.type": settings.changelog_compression}
+    return _latency_producer(settings) | compressed | extra_client_settings(settings)
+
+
+def _latency_producer(settings: Settings) -> dict[str, str]:
+    return {
         "bootstrap.servers": settings.brokers,
         # librdkafka's default lingers 5 ms to batch; a recommendation is worth
         # more now than in a fuller batch.  Batches still form under load, from
@@ -70,7 +84,6 @@ def producer_config(settings: Settings) -> dict[str, str]:
         "compression.type": "none",
         "socket.nagle.disable": "true",
     }
-    return ours | extra_client_settings(settings)
 
 
 def consumer_config(settings: Settings, group: str) -> dict[str, str]:

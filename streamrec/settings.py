@@ -115,6 +115,11 @@ class Settings:
     changelog_topic: str = _setting(
         "", "The sessions' changelog topic [default: '<events_topic>.sessions-changelog']."
     )
+    changelog_compression: str = _setting(
+        "none",
+        "Compression of the changelog's records: none, gzip, snappy, lz4 or zstd (librdkafka's "
+        "compression.type of the changelog producer; at least once the answers stay uncompressed).",
+    )
     state_dir: Path = _setting(
         REPO_ROOT / "run" / "state", "RocksDB session stores, one per events partition."
     )
