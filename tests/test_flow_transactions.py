@@ -18,6 +18,7 @@ from streamrec.flows.guarantee.transactions import (
     PartitionTransactions,
     ProducerFenced,
     TransactionGaveUp,
+    transactional_config,
 )
 from streamrec.settings import Settings
 from streamrec.state.store import SessionStore
@@ -101,3 +102,10 @@ def test_an_abort_kafka_refuses_stops_the_flow_saying_why_every_time(
         partition.commit()
     with pytest.raises(stop):  # and every later commit says the same
         partition.commit()
+
+
+def test_exactly_once_the_changelog_records_and_answers_are_compressed_in_one_producer() -> None:
+    settings = Settings(changelog_compression="lz4")
+    config = transactional_config(settings, 3, {settings.recommendations_topic: 1_000_000})
+    assert config["compression.type"] == "lz4"
+    assert config["transactional.id"].endswith(".3")
