@@ -2,7 +2,9 @@
 
 Shard ``p`` (the users of events partition ``p``) writes to changelog
 partition ``p``.  Every commit of the store sends the sessions it changed
-(key: the user id, value: the session record) and ends with a *marks* record
+(key: the user id, value: the session record), the chunks of consumed-items
+records its new items went into (``state/consumed_chunks.py``: a heavy rater's
+record is not sent whole again) and ends with a *marks* record
 naming the last events offset the shard has applied and the events topic's id;
 an erasure, an expiry or a quarantined record sends a tombstone, so a removed
 user never comes back from the changelog.  Compaction keeps the latest record
