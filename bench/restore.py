@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from streamrec.bench.services import ensure_broker
 from streamrec.bench.state import full_sessions
-from streamrec.kafka_clients import producer_config, topic_id
+from streamrec.kafka_clients import changelog_producer_config, topic_id
 from streamrec.settings import Settings
 from streamrec.state.changelog import MARKS_KEY, ChangelogWriter, Marks, encode_marks, open_shard
 from streamrec.state.session import encode_session
@@ -39,7 +39,8 @@ def per_100k(seconds: float, sessions: int) -> float:
 
 def fill_changelog(settings: Settings, sessions: int, progress: bool) -> int:
     """Write ``sessions`` session records and a marks record to changelog partition 0; bytes."""
-    producer = Producer(producer_config(settings) | {"linger.ms": "20"})
+    # As the flow's changelog writer sends them: compressed, so a rebuild decompresses.
+    producer = Producer(changelog_producer_config(settings))
     topic = settings.sessions_changelog
     written = 0
     rng = random.Random(7)

@@ -209,8 +209,8 @@ def _consumed_sizes(store: SessionStore) -> tuple[int, int, int]:
         if len(consumed):
             records += 1
             items += len(consumed)
-            # The key, one version byte, 8 bytes an item.
-            size += len(CONSUMED_PREFIX) + len(user.encode()) + 1 + consumed.nbytes
+            # The key, an 8-byte header, 8 bytes an item.
+            size += len(CONSUMED_PREFIX) + len(user.encode()) + 8 + consumed.nbytes
     return records, size, items
 
 

@@ -2,11 +2,17 @@
 
 Shard ``p`` (the users of events partition ``p``) writes to changelog
 partition ``p``.  Every commit of the store sends the sessions it changed
-(key: the user id, value: the session record) and ends with a *marks* record
+(key: the user id, value: the session record), the chunks of consumed-items
+records its new items went into (``state/consumed_chunks.py``: a heavy rater's
+record is not sent whole again) and ends with a *marks* record
 naming the last events offset the shard has applied and the events topic's id;
 an erasure, an expiry or a quarantined record sends a tombstone, so a removed
 user never comes back from the changelog.  Compaction keeps the latest record
-of each key, so the topic stays about as large as the state.
+of each key, so the topic stays about as large as the state.  A user's
+successive session records differ by one interaction, so the producer batches
+them for a while and compresses the batches (``changelog_linger_ms``,
+``changelog_compression``): the broker stores a fraction of the bytes
+(``streamrec bench changelog`` measures it).
 
 A shard whose local store is missing, or behind the changelog's marks (another
 machine served the partition since, or this one stopped uncleanly before it
@@ -27,6 +33,8 @@ read ``read_committed``, so an aborted transaction never reaches a store.
 
 >>> decode_marks(encode_marks(Marks(applied=41, events_topic_id="t-1")))
 Marks(applied=41, events_topic_id='t-1', next=None, version=None, writer='', generation=None)
+>>> record_kind(b"u1", b"..."), record_kind(MARKS_KEY, b"{}"), record_kind(b"u1", None)
+('session', 'marks', 'tombstone')
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import logging
 import secrets
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -54,12 +63,13 @@ from streamrec.kafka_clients import (
     NOT_ALLOWED,
     KafkaRefused,
     KafkaUnavailable,
+    changelog_producer_config,
     consumer_config,
-    producer_config,
     watermark_offsets,
 )
 from streamrec.settings import Settings
 from streamrec.state.errors import StateError
+from streamrec.state.keys import CHANGELOG_CONSUMED_TAG
 from streamrec.state.layout import shard_dir
 from streamrec.state.store import ChangeListener, SessionStore, Stamp
 
@@ -135,6 +145,16 @@ def decode_marks(raw: bytes) -> Marks:
     )
 
 
+def record_kind(key: bytes, value: bytes | None) -> str:
+    """What a changelog record is: ``marks`` (progress, claims), ``session``, ``consumed``
+    (a consumed-items record) or ``tombstone`` (a removal)."""
+    if key == MARKS_KEY:
+        return "marks"
+    if value is None:
+        return "tombstone"
+    return "consumed" if key.startswith(CHANGELOG_CONSUMED_TAG) else "session"
+
+
 def restore_consumer(settings: Settings) -> Consumer:
     """A consumer of the changelog that sees committed records only, and says where it ends."""
     return Consumer(
@@ -174,9 +194,12 @@ class ChangelogWriter:
         self._next_offset: dict[int, int] = {}
         self.intrusions: dict[int, list[tuple[int, int]]] = {}
         self.refused: KafkaError | None = None
+        # Key and value bytes handed to the producer, and records, by ``record_kind``.
+        self.produced_bytes: Counter[str] = Counter()
+        self.produced_records: Counter[str] = Counter()
         self._producer = Producer(
             {
-                **producer_config(settings),
+                **changelog_producer_config(settings),
                 # Never give up on a change: a gap would make a rebuilt shard wrong.
                 "message.timeout.ms": "0",
                 "error_cb": self._on_error,
@@ -234,6 +257,9 @@ class ChangelogWriter:
         value: bytes | None,
         on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
     ) -> None:
+        kind = record_kind(key, value)
+        self.produced_bytes[kind] += len(key) + (0 if value is None else len(value))
+        self.produced_records[kind] += 1
         while True:
             try:
                 self._producer.produce(

@@ -16,14 +16,18 @@ True
 >>> bool((decode_consumed("u1", encode_consumed(full)) == full).all())
 True
 
-Record layout, format version 1: B version, then one little-endian unsigned
-64-bit hash per item, oldest first (8 bytes an item: 40 kB at 5,000 items).
+Record layout, format version 2: B version, 3 bytes of padding, I ``first`` (the
+sequence number of its oldest item since the record began, by which the
+changelog numbers the record's chunks: ``streamrec.state.consumed_chunks``),
+then one little-endian unsigned 64-bit hash per item, oldest first (8 bytes an
+item: 40 kB at 5,000 items).  Version 1 (no padding, no ``first``) is still read.
 
 ``ConsumedItems`` is how a store stages, reads and caches these records.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from typing import Final
 
@@ -40,8 +44,11 @@ from streamrec.state.rocks import read_record
 
 __all__ = ["EMPTY", "HASH_DTYPE", "item_hash", "item_hashes", "isin_sorted"]
 
-CONSUMED_FORMAT_VERSION: Final = 1
-_VERSION: Final = bytes([CONSUMED_FORMAT_VERSION])
+CONSUMED_FORMAT_VERSION: Final = 2
+# Records of the first format: the version byte and the hashes, no ``first``.
+FORMAT_1: Final = 1
+# Eight bytes, so that the hashes after it are aligned.
+_HEADER: Final = struct.Struct("<B3xI")
 
 
 def with_item(consumed: np.ndarray, hashed: int, cap: int) -> np.ndarray | None:
@@ -55,15 +62,29 @@ def with_item(consumed: np.ndarray, hashed: int, cap: int) -> np.ndarray | None:
     return grown
 
 
-def encode_consumed(consumed: np.ndarray) -> bytes:
-    return _VERSION + consumed.tobytes()
+def encode_consumed(consumed: np.ndarray, first: int = 0) -> bytes:
+    """The record of the hashes ``consumed``, the oldest of which is item number ``first``."""
+    return _HEADER.pack(CONSUMED_FORMAT_VERSION, first) + consumed.tobytes()
 
 
 def decode_consumed(user_id: str, raw: bytes) -> np.ndarray:
     """The hashes of a record: a read-only view of ``raw``, no copy."""
-    if not raw or raw[0] != CONSUMED_FORMAT_VERSION or (len(raw) - 1) % HASH_DTYPE.itemsize:
+    return np.frombuffer(raw, dtype=HASH_DTYPE, offset=_hashes_at(user_id, raw))
+
+
+def first_of(user_id: str, raw: bytes) -> int | None:
+    """The sequence number of a record's oldest item; None in a version 1 record."""
+    if _hashes_at(user_id, raw) == _HEADER.size:
+        return int(_HEADER.unpack_from(raw)[1])
+    return None
+
+
+def _hashes_at(user_id: str, raw: bytes) -> int:
+    version = raw[0] if raw else None
+    at = _HEADER.size if version == CONSUMED_FORMAT_VERSION else 1
+    if version not in (CONSUMED_FORMAT_VERSION, FORMAT_1) or (len(raw) - at) % HASH_DTYPE.itemsize:
         raise CorruptSessionError(user_id, f"consumed-items record of {len(raw)} bytes")
-    return np.frombuffer(raw, dtype=HASH_DTYPE, offset=1)
+    return at
 
 
 def parse_types(text: str, known: Iterable[str]) -> frozenset[str]:

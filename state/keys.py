@@ -41,6 +41,11 @@ CONSUMED_PREFIX: Final = b"c:"
 # In the changelog, whose keys are raw user ids, a consumed-items record's key is this tag
 # and the user id: not valid UTF-8, so never a user id (which is text) on its own.
 CHANGELOG_CONSUMED_TAG: Final = b"\xff\xfdc:"
+# A chunk of a consumed-items record (streamrec.state.consumed_chunks) is keyed by this tag, its
+# number and the user id: the tag is the one above and a byte no user id begins with.
+CHANGELOG_CONSUMED_CHUNK_TAG: Final = CHANGELOG_CONSUMED_TAG + b"\xff"
+# While a shard is restored: the consumed-items chunks read so far, until they are assembled.
+RESTORING_CHUNK_PREFIX: Final = b"r:"
 _SESSION_PREFIX_LEN: Final = len(SESSION_PREFIX)
 
 

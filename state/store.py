@@ -33,7 +33,19 @@ from rocksdict import Rdict, WriteBatch
 from streamrec.contracts import Event
 from streamrec.lru import MB, SizedLRU
 from streamrec.settings import Settings
-from streamrec.state.consumed import ConsumedItems, encode_consumed, parse_types
+from streamrec.state.consumed import ConsumedItems, parse_types
+from streamrec.state.consumed_chunks import (
+    MAX_CAP,
+    ConsumedUpdate,
+    assembled,
+    chunk_value,
+    consumed_update,
+    is_chunk_key,
+    parse_chunk_key,
+    put_aside,
+    removal,
+    whole_value,
+)
 from streamrec.state.erasure import (
     Erasure,
     delete_session,
@@ -55,6 +67,7 @@ from streamrec.state.keys import (
     SHAPE_KEY,
     VERSION_KEY,
     applied_key,
+    consumed_key_of,
     session_key,
     user_of,
 )
@@ -77,6 +90,7 @@ from streamrec.state.session import EVENT_TYPES, NO_REPLAY, Session, decode_sess
 # A session's replay tail holds at most this many windows' worth of interactions.
 REPLAY_TAIL_WINDOWS: Final = 2
 _PREFIX_LEN: Final = len(SESSION_PREFIX)
+_CONSUMED_LEN: Final = len(CONSUMED_PREFIX)
 _OFFSET_VALUE: Final = CLOCK  # one signed 64-bit integer, as the clock
 
 
@@ -220,8 +234,10 @@ class SessionStore:
             )
         if settings.session_length < 1:
             raise ValueError(f"session_length must be at least 1, got {settings.session_length}")
-        if settings.consumed_cap < 0:
-            raise ValueError(f"consumed_cap must be 0 or more, got {settings.consumed_cap}")
+        if not 0 <= settings.consumed_cap <= MAX_CAP:
+            raise ValueError(
+                f"consumed_cap must be from 0 to {MAX_CAP:,}, got {settings.consumed_cap}"
+            )
         consumed_types = parse_types(settings.consumed_types, EVENT_TYPES)
         ensure_layout(state_dir, shard_count)
         path = shard_dir(state_dir, shard_index)
@@ -296,8 +312,10 @@ class SessionStore:
         self._staged, self._staged_events, self._staged_applied = {}, 0, {}
         consumed = self._consumed.take_staged()
         if consumed:
-            consumed_records = [
-                (key, None if c is None else encode_consumed(c)) for key, c in consumed.items()
+            # As the changelog holds each record (in chunks): the record before this batch.
+            updates: list[tuple[bytes, ConsumedUpdate]] = [
+                (key, consumed_update(key[_CONSUMED_LEN:], read_as_stored(self._db, key), c))
+                for key, c in consumed.items()
             ]
         self._applied.update(offsets)
         tick = self._expiry.tick()
@@ -313,11 +331,11 @@ class SessionStore:
                 for key, session in staged.items():
                     batch.put(key, encode_session(session))
                 if consumed:
-                    for key, record in consumed_records:
-                        if record is None:
+                    for key, update in updates:
+                        if update.record is None:
                             batch.delete(key)
                         else:
-                            batch.put(key, record)
+                            batch.put(key, update.record)
                 if advance:
                     # About once a second of event time: the clock, with what voted for it.
                     self._expiry.put_clock(batch, tick)
@@ -334,10 +352,8 @@ class SessionStore:
                 (key[_PREFIX_LEN:], encode_session(s)) for key, s in staged.items()
             ]
             if consumed:
-                changes += [
-                    (CHANGELOG_CONSUMED_TAG + key[_PREFIX_LEN:], record)
-                    for key, record in consumed_records
-                ]
+                for _, update in updates:
+                    changes += update.changes
             self.changes.send(self.shard_index, changes, self._applied.get(self.shard_index))
         self.counters.applied += applied
         cache = self._cache
@@ -426,13 +442,14 @@ class SessionStore:
         self._uncache(key)
         self._expiry.unvote(key)
         found = records_of(self._db, key, stored)
+        consumed = [read_as_stored(self._db, consumed_key_of(key))]
         batch = WriteBatch(raw_mode=True)
         erase(batch, key)
         self._write_marks(batch)
         self._write(batch)
         if not found:
             return Erasure.NOTHING
-        self._removed([key])
+        self._removed([key], consumed)
         if purge:
             try:
                 scrub(self._db, found)
@@ -551,12 +568,14 @@ class SessionStore:
             self._quarantine(key, user_id)
             return None
 
-    def _removed(self, keys: list[bytes]) -> None:
+    def _removed(self, keys: list[bytes], consumed: list[bytes | None]) -> None:
+        """Tell of the removal of the sessions at ``keys``; ``consumed``: their consumed-items
+        records as they were stored (which chunks of them the changelog holds)."""
         if self.changes is not None:
             tombstones: list[tuple[bytes, bytes | None]] = []
-            for key in keys:
+            for key, record in zip(keys, consumed, strict=True):
                 user = key[_PREFIX_LEN:]
-                tombstones += [(user, None), (CHANGELOG_CONSUMED_TAG + user, None)]
+                tombstones += [(user, None), *removal(user, record)]
             self.changes.send(self.shard_index, tombstones, self._applied.get(self.shard_index))
 
     def resend(self, changelog_keys: set[bytes]) -> None:
@@ -566,17 +585,23 @@ class SessionStore:
         tag = len(CHANGELOG_CONSUMED_TAG)
         changes: list[tuple[bytes, bytes | None]] = []
         for user in sorted(changelog_keys):
-            consumed = user.startswith(CHANGELOG_CONSUMED_TAG)
-            key = CONSUMED_PREFIX + user[tag:] if consumed else SESSION_PREFIX + user
             # Read as stored: a record RocksDB cannot read must not reach the changelog as b"".
-            changes.append((user, self._db.get(key)))
+            if is_chunk_key(user):
+                owner, number = parse_chunk_key(user)
+                stored = self._db.get(CONSUMED_PREFIX + owner)
+                changes.append((user, chunk_value(owner, stored, number)))
+            elif user.startswith(CHANGELOG_CONSUMED_TAG):
+                changes.append((user, whole_value(self._db.get(CONSUMED_PREFIX + user[tag:]))))
+            else:
+                changes.append((user, self._db.get(SESSION_PREFIX + user)))
         if self.changes is not None:
             self.changes.send(self.shard_index, changes, self._applied.get(self.shard_index))
 
     def restore(self, records: Iterable[tuple[bytes, bytes | None]], applied: int | None) -> int:
         """Rebuild an empty store from (user id, record or None) pairs, oldest first.
 
-        A key of ``CHANGELOG_CONSUMED_TAG`` and a user id holds that user's consumed items.
+        A key of ``CHANGELOG_CONSUMED_TAG`` and a user id holds that user's consumed items,
+        whole or in chunks (``streamrec.state.consumed_chunks``), assembled at the end.
 
         ``applied``: the last events offset these records reflect (the shard's
         watermark from then on).  Returns the number of sessions written.
@@ -585,6 +610,13 @@ class SessionStore:
         written = 0
         tag = len(CHANGELOG_CONSUMED_TAG)
         for user, record in records:
+            if is_chunk_key(user):
+                aside, chunk = put_aside(user, record)
+                if chunk is None:
+                    batch.delete(aside)
+                else:
+                    batch.put(aside, chunk)
+                continue
             is_session = not user.startswith(CHANGELOG_CONSUMED_TAG)
             key = SESSION_PREFIX + user if is_session else CONSUMED_PREFIX + user[tag:]
             if record is None:
@@ -594,6 +626,16 @@ class SessionStore:
                 written += is_session
             if len(batch) >= SWEEP_BATCH_DEFAULT:
                 self._write(batch)
+                batch = WriteBatch(raw_mode=True)
+        self._db.write(batch, self._write_options)
+        batch = WriteBatch(raw_mode=True)
+        for key, record in assembled(self._db):
+            if record is None:
+                batch.delete(key)
+            else:
+                batch.put(key, record)
+            if len(batch) >= SWEEP_BATCH_DEFAULT:
+                self._db.write(batch, self._write_options)
                 batch = WriteBatch(raw_mode=True)
         if applied is not None:
             self._applied[self.shard_index] = applied
@@ -629,8 +671,11 @@ class SessionStore:
     def _write_removal(self, batch: WriteBatch, keys: list[bytes]) -> None:
         """Write ``batch``, which removes the sessions at ``keys``, with the marks; tell of it."""
         self._write_marks(batch)
+        consumed = [
+            read_as_stored(self._db, consumed_key_of(key)) if self.changes else None for key in keys
+        ]
         self._write(batch)
-        self._removed(keys)
+        self._removed(keys, consumed)
         for key in keys:
             self._uncache(key)
 

@@ -111,6 +111,12 @@ def _bench_memory() -> click.Command:
     return bench_memory_command
 
 
+def _bench_changelog() -> click.Command:
+    from streamrec.bench.changelog import bench_changelog_command
+
+    return bench_changelog_command
+
+
 def _config() -> click.Command:
     return config_command
 
@@ -141,6 +147,7 @@ BENCH_COMMANDS: dict[str, tuple[Loader, str]] = {
     "stages": (_bench_stages, "Cost per event of each hot-path stage."),
     "restore": (_bench_restore, "Seconds to rebuild a shard."),
     "memory": (_bench_memory, "Flow memory over a 30-minute soak."),
+    "changelog": (_bench_changelog, "Changelog bytes per event, by kind and codec."),
 }
 
 

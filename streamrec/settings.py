@@ -133,6 +133,17 @@ class Settings:
     changelog_topic: str = _setting(
         "", "The sessions' changelog topic [default: '<events_topic>.sessions-changelog']."
     )
+    changelog_compression: str = _setting(
+        "zstd",
+        "Compression of the changelog's records: none, gzip, snappy, lz4 or zstd (librdkafka's "
+        "compression.type; at least once the answers stay uncompressed). `streamrec bench "
+        "changelog` compares them.",
+    )
+    changelog_linger_ms: float = _setting(
+        20.0,
+        "How long a changelog record may wait to share a compressed batch with later ones "
+        "(nothing waits for it: a fuller batch compresses better).",
+    )
     state_dir: Path = _setting(
         REPO_ROOT / "run" / "state", "RocksDB session stores, one per events partition."
     )

@@ -18,6 +18,7 @@ from streamrec.flows.guarantee.transactions import (
     PartitionTransactions,
     ProducerFenced,
     TransactionGaveUp,
+    transactional_config,
 )
 from streamrec.kafka_clients import KafkaRefused, KafkaUnavailable
 from streamrec.settings import Settings
@@ -143,3 +144,10 @@ def test_a_cluster_without_a_transaction_coordinator_stops_the_flow_for_a_retry(
         start_transactions(monkeypatch, missing)
     assert not isinstance(gave_up.value, KafkaRefused)
     assert StartlessProducer.tries >= 2  # it did wait for one first
+
+
+def test_exactly_once_the_changelog_records_and_answers_are_compressed_in_one_producer() -> None:
+    settings = Settings(changelog_compression="lz4")
+    config = transactional_config(settings, 3, {settings.recommendations_topic: 1_000_000})
+    assert config["compression.type"] == "lz4"
+    assert config["transactional.id"].endswith(".3")

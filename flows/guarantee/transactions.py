@@ -53,8 +53,8 @@ from streamrec.kafka_clients import (
     NOT_ALLOWED,
     KafkaUnavailable,
     TimeTried,
+    changelog_producer_config,
     not_allowed,
-    producer_config,
 )
 from streamrec.settings import Settings
 from streamrec.state.changelog import MARKS_KEY, Marks, encode_marks
@@ -86,6 +86,27 @@ def transactional_id(settings: Settings, partition: int) -> str:
     return f"streamrec.{settings.sessions_changelog}.{partition}"
 
 
+def transactional_config(
+    settings: Settings, partition: int, limits: dict[str, int]
+) -> dict[str, Any]:
+    """The settings of ``partition``'s transactional producer: the changelog producer's.
+
+    Its answers are compressed with the changelog's records: one producer cannot
+    compress one topic and not another, and no consumer sees them before the
+    commit, which is up to ``transaction_interval_ms`` away (a commit sends what
+    lingers at once).
+    """
+    return (
+        size_limits(limits)
+        | changelog_producer_config(settings)
+        | {
+            "transactional.id": transactional_id(settings, partition),
+            "transaction.timeout.ms": str(TRANSACTION_TIMEOUT_MS),
+            "message.timeout.ms": str(TRANSACTION_TIMEOUT_MS - 5_000),
+        }
+    )
+
+
 class PartitionTransactions:
     """One events partition's transactional producer, and the changes awaiting its next commit.
 
@@ -110,16 +131,8 @@ class PartitionTransactions:
         self._store: SessionStore | None = None
         self._applied = -1
         self._changes: list[Changes] = []
-        config: dict[str, Any] = size_limits(limits) | producer_config(settings)
-        self._producer = Producer(
-            config
-            | {
-                "transactional.id": transactional_id(settings, partition),
-                "transaction.timeout.ms": str(TRANSACTION_TIMEOUT_MS),
-                "message.timeout.ms": str(TRANSACTION_TIMEOUT_MS - 5_000),
-                "logger": kafka_logger("producer"),
-            }
-        )
+        config = transactional_config(settings, partition, limits)
+        self._producer = Producer(config | {"logger": kafka_logger("producer")})
         # Per output position of the transaction being made: None once delivered, else why not.
         self._outcomes: list[KafkaError | None] = []
         self._callbacks: list[Callable[[KafkaError | None, Message], None]] = []
